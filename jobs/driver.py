@@ -1,0 +1,194 @@
+"""The job driver: plan, start the workers, run the per-block loop, resume, assemble.
+
+Turns the JobSpec into frozen records before anything crosses into workers. The per-block loop
+is DESIGN.md's: every worker runs the block's stages together; rank 0 hands back the packed block,
+which the driver persists as a part file and then marks done — the marker is the resume point.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import structlog
+import torch
+
+from rayquant.jobs.spec import JobSpec
+from rayquant.solver.gptq import GPTQConfig
+from rayquant.storage import checkpoint
+from rayquant.storage.calibration import load_calibration
+from rayquant.storage.model_source import open_model_source, read_source_tensor
+from rayquant.workers.adapter import check_decoder_architecture
+from rayquant.workers.block_worker import BlockResult, BlockTask, BlockWorker, PeerFailed, WorkerSetup
+
+log = structlog.get_logger()
+
+VERSION = "0.1.0"
+WORKER_ENV = {"worker_process_setup_hook": "rayquant.jobs.cli.configure_worker_logging"}
+STAGES = ("load", "collect", "reduce", "solve", "validate", "share", "advance", "persist")
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    uri: str
+    n_blocks: int
+    resumed_from: int  # first block quantized in this run (0 = fresh)
+    already_complete: bool
+    stage_seconds: list[dict[str, float]]  # per block, slowest rank's seconds per stage
+
+
+def gptq_config(spec: JobSpec) -> GPTQConfig:
+    q = spec.quant
+    return GPTQConfig(bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym,
+                      static_groups=q.static_groups, damp_percent=q.damp_percent,
+                      damp_auto_increment=q.damp_auto_increment)
+
+
+def quantization_config(spec: JobSpec) -> dict:
+    q = spec.quant
+    return {
+        "quant_method": "gptq", "bits": q.bits, "group_size": q.group_size, "desc_act": q.desc_act,
+        "sym": q.sym, "damp_percent": q.damp_percent, "true_sequential": q.true_sequential,
+        "static_groups": q.static_groups, "checkpoint_format": "gptq",
+        "meta": {"quantizer": [f"rayquant:{VERSION}"]},
+    }
+
+
+def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = BlockWorker) -> JobOutcome:
+    """Quantize the spec's model into its output; resume from block markers if present.
+
+    Raises:
+        the typed input errors of spec, storage and workers (see jobs.cli.INPUT_ERRORS).
+    """
+    job_id = job_id or uuid.uuid4().hex[:12]
+    structlog.contextvars.bind_contextvars(job_id=job_id, block=None)
+    out_dir = Path(spec.output.uri)
+
+    # Preflight: everything that reads no weights, before anything is written.
+    source = open_model_source(spec.model.source)
+    check_decoder_architecture(source.config)
+    calib = load_calibration(spec.calibration.dataset, source.path, spec.calibration.n_samples,
+                             spec.calibration.seq_len, spec.calibration.eval_samples, spec.calibration.seed)
+    fingerprint = spec.fingerprint(source.revision)
+    state = checkpoint.inspect_output(out_dir, fingerprint)
+    if state.complete:
+        log.info("job_already_complete", output=str(out_dir))
+        return JobOutcome(str(out_dir), 0, 0, True, [])
+    log.info("job_planned", model=spec.model.source, revision=source.revision[:12], output=str(out_dir),
+             workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
+             resume_from=state.done_blocks, windows_sha256=calib.window_sha256[:16])
+
+    fresh = state.done_blocks == 0 and not (out_dir / checkpoint.STAGING).exists()
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        _connect(spec)
+    workers = []
+    try:
+        workers = _start_workers(spec, job_id, str(source.path), calib.samples, worker_class)
+        n_blocks = ray.get([w.start.remote() for w in workers])[0]
+        checkpoint.begin_staging(out_dir, fingerprint, spec.model_dump(mode="json"))
+        stage_seconds, layers = [], []
+        t_job = time.perf_counter()
+        for b in range(n_blocks):
+            structlog.contextvars.bind_contextvars(block=b)
+            replay = checkpoint.read_block_part(out_dir, b) if b < state.done_blocks else None
+            t = time.perf_counter()
+            results = _gather([w.run_block.remote(BlockTask(job_id, b, replay)) for w in workers])
+            seconds = {k: max(r.seconds.get(k, 0.0) for r in results) for k in STAGES[:-1]}
+            if replay is None:
+                t_persist = time.perf_counter()
+                checkpoint.write_block_part(out_dir, b, results[0].tensors)
+                checkpoint.mark_block_done(out_dir, b)
+                seconds["persist"] = time.perf_counter() - t_persist
+                layers += [asdict(layer) for r in results for layer in r.layers]
+            else:
+                layers += _layers_from_report(out_dir, b)
+            stage_seconds.append(seconds)
+            elapsed = time.perf_counter() - t_job
+            log.info("block_done", progress=f"{b + 1}/{n_blocks}", replayed=replay is not None,
+                     seconds=round(time.perf_counter() - t, 2),
+                     eta_s=round(elapsed / (b + 1) * (n_blocks - b - 1), 1),
+                     **{k: round(v, 3) for k, v in seconds.items()})
+        structlog.contextvars.bind_contextvars(block=None)
+        report = _report(spec, source.revision, calib.window_sha256, layers)
+        checkpoint.assemble_checkpoint(out_dir, source, n_blocks, quantization_config(spec), report,
+                                       spec.model_dump(mode="json"))
+        log.info("job_done", output=str(out_dir), blocks=n_blocks, seconds=round(time.perf_counter() - t_job, 2))
+        return JobOutcome(str(out_dir), n_blocks, state.done_blocks, False, stage_seconds)
+    except Exception:
+        if fresh and not _has_markers(out_dir):
+            checkpoint.discard_staging(out_dir)
+        raise
+    finally:
+        for w in workers:
+            ray.kill(w)
+        if owns_ray:
+            ray.shutdown()
+
+
+def _connect(spec: JobSpec) -> None:
+    if spec.cluster.address is None:
+        # Embedded Ray stays on loopback; the job uses exactly the CPUs its workers ask for.
+        ray.init(num_cpus=spec.cluster.num_workers * spec.cluster.cpus_per_worker, include_dashboard=False,
+                 logging_level="warning", runtime_env=WORKER_ENV)
+    else:
+        ray.init(address=spec.cluster.address, logging_level="warning", runtime_env=WORKER_ENV)
+
+
+def _start_workers(spec: JobSpec, job_id: str, model_path: str, samples: torch.Tensor, worker_class: type) -> list:
+    c = spec.cluster
+    remote_cls = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker, max_restarts=0)(worker_class)
+    rendezvous = f"tcp://127.0.0.1:{_free_port()}" if c.address is None else None
+    shards = samples.tensor_split(c.num_workers)
+    workers = []
+    for rank, shard in enumerate(shards):
+        setup = WorkerSetup(
+            job_id=job_id, rank=rank, world_size=c.num_workers, rendezvous=rendezvous or "",
+            model_path=model_path, samples=shard.clone(), gptq=gptq_config(spec),
+            true_sequential=spec.quant.true_sequential, num_threads=c.cpus_per_worker,
+            device="cuda" if c.gpus_per_worker else "cpu",
+        )
+        workers.append(remote_cls.remote(setup))
+    return workers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather(refs: list) -> list[BlockResult]:
+    """Wait for every rank; raise the first real error (not a peer's 'another worker failed')."""
+    errors, results = [], {}
+    for i, ref in enumerate(refs):
+        try:
+            results[i] = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            errors.append(err.cause if err.cause is not None else err)
+    real = [e for e in errors if not isinstance(e, PeerFailed)]
+    if errors:
+        raise (real or errors)[0]
+    return [results[i] for i in range(len(refs))]
+
+
+def _has_markers(out_dir: Path) -> bool:
+    return (out_dir / checkpoint.STAGING).exists() and any((out_dir / checkpoint.STAGING).glob("*.done"))
+
+
+def _layers_from_report(out_dir: Path, block_idx: int) -> list[dict]:
+    return checkpoint.read_block_layers(out_dir, block_idx)
+
+
+def _report(spec: JobSpec, revision: str, window_sha256: str, layers: list[dict]) -> dict:
+    return {
+        "job": spec.name,
+        "source_revision": revision,
+        "calibration_windows_sha256": window_sha256,
+        "quantization": quantization_config(spec),
+        "layers": sorted(layers, key=lambda layer: layer["name"]),
+    }

@@ -1,0 +1,188 @@
+"""The job spec: what to quantize, how, with which data, where the result goes.
+
+Parsed once at the edge (CLI, scheduler, submit); cross-field rules live in validators so bad
+combinations fail before any worker starts. The driver turns it into frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(Exception):
+    """The job spec is invalid; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    source: str = "synthetic://llama-tiny"  # local dir | synthetic://<preset> (hf://, s3:// later)
+    trust_remote_code: bool = False  # never run model code from the checkpoint unless asked
+
+
+class QuantSpec(_Strict):
+    bits: int = 4  # 2, 3, 4 or 8; fewer bits = smaller model, larger error
+    group_size: int = 128  # columns per scale/zero; -1 = one group per row (smallest, least exact)
+    desc_act: bool = False  # act-order: better quality, g_idx gather at inference
+    sym: bool = True  # symmetric grid (fixed zero point); asym fits skewed rows better
+    static_groups: bool = False  # grids fixed before the solve; makes desc_act cheap at inference
+    damp_percent: float = 0.01  # Hessian damping relative to mean(diag H)
+    damp_auto_increment: float = 0.01  # added to damp_percent each time Cholesky fails
+    true_sequential: bool = True  # re-collect Hessians after each sub-stage (qkv → o → gate/up → down)
+    lm_head: bool = False  # quantize the output head too (not supported yet)
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in (2, 3, 4, 8):
+            raise ValueError(f"quant.bits={v} is not supported; use 2, 3, 4 or 8")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError(f"quant.group_size={v}; use -1 (one group per row) or a positive size such as 128")
+        return v
+
+    @field_validator("damp_percent")
+    @classmethod
+    def _damp(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"quant.damp_percent={v}; use a value in (0, 1), e.g. 0.01")
+        return v
+
+    @field_validator("damp_auto_increment")
+    @classmethod
+    def _damp_inc(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"quant.damp_auto_increment={v}; use a value in [0, 1), e.g. 0.01")
+        return v
+
+    @field_validator("lm_head")
+    @classmethod
+    def _lm_head(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("quant.lm_head=true is not supported yet; set quant.lm_head: false")
+        return v
+
+
+class CalibrationSpec(_Strict):
+    dataset: str = "builtin://text"  # builtin://text (shipped Python docs, PSF licence)
+    n_samples: int = Field(128, ge=1)  # calibration windows; more = better Hessians, slower
+    seq_len: int = Field(2048, ge=8)  # tokens per window
+    eval_samples: int = Field(16, ge=0)  # held-out windows, never used for calibration
+    seed: int = 0  # window selection
+
+
+class ClusterSpec(_Strict):
+    address: str | None = None  # None = embedded local Ray; else a Ray cluster address (ray://host:10001)
+    num_workers: int = Field(2, ge=1)  # workers; each keeps 1/num_workers of the samples
+    gpus_per_worker: int = Field(0, ge=0, le=1)  # 0 = CPU workers (Gloo), 1 = one GPU each (NCCL)
+    cpus_per_worker: int = Field(1, ge=1)  # torch threads per worker
+
+
+class OutputSpec(_Strict):
+    uri: str = "./outputs/tiny-llama-w4g128"  # local directory (s3://, hf:// later)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError(f"output.uri={v!r}: only local directories are supported in this build")
+        return v
+
+
+class JobSpec(_Strict):
+    name: str = "tiny-llama-w4g128"
+    model: ModelSpec = ModelSpec()
+    quant: QuantSpec = QuantSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    cluster: ClusterSpec = ClusterSpec()
+    output: OutputSpec = OutputSpec()
+
+    @model_validator(mode="after")
+    def _samples_cover_workers(self) -> JobSpec:
+        if self.calibration.n_samples < self.cluster.num_workers:
+            raise ValueError(
+                f"calibration.n_samples={self.calibration.n_samples} is smaller than "
+                f"cluster.num_workers={self.cluster.num_workers}: every worker needs at least one "
+                "sample; raise calibration.n_samples or lower cluster.num_workers"
+            )
+        return self
+
+    def fingerprint(self, source_revision: str) -> str:
+        """Identity of the job's output: everything that changes the bytes, not where they go."""
+        body = self.model_dump(mode="json")
+        body.pop("output")
+        body["cluster"].pop("address")
+        body["source_revision"] = source_revision
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`quant.bits=8` -> (["quant", "bits"], 8); the value is read as YAML.
+
+    Raises:
+        SpecError: the item has no `=`.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set {item!r}: expected key.path=value, e.g. --set quant.bits=8")
+    return key.split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of the raw spec dict with every `--set` applied."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: {part} is not a section of the spec")
+        node[path[-1]] = value
+    return out
+
+
+def load_spec(path: Path | None, overrides: list[str] = ()) -> JobSpec:
+    """Read a YAML job spec, apply `--set` overrides, validate.
+
+    Raises:
+        SpecError: the file is missing or not YAML, or a field is unknown or invalid.
+    """
+    data: Any = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as err:
+            raise SpecError(f"spec file {path} does not exist; pass the path of a job spec YAML") from err
+        except yaml.YAMLError as err:
+            raise SpecError(f"spec file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {path} must hold a mapping of sections (name, model, quant, ...)")
+    data = apply_overrides(data, list(overrides))
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_describe(err)) from err
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "spec"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key; remove it or check its spelling against jobs/specs/tiny-llama.yaml")
+        else:
+            lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "invalid job spec: " + "; ".join(lines)

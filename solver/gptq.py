@@ -1,0 +1,244 @@
+"""Exact GPTQ: Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (arXiv:2210.17323), Algorithm 1.
+
+Per layer the solver quantizes W [N, K] column by column, each time moving the remaining
+unquantized columns to compensate the rounding error, optimal for the quadratic objective
+tr((W - Q) H (W - Q)ᵀ) of `solver/hessian.py`:
+
+- Section 3, Step 1 "Arbitrary order insight": all rows share one column order, so one inverse
+  Hessian serves all rows; act-order (Section 4) solves columns by descending diag(H).
+- Section 3, Step 2 "Lazy batch-updates": the update of later columns is applied in batches of
+  `column_batch` columns (the paper's B); within a batch columns update one another at once.
+- Section 3, Step 3 "Cholesky reformulation": the rows of the upper Cholesky factor U of
+  (H + λI)⁻¹ are exactly the rows of the sequentially-eliminated inverse Hessian the OBS update
+  needs (scaled by sqrt of their diagonal); λ = damp_percent · mean(diag(H)).
+- Section 4 groups: the grid of a group is found when the solve reaches its first column, from the
+  current, error-updated W (as the reference implementation); `static_groups` fixes every group's
+  grid from the unquantized W beforehand, in original column order.
+
+One deliberate difference from the reference code: a group's grid is computed from its columns with
+every earlier error update applied, including the not-yet-flushed updates of the current column
+batch; the reference reads the global W, which lacks them when group_size < column_batch. Here the
+result does not depend on column_batch, and it equals the textbook column-by-column algorithm.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rayquant.solver.grid import (SUPPORTED_BITS, act_order, count_groups, dequantize, find_grid,
+                                  find_group_grids, group_index, group_width, max_level, quantize_to_grid)
+from rayquant.solver.hessian import InvalidSolverInput, layer_loss, layer_objective
+
+__all__ = ["GPTQConfig", "GPTQResult", "HessianNotPositiveDefinite", "InvalidGPTQConfig", "dequantize",
+           "solve_gptq", "solve_input_group"]
+
+
+class InvalidGPTQConfig(ValueError):
+    """A GPTQConfig field is outside what the solver and the checkpoint format support."""
+
+
+class HessianNotPositiveDefinite(Exception):
+    """The damped Hessian stayed non positive definite up to the damping cap."""
+
+    def __init__(self, message: str, n_tokens: int | None = None, damp_tried: tuple[float, ...] = ()) -> None:
+        super().__init__(message)
+        self.n_tokens = n_tokens
+        self.damp_tried = damp_tried
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4                 # 2, 3, 4, 8: fewer bits, smaller checkpoint, larger error
+    group_size: int = 128         # -1 = one group over all K; smaller groups: lower error, more scales
+    desc_act: bool = False        # act-order: columns by descending diag(H); lower error, g_idx permuted
+    sym: bool = True              # symmetric grid, zero = (maxq+1)//2; asym fits skewed groups better
+    static_groups: bool = False   # group grids fixed from the unquantized W before the solve
+    damp_percent: float = 0.01    # relative to mean(diag(H)); more damping: stabler, less exact
+    damp_auto_increment: float = 0.01  # added to damp_percent while Cholesky fails (0 = never)
+    damp_cap: float = 1.0         # give up (HessianNotPositiveDefinite) past this damp_percent
+    column_batch: int = 128       # lazy-update width (paper's B); speed only, the result is the same
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.bits not in SUPPORTED_BITS:
+            problems.append(f"quant.bits={self.bits} is not one of {SUPPORTED_BITS}")
+        if self.group_size != -1 and self.group_size < 1:
+            problems.append(f"quant.group_size={self.group_size} must be -1 (one group) or positive")
+        if not self.damp_percent >= 0:
+            problems.append(f"quant.damp_percent={self.damp_percent} must be >= 0")
+        if not self.damp_auto_increment >= 0:
+            problems.append(f"quant.damp_auto_increment={self.damp_auto_increment} must be >= 0")
+        if not self.damp_cap >= self.damp_percent:
+            problems.append(f"damp_cap={self.damp_cap} must be >= quant.damp_percent={self.damp_percent}")
+        if self.column_batch < 1:
+            problems.append(f"column_batch={self.column_batch} must be positive")
+        if problems:
+            raise InvalidGPTQConfig("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    codes: Tensor    # [N, K] uint8, integer levels in ORIGINAL column order
+    scales: Tensor   # [G, N] float32, already rounded to float16-representable values
+    zeros: Tensor    # [G, N] int32 unpacked zero points (sym: (maxq+1)//2)
+    g_idx: Tensor    # [K] int32 group of each input channel
+    loss: float      # tr((W-Q) H (W-Q)^T), H = hessian_sum / n_tokens (dead columns fixed, no damping)
+    damp_percent: float  # damping actually used (after auto increments)
+
+
+@dataclass(frozen=True)
+class _Solution:
+    codes: Tensor    # [N, K] compute dtype, integer-valued, original column order
+    Q: Tensor        # [N, K] compute dtype, dequantized, original column order
+    scales: Tensor   # [G, N] compute dtype
+    zeros: Tensor    # [G, N] compute dtype
+    g_idx: Tensor    # [K] int64
+    damp_percent: float
+
+
+@dataclass(frozen=True)
+class _InverseFactor:
+    U: Tensor        # [K, K] upper Cholesky factor of (H + λI)⁻¹, solve order
+    damp_percent: float
+
+
+def solve_gptq(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQConfig) -> GPTQResult:
+    """Quantize one linear's weight [N, K] with GPTQ against hessian_sum [K, K] over n_tokens.
+
+    Raises:
+        HessianNotPositiveDefinite: Cholesky failed for every damping up to cfg.damp_cap.
+        InvalidSolverInput: shapes disagree, n_tokens < 1, or (subclass) NaN/Inf inputs.
+    """
+    return solve_input_group([weight], hessian_sum, n_tokens, cfg)[0]
+
+
+def solve_input_group(weights: list[Tensor], hessian_sum: Tensor, n_tokens: int,
+                      cfg: GPTQConfig) -> list[GPTQResult]:
+    """Quantize linears sharing one input (one H) as one stacked [ΣN_i, K] matrix, one factorization.
+
+    Raises:
+        HessianNotPositiveDefinite: Cholesky failed for every damping up to cfg.damp_cap.
+        InvalidSolverInput: shapes disagree, n_tokens < 1, or (subclass) NaN/Inf inputs.
+    """
+    if not weights or any(w.dim() != 2 or w.shape[1] != weights[0].shape[1] for w in weights):
+        raise InvalidSolverInput(
+            f"an input group needs one or more weights [N_i, K] with one in_features K, got shapes "
+            f"{[tuple(w.shape) for w in weights]}")
+    # float64 when any linear is float64, so an exact (float64) comparison stays exact
+    dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+    stacked = weights[0] if len(weights) == 1 else torch.cat([w.to(dtype) for w in weights])
+    objective = layer_objective(stacked, hessian_sum, n_tokens)
+    solution = _solve(objective.W, objective.H, n_tokens, cfg)
+    results = []
+    row = 0
+    for w in weights:
+        rows = slice(row, row + w.shape[0])
+        row += w.shape[0]
+        results.append(GPTQResult(
+            codes=solution.codes[rows].to(torch.uint8),
+            scales=solution.scales[:, rows].float(),
+            zeros=solution.zeros[:, rows].to(torch.int32),
+            g_idx=solution.g_idx.to(torch.int32),
+            loss=layer_loss(objective.W[rows], solution.Q[rows], objective.H),
+            damp_percent=solution.damp_percent,
+        ))
+    return results
+
+
+def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
+    """Algorithm 1 on the objective's W [N, K], H [K, K]; W and H are not modified."""
+    N, K = W.shape
+    maxq = max_level(cfg.bits)
+    width = group_width(cfg.group_size, K)
+    n_groups = count_groups(cfg.group_size, K)
+    perm = act_order(H) if cfg.desc_act else torch.arange(K, device=W.device)
+    g_idx = group_index(perm, cfg.group_size, cfg.static_groups)
+    if cfg.static_groups:
+        grids = find_group_grids(W, g_idx, n_groups, cfg.bits, cfg.sym)
+        scales, zeros = grids.scale, grids.zero  # [G, N]
+    else:
+        scales = W.new_zeros(n_groups, N)
+        zeros = W.new_zeros(n_groups, N)
+    group_of = g_idx[perm].tolist()  # group of each column in solve order
+
+    W = W[:, perm]  # advanced indexing copies: the objective's W stays intact for the loss
+    factor = _inverse_cholesky(H[perm][:, perm], n_tokens, cfg)
+    U = factor.U
+    codes = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    B = cfg.column_batch
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = W[:, i1:i2]   # view: in-batch updates go straight into W
+        E1 = torch.zeros_like(W1)  # [N, i2-i1] scaled errors (w - q) / U[j, j]
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not cfg.static_groups and j % width == 0:
+                grid = find_grid(_current_group(W, E1, U, i1, i2, j, width), cfg.bits, cfg.sym)
+                scales[j // width], zeros[j // width] = grid.scale, grid.zero
+            k = group_of[j]
+            w = W1[:, i]
+            q = quantize_to_grid(w, scales[k], zeros[k], maxq)
+            codes[:, j] = q
+            Q[:, j] = (q - zeros[k]) * scales[k]
+            err = (w - Q[:, j]) / U1[i, i]
+            W1[:, i:] -= torch.outer(err, U1[i, i:])
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the lazy batch update of all later columns
+
+    invperm = torch.argsort(perm)
+    return _Solution(codes=codes[:, invperm], Q=Q[:, invperm], scales=scales, zeros=zeros, g_idx=g_idx,
+                     damp_percent=factor.damp_percent)
+
+
+def _current_group(W: Tensor, E1: Tensor, U: Tensor, i1: int, i2: int, j: int, width: int) -> Tensor:
+    """Columns [j, j+width) of W [N, K] with every error update of columns < j applied.
+
+    Columns inside the current batch [i1, i2) already have them; later columns still lack the
+    batch's pending update -E1[:, :j-i1] @ U[i1:j, ·], which is added here for the grid only.
+    """
+    end = min(j + width, W.shape[1])
+    if end <= i2:
+        return W[:, j:end]
+    beyond = W[:, i2:end] - E1[:, :j - i1] @ U[i1:j, i2:end]
+    return torch.cat([W[:, j:i2], beyond], dim=1)
+
+
+def _inverse_cholesky(H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _InverseFactor:
+    """Upper Cholesky factor of (H + λI)⁻¹, growing damp_percent by damp_auto_increment on failure.
+
+    Raises:
+        HessianNotPositiveDefinite: no damping up to cfg.damp_cap gave a positive definite matrix.
+    """
+    K = H.shape[0]
+    diag = torch.arange(K, device=H.device)
+    mean_diag = torch.mean(torch.diagonal(H))  # damp relative to it, so it is independent of n_tokens
+    tried = []
+    for damp_percent in _damping_schedule(cfg):
+        tried.append(damp_percent)
+        damped = H.clone()
+        damped[diag, diag] += damp_percent * mean_diag
+        L, info = torch.linalg.cholesky_ex(damped)
+        if int(info) != 0:
+            continue
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if int(info) == 0 and bool(torch.isfinite(U).all()):
+            return _InverseFactor(U=U, damp_percent=damp_percent)
+    steps = f" in steps of {cfg.damp_auto_increment}" if len(tried) > 1 else ""
+    raise HessianNotPositiveDefinite(
+        f"Cholesky failed after damping {tried[0]} to {tried[-1]}{steps} (in_features={K}, "
+        f"n_tokens={n_tokens}); raise quant.damp_percent (e.g. 0.05) or calibration.n_samples",
+        n_tokens=n_tokens, damp_tried=tuple(tried))
+
+
+def _damping_schedule(cfg: GPTQConfig) -> list[float]:
+    """damp_percent, then + k · damp_auto_increment while it stays within damp_cap."""
+    if cfg.damp_auto_increment == 0:
+        return [cfg.damp_percent]
+    n_steps = math.floor((cfg.damp_cap - cfg.damp_percent) / cfg.damp_auto_increment + 1e-9)
+    # rounded so the recorded damping reads 0.03, not 0.030000000000000002
+    return [round(cfg.damp_percent + k * cfg.damp_auto_increment, 12) for k in range(n_steps + 1)]

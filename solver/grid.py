@@ -1,0 +1,124 @@
+"""The quantization grid: which columns form a group, each group's scale and zero point, codes.
+
+The grid is the per-row min-max uniform grid of the reference GPTQ implementation
+(Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", Section 2 "Quantization grid" and Section 4 "Additional tricks"/"group-wise
+quantization"; IST-DASLab `quant.py` `Quantizer.find_params` with per-channel weights):
+
+- the range always includes 0: xmin = min(W, 0), xmax = max(W, 0); an all-zero row gets [-1, 1];
+- sym: the range is [-max|W|, max|W|] and zero = (maxq + 1) // 2 (the reference's zero point; the
+  top level is clipped, as in the reference); asym: zero = round(-xmin / scale);
+- scale = (xmax - xmin) / maxq, rounded to a float16-representable value the moment it is computed,
+  so the float16 `scales` a checkpoint stores are exactly the ones the solver optimised against.
+
+Act-order (Section 4, "desc_act") solves columns by descending diag(H); `g_idx` maps every original
+column to its group. Dynamic groups are consecutive in solve order, static groups are consecutive
+in original column order.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+# Checkpoints store float16 scales: clamp below at the smallest positive float16 (a tinier scale
+# would round to 0 and divide by zero) and refuse ranges whose scale overflows float16.
+FLOAT16_MIN_SCALE = 2.0**-24
+FLOAT16_MAX = 65504.0
+
+
+class ScaleNotRepresentable(ValueError):
+    """A group's weight range needs a scale beyond float16, which GPTQ checkpoints store."""
+
+
+@dataclass(frozen=True)
+class GroupGrid:
+    scale: Tensor  # [..., N] compute dtype, float16-representable, > 0
+    zero: Tensor   # [..., N] compute dtype, integer-valued in [0, maxq]
+
+
+def max_level(bits: int) -> int:
+    """Largest integer level `maxq` of a `bits`-bit grid."""
+    return 2**bits - 1
+
+
+def group_width(group_size: int, in_features: int) -> int:
+    """Columns per group; group_size -1 means one group over all in_features."""
+    return in_features if group_size == -1 else group_size
+
+
+def count_groups(group_size: int, in_features: int) -> int:
+    """G = ceil(K / group width); the last group may be partial."""
+    return -(-in_features // group_width(group_size, in_features))
+
+
+def find_grid(W_group: Tensor, bits: int, sym: bool) -> GroupGrid:
+    """Min-max grid of each row of one group: W_group [N, columns] -> scale, zero [N].
+
+    Raises:
+        ScaleNotRepresentable: a row's range needs a scale above float16's maximum.
+    """
+    maxq = max_level(bits)
+    xmin = torch.clamp(W_group.amin(dim=1), max=0.0)
+    xmax = torch.clamp(W_group.amax(dim=1), min=0.0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = torch.clamp((xmax - xmin) / maxq, min=FLOAT16_MIN_SCALE)
+    if bool((scale > FLOAT16_MAX).any()):
+        raise ScaleNotRepresentable(
+            f"a weight group spans {float((xmax - xmin).max()):.6g}, which needs a scale above "
+            f"float16's {FLOAT16_MAX} at {bits} bits; GPTQ checkpoints store float16 scales, so this "
+            "layer cannot be quantized as is: check the model weights for corruption")
+    scale = scale.to(torch.float16).to(W_group.dtype)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
+    return GroupGrid(scale=scale, zero=zero)
+
+
+def find_group_grids(W: Tensor, g_idx: Tensor, n_groups: int, bits: int, sym: bool) -> GroupGrid:
+    """Grids of all groups at once from one W [N, K]: scale, zero [G, N]."""
+    grids = [find_grid(W[:, g_idx == k], bits, sym) for k in range(n_groups)]
+    return GroupGrid(scale=torch.stack([g.scale for g in grids]), zero=torch.stack([g.zero for g in grids]))
+
+
+def quantize_to_grid(W: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Integer levels clamp(round(W / scale) + zero, 0, maxq), in W's dtype; shapes broadcast."""
+    return torch.clamp(torch.round(W / scale) + zero, 0, maxq)
+
+
+def act_order(H: Tensor) -> Tensor:
+    """Solve order of act-order: columns by descending diag(H); stable, so ties keep column order."""
+    return torch.argsort(torch.diagonal(H), descending=True, stable=True)
+
+
+def group_index(perm: Tensor, group_size: int, static_groups: bool) -> Tensor:
+    """g_idx [K] int64: the group of every original column.
+
+    Dynamic groups are consecutive in solve order (g_idx[perm[i]] = i // width); static groups are
+    consecutive in original order (g_idx[c] = c // width) whatever the solve order.
+    """
+    K = perm.numel()
+    width = group_width(group_size, K)
+    positions = torch.arange(K, device=perm.device)
+    if static_groups:
+        return positions // width
+    g_idx = torch.empty_like(positions)
+    g_idx[perm] = positions // width
+    return g_idx
+
+
+def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
+    """Weights [N, K] float32 = (codes - zeros[g_idx].T) * scales[g_idx].T.
+
+    codes [N, K] integer levels, scales [G, N], zeros [G, N], g_idx [K].
+    """
+    g = g_idx.long()
+    return (codes.float() - zeros[g].T.float()) * scales[g].T.float()

@@ -1,0 +1,91 @@
+"""The layer's quadratic objective: Hessian accumulation, normalisation, dead inputs, loss.
+
+GPTQ (Frantar et al., 2022, Section 2 "Layer-wise quantization") minimises, per linear layer,
+||W X - Q X||² = tr((W - Q) H (W - Q)ᵀ) with H = X Xᵀ over the calibration tokens. Here the
+Hessian travels as the plain sum `hessian_sum` = Σ xᵀx (fp32) plus the token count, so partial
+sums from several workers add up in a fixed order; it is normalised once, H = hessian_sum /
+n_tokens, when a solve starts (the reference's factor 2 is dropped: it scales the loss only and
+damping is relative to mean(diag(H))).
+
+Dead inputs (diag(H) == 0, an input channel that is always zero) are handled as the reference
+implementation does: H[i, i] = 1 and W[:, i] = 0, so H is invertible and the column quantizes to 0.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class InvalidSolverInput(ValueError):
+    """Weights or Hessian of a solve have inconsistent shapes or an empty token count."""
+
+
+class NonFiniteSolverInput(InvalidSolverInput):
+    """Weights or Hessian of a solve contain NaN or Inf."""
+
+
+@dataclass(frozen=True)
+class LayerObjective:
+    W: Tensor  # [N, K] compute dtype, a private copy, dead input columns zeroed
+    H: Tensor  # [K, K] compute dtype, hessian_sum / n_tokens, dead diagonal entries set to 1
+
+
+def accumulate_hessian(hessian_sum: Tensor, x: Tensor) -> int:
+    """Add xᵀx of activations x [..., K] into hessian_sum [K, K] in place; return the tokens added.
+
+    x is cast to hessian_sum's dtype (fp32) before the product, so bf16 activations accumulate
+    in fp32.
+
+    Raises:
+        InvalidSolverInput: x's last dimension is not hessian_sum's size.
+    """
+    K = hessian_sum.shape[-1]
+    if hessian_sum.dim() != 2 or hessian_sum.shape[0] != K or x.shape[-1] != K:
+        raise InvalidSolverInput(
+            f"cannot add activations of shape {tuple(x.shape)} to a Hessian sum of shape "
+            f"{tuple(hessian_sum.shape)}: the activations' last dimension must be in_features={K}")
+    rows = x.reshape(-1, K).to(hessian_sum.dtype)
+    hessian_sum.addmm_(rows.T, rows)
+    return rows.shape[0]
+
+
+def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """float64 when the weight is float64 (exact comparisons), else float32 (production)."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+def layer_objective(weight: Tensor, hessian_sum: Tensor, n_tokens: int) -> LayerObjective:
+    """Private compute-dtype copies of W [N, K] and H = hessian_sum / n_tokens, dead inputs fixed.
+
+    Raises:
+        InvalidSolverInput: shapes disagree or n_tokens < 1.
+        NonFiniteSolverInput: weight or hessian_sum holds NaN or Inf.
+    """
+    if weight.dim() != 2 or hessian_sum.shape != (weight.shape[1], weight.shape[1]):
+        raise InvalidSolverInput(
+            f"weight {tuple(weight.shape)} and hessian_sum {tuple(hessian_sum.shape)} do not fit: "
+            "expected weight [out_features, in_features] and hessian_sum [in_features, in_features]")
+    if n_tokens < 1:
+        raise InvalidSolverInput(
+            f"n_tokens={n_tokens}: the Hessian was accumulated over no calibration tokens; check that "
+            "calibration.n_samples > 0 and the layer is reached by the forward pass")
+    for name, t in (("weight", weight), ("hessian_sum", hessian_sum)):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise NonFiniteSolverInput(
+                f"{name} {tuple(t.shape)} has {bad} NaN/Inf entries; the source weights or the calibration "
+                "activations overflowed: check the model files, and the model's dtype for the activations")
+    dtype = compute_dtype(weight.dtype)
+    W = weight.to(dtype=dtype, copy=True)
+    H = hessian_sum.to(dtype=dtype, copy=True) / n_tokens
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return LayerObjective(W=W, H=H)
+
+
+def layer_loss(W: Tensor, Q: Tensor, H: Tensor) -> float:
+    """tr((W - Q) H (W - Q)ᵀ) for W, Q [N, K], H [K, K]: the layer's output error per token."""
+    E = W - Q
+    return float(((E @ H) * E).sum())

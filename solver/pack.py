@@ -1,0 +1,167 @@
+"""GPTQ v1 checkpoint tensors (checkpoint_format "gptq", the layout of the reference GPTQ / AutoGPTQ
+`QuantLinear.pack`, which transformers, GPTQModel and vLLM load):
+
+- qweight int32 [K·b/32, N]: codes packed along K; value j of a word sits at bits [b·j, b·j+b);
+- qzeros  int32 [G, N·b/32]: zero points packed the same way along N, stored as zero - 1 (v1);
+- scales  float16 [G, N];  g_idx int32 [K].
+
+All widths are one rule: the values of a column form a little-endian bit stream, value i at bits
+[b·i, b·i+b) of the concatenated 32-bit words. For b = 2, 4, 8 no value crosses a word; for b = 3
+every 32 values fill 3 words and values 10 and 21 straddle word boundaries (the standard 3-bit
+layout), so a packed dimension needs (b · size) % 32 == 0: K % 32 == 0 and N % 32 == 0 at 3 bits.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rayquant.solver.gptq import GPTQResult
+from rayquant.solver.grid import SUPPORTED_BITS, max_level
+
+WORD_BITS = 32
+_WORD_MASK = (1 << WORD_BITS) - 1
+
+
+class UnpackableShape(ValueError):
+    """A dimension cannot be packed into whole int32 words at this bit width."""
+
+
+class CodesOutOfRange(ValueError):
+    """Codes or zero points do not fit in the bit width."""
+
+
+class ZeroPointNotRepresentable(ValueError):
+    """GPTQ v1 stores zero - 1, so zero point 0 cannot be written (loaders would read 2**bits)."""
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    qweight: Tensor  # int32 [K*bits/32, N]
+    qzeros: Tensor   # int32 [G, N*bits/32]  stores zero-1 (v1)
+    scales: Tensor   # float16 [G, N]
+    g_idx: Tensor    # int32 [K]
+
+
+@dataclass(frozen=True)
+class UnpackedLinear:
+    codes: Tensor    # uint8 [N, K]
+    zeros: Tensor    # int32 [G, N]
+    scales: Tensor   # float32 [G, N] (the float16 values)
+    g_idx: Tensor    # int32 [K]
+
+
+def pack_linear(result: GPTQResult, bits: int) -> PackedLinear:
+    """The four GPTQ v1 checkpoint tensors of one solved linear.
+
+    Raises:
+        UnpackableShape: (bits · K) or (bits · N) is not a multiple of 32.
+        ZeroPointNotRepresentable: an asymmetric grid chose zero point 0.
+    """
+    return PackedLinear(
+        qweight=pack_qweight(result.codes, bits),
+        qzeros=pack_qzeros(result.zeros, bits),
+        scales=result.scales.to(torch.float16),
+        g_idx=result.g_idx.to(torch.int32),
+    )
+
+
+def unpack_linear(packed: PackedLinear, bits: int) -> UnpackedLinear:
+    """Codes, zero points, scales and g_idx exactly as pack_linear received them."""
+    in_features = packed.g_idx.numel()
+    out_features = packed.scales.shape[1]
+    return UnpackedLinear(
+        codes=unpack_qweight(packed.qweight, bits, in_features),
+        zeros=unpack_qzeros(packed.qzeros, bits, out_features),
+        scales=packed.scales.float(),
+        g_idx=packed.g_idx.to(torch.int32),
+    )
+
+
+def pack_qweight(codes: Tensor, bits: int) -> Tensor:
+    """codes [N, K] -> qweight int32 [K*bits/32, N], packed along K.
+
+    Raises:
+        UnpackableShape: (bits · K) is not a multiple of 32.
+        CodesOutOfRange: a code is outside [0, 2**bits - 1].
+    """
+    _check_values(codes, bits, "codes")
+    return _pack_dim0(codes.T.to(torch.int64), bits, "in_features (K)")
+
+
+def unpack_qweight(qweight: Tensor, bits: int, in_features: int) -> Tensor:
+    """qweight int32 [K*bits/32, N] -> codes uint8 [N, K]."""
+    return _unpack_dim0(qweight, bits, in_features, "in_features (K)").T.to(torch.uint8)
+
+
+def pack_qzeros(zeros: Tensor, bits: int) -> Tensor:
+    """zeros [G, N] -> qzeros int32 [G, N*bits/32], packed along N, storing zero - 1 (v1).
+
+    Raises:
+        UnpackableShape: (bits · N) is not a multiple of 32.
+        CodesOutOfRange: a zero point is outside [0, 2**bits - 1].
+        ZeroPointNotRepresentable: a zero point is 0.
+    """
+    _check_values(zeros, bits, "zero points")
+    n_zero = int((zeros == 0).sum())
+    if n_zero:
+        raise ZeroPointNotRepresentable(
+            f"{n_zero} of {zeros.numel()} group zero points are 0; GPTQ v1 qzeros store zero - 1 and "
+            f"loaders read 0 back as {2**bits}, so these groups cannot be written: use quant.sym=true")
+    return _pack_dim0(zeros.T.to(torch.int64) - 1, bits, "out_features (N)").T.contiguous()
+
+
+def unpack_qzeros(qzeros: Tensor, bits: int, out_features: int) -> Tensor:
+    """qzeros int32 [G, N*bits/32] -> zeros int32 [G, N] (stored value + 1, modulo 2**bits)."""
+    stored = _unpack_dim0(qzeros.T, bits, out_features, "out_features (N)").T
+    return ((stored + 1) & max_level(bits)).to(torch.int32).contiguous()
+
+
+def _check_values(values: Tensor, bits: int, what: str) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise UnpackableShape(f"bits={bits} is not one of {SUPPORTED_BITS}; set quant.bits to one of them")
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) > max_level(bits)):
+        raise CodesOutOfRange(
+            f"{what} span [{int(values.min())}, {int(values.max())}], outside [0, {max_level(bits)}] "
+            f"of a {bits}-bit grid: pack them with the bits they were solved with")
+
+
+def _bit_positions(size: int, bits: int, what: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Word index and bit offset of each of `size` values in the stream."""
+    if bits not in SUPPORTED_BITS:
+        raise UnpackableShape(f"bits={bits} is not one of {SUPPORTED_BITS}; set quant.bits to one of them")
+    if (bits * size) % WORD_BITS:
+        multiple = WORD_BITS // math.gcd(bits, WORD_BITS)
+        raise UnpackableShape(
+            f"{what}={size} cannot be packed at {bits} bits: GPTQ packs {bits}-bit values into whole "
+            f"int32 words, which needs a multiple of {multiple}; quantize this layer with other bits "
+            "or leave it unquantized")
+    start = torch.arange(size, device=device, dtype=torch.int64) * bits
+    return start // WORD_BITS, start % WORD_BITS
+
+
+def _pack_dim0(values: Tensor, bits: int, what: str) -> Tensor:
+    """values int64 [L, C] in [0, 2**bits) -> int32 words [L*bits/32, C]."""
+    L, C = values.shape
+    word, offset = _bit_positions(L, bits, what, values.device)
+    words = torch.zeros(L * bits // WORD_BITS, C, dtype=torch.int64, device=values.device)
+    words.index_add_(0, word, (values << offset[:, None]) & _WORD_MASK)
+    straddles = offset + bits > WORD_BITS  # only at 3 bits: the high bits go to the next word
+    words.index_add_(0, word[straddles] + 1, values[straddles] >> (WORD_BITS - offset[straddles])[:, None])
+    # reinterpret the unsigned 32-bit words as int32 (two's complement)
+    return torch.where(words >= 1 << 31, words - (1 << WORD_BITS), words).to(torch.int32)
+
+
+def _unpack_dim0(packed: Tensor, bits: int, size: int, what: str) -> Tensor:
+    """int32 words [size*bits/32, C] -> values int64 [size, C]."""
+    word, offset = _bit_positions(size, bits, what, packed.device)
+    if packed.shape[0] != size * bits // WORD_BITS:
+        raise UnpackableShape(
+            f"{packed.shape[0]} packed words cannot hold {what}={size} values at {bits} bits "
+            f"(expected {size * bits // WORD_BITS}): the tensor was packed with other bits or shape")
+    words = packed.to(torch.int64) & _WORD_MASK
+    values = words[word] >> offset[:, None]
+    straddles = offset + bits > WORD_BITS
+    values[straddles] |= words[word[straddles] + 1] << (WORD_BITS - offset[straddles])[:, None]
+    return values & max_level(bits)

@@ -1,0 +1,42 @@
+"""Round-to-nearest (RTN): the baseline GPTQ is measured against (Frantar et al., 2022, Section 5).
+
+Every weight is rounded to the nearest level of its group's grid, with no error compensation.
+Grids, groups, act-order g_idx, dead inputs and the loss follow exactly the rules of
+`solver/gptq.py`, so the two losses are comparable number for number.
+"""
+
+import torch
+from torch import Tensor
+
+from rayquant.solver.gptq import GPTQConfig, GPTQResult
+from rayquant.solver.grid import act_order, count_groups, find_group_grids, group_index, max_level, quantize_to_grid
+from rayquant.solver.hessian import layer_loss, layer_objective
+
+
+def quantize_rtn(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQConfig) -> GPTQResult:
+    """Round weight [N, K] to its group grids; loss against H = hessian_sum / n_tokens.
+
+    Grids come from the unquantized W (there are no error updates, so static_groups only changes
+    which columns form a group under desc_act). No damping is used: damp_percent is 0.0.
+
+    Raises:
+        InvalidSolverInput: shapes disagree, n_tokens < 1, or (subclass) NaN/Inf inputs.
+    """
+    objective = layer_objective(weight, hessian_sum, n_tokens)
+    W, H = objective.W, objective.H
+    K = W.shape[1]
+    perm = act_order(H) if cfg.desc_act else torch.arange(K, device=W.device)
+    g_idx = group_index(perm, cfg.group_size, cfg.static_groups)
+    grids = find_group_grids(W, g_idx, count_groups(cfg.group_size, K), cfg.bits, cfg.sym)
+    scale = grids.scale[g_idx].T  # [N, K]
+    zero = grids.zero[g_idx].T
+    codes = quantize_to_grid(W, scale, zero, max_level(cfg.bits))
+    Q = (codes - zero) * scale
+    return GPTQResult(
+        codes=codes.to(torch.uint8),
+        scales=grids.scale.float(),
+        zeros=grids.zero.to(torch.int32),
+        g_idx=g_idx.to(torch.int32),
+        loss=layer_loss(W, Q, H),
+        damp_percent=0.0,
+    )

@@ -1,0 +1,183 @@
+"""`synthetic://<preset>` models: tiny transformers models from a seeded random init, on disk.
+
+A preset is written exactly like a downloaded Hugging Face model (config.json, safetensors shards
++ index, generation_config.json, tokenizer files), so it is read through the same path as any
+other source. The bytes are a pure function of the preset and the installed transformers /
+tokenizers versions; they are built in a temporary directory beside the target and renamed into
+place, so a concurrent process sees either no model or the whole model. The init draws from
+torch's global generator (forked, so the caller's RNG state is untouched): build from one thread
+of a process at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from rayquant.storage.calibration import BUILTIN_TEXT_PATH
+from rayquant.storage.safetensors_reader import INDEX_FILE
+
+# bump when a builder's output changes, so caches built by older code are not reused
+SYNTHETIC_FORMAT = 1
+SEED = 0
+BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"  # ids 0 and 1 in the trained vocabulary
+
+
+class UnknownSyntheticPreset(Exception):
+    """model.source names a synthetic:// preset that does not exist."""
+
+
+def materialize_synthetic(preset: str, cache_dir: Path) -> Path:
+    """Build the preset's model directory under cache_dir once and return its path.
+
+    Raises:
+        UnknownSyntheticPreset: preset is not one of PRESETS.
+    """
+    if preset not in PRESETS:
+        raise UnknownSyntheticPreset(
+            f"model.source synthetic://{preset}: no such preset; use one of "
+            f"{', '.join('synthetic://' + name for name in PRESETS)}"
+        )
+    cache_dir = Path(cache_dir)
+    target = cache_dir / f"{preset}-v{SYNTHETIC_FORMAT}"
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache is shared like any download
+    try:
+        PRESETS[preset](staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # another process renamed its complete copy into place first; its bytes equal ours
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_llama_tiny(out_dir: Path) -> None:
+    """Llama-shaped decoder (GQA 4 heads / 2 kv heads, 4 blocks), bf16, two shards + index."""
+    config = LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    state = _seeded_state_dict(LlamaForCausalLM, config)
+    # shard 1: embeddings + first half of the blocks; shard 2: the rest, final norm and lm_head
+    first_half = ("model.embed_tokens.",) + tuple(
+        f"model.layers.{i}." for i in range(config.num_hidden_layers // 2)
+    )
+    first = sorted(name for name in state if name.startswith(first_half))
+    second = sorted(name for name in state if not name.startswith(first_half))
+    _write_weights(state, [first, second], out_dir)
+    config.save_pretrained(out_dir)
+    GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+    _write_tokenizer(out_dir, vocab_size=config.vocab_size, model_max_length=2048)
+
+
+def build_bert_tiny(out_dir: Path) -> None:
+    """Encoder-only BERT masked LM: a real architecture that rayquant does not quantize."""
+    config = BertConfig(
+        architectures=["BertForMaskedLM"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,  # safetensors stores no shared tensors
+        dtype="float32",
+    )
+    state = _seeded_state_dict(BertForMaskedLM, config)
+    _write_weights(state, [sorted(state)], out_dir)
+    config.save_pretrained(out_dir)
+    _write_tokenizer(out_dir, vocab_size=config.vocab_size, model_max_length=512)
+
+
+def _seeded_state_dict(
+    model_class: type[PreTrainedModel], config: PreTrainedConfig
+) -> dict[str, torch.Tensor]:
+    """transformers' own init under a fixed seed, cast to config.dtype; global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = model_class(config)
+    model = model.to(config.dtype)
+    return {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+
+
+def _write_weights(state: dict[str, torch.Tensor], shards: list[list[str]], out_dir: Path) -> None:
+    """One safetensors file per list of names; with more than one, also the HF index file."""
+    if len(shards) == 1:
+        save_file({name: state[name] for name in shards[0]}, out_dir / "model.safetensors", {"format": "pt"})
+        return
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(shards, start=1):
+        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: state[name] for name in names}, out_dir / file_name, {"format": "pt"})
+        weight_map.update({name: file_name for name in names})
+    total_size = sum(state[name].numel() * state[name].element_size() for name in weight_map)
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int) -> None:
+    """Byte-level BPE trained on the builtin text; tokenizer.json + tokenizer_config.json."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    paragraphs = BUILTIN_TEXT_PATH.read_text(encoding="utf-8").split("\n\n")
+    tokenizer.train_from_iterator(paragraphs, trainer)
+    # Llama convention: BOS in front, no EOS
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+        special_tokens=[(BOS_TOKEN, tokenizer.token_to_id(BOS_TOKEN))],
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        model_max_length=model_max_length,
+    ).save_pretrained(out_dir)
+
+
+PRESETS: dict[str, Callable[[Path], None]] = {
+    "llama-tiny": build_llama_tiny,
+    "bert-tiny": build_bert_tiny,
+}

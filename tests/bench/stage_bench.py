@@ -1,0 +1,47 @@
+"""Per-block stage seconds of the tiny model with 1 and 2 CPU workers, measured in one run.
+
+    python tests/bench/stage_bench.py [--set key.path=value ...]
+
+Prints one table per worker count (load, collect, reduce, solve, validate, share, advance,
+persist for every block) and the total wall time of each job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from rayquant.jobs.cli import configure_logging
+from rayquant.jobs.driver import STAGES, run_job
+from rayquant.jobs.spec import load_spec
+
+SPEC = Path(__file__).resolve().parents[2] / "jobs" / "specs" / "tiny-llama.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--workers", default="1,2")
+    args = parser.parse_args()
+    configure_logging(False)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in [int(x) for x in args.workers.split(",")]:
+            spec = load_spec(SPEC, [*args.set, f"cluster.num_workers={w}", f"output.uri={tmp}/w{w}"])
+            t = time.perf_counter()
+            outcome = run_job(spec)
+            rows.append((w, time.perf_counter() - t, outcome.stage_seconds))
+    for w, wall, blocks in rows:
+        print(f"\nworkers={w}  job wall {wall:.1f} s")
+        print("block " + " ".join(f"{s:>9}" for s in STAGES))
+        for b, sec in enumerate(blocks):
+            print(f"{b:>5} " + " ".join(f"{sec.get(s, 0.0):9.3f}" for s in STAGES))
+        print("total " + " ".join(f"{sum(x.get(s, 0.0) for x in blocks):9.3f}" for s in STAGES))
+
+
+if __name__ == "__main__":
+    main()

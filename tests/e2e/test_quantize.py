@@ -1,0 +1,131 @@
+"""The CLI end to end on the embedded Ray: what a user runs, read back by an independent loader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rayquant.solver.gptq import GPTQConfig
+from rayquant.storage.calibration import load_calibration
+from rayquant.storage.model_source import open_model_source
+
+from .models import REPO, SPEC, dequantized_model, fp_model, logit_mse, logits, output_files, rtn_model, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def source_dir() -> Path:
+    return open_model_source("synthetic://llama-tiny").path
+
+
+@pytest.fixture(scope="module")
+def eval_ids(source_dir):
+    return load_calibration("builtin://text", source_dir, 32, 256, 8, 0).eval_samples
+
+
+@pytest.fixture(scope="module")
+def run_w2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("w2") / "out"
+    proc = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out
+
+
+def test_quantize_prints_progress_and_output_last_and_checksums_every_file(run_w2):
+    proc, out = run_w2
+    assert proc.stdout.strip().splitlines()[-1] == str(out.resolve())
+    progress = [line for line in proc.stderr.splitlines() if "block_done" in line]
+    assert len(progress) == 4 and all("eta_s=" in line and "solve=" in line for line in progress)
+    assert "job_id=" in progress[0] and "block=0" in progress[0]
+    manifest = json.loads((out / "rayquant-manifest.json").read_text())
+    files = {f["path"]: f for f in manifest["files"]}
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"rayquant-manifest.json"}
+    assert set(files) == written
+    for path, entry in files.items():
+        assert hashlib.sha256((out / path).read_bytes()).hexdigest() == entry["sha256"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+                  "damp_percent": 0.01, "true_sequential": True, "static_groups": False,
+                  "checkpoint_format": "gptq", "meta": {"quantizer": ["rayquant:0.1.0"]}}
+    assert not (out / ".rayquant-staging").exists()
+
+
+def test_transformers_gptq_path_loads_output_closer_to_fp_than_rtn(run_w2, source_dir, eval_ids):
+    from .gptq_loader import load_gptq_logits
+
+    _, out = run_w2
+    fp = logits(fp_model(source_dir), eval_ids)
+    loaded = load_gptq_logits(out, eval_ids, bits=4)
+    ours = logits(dequantized_model(source_dir, out), eval_ids)
+    rtn = logits(rtn_model(source_dir, GPTQConfig(bits=4, group_size=128, sym=True)), eval_ids)
+    # The independent loader reads exactly what rayquant meant (fp16 scales, fp32 math here).
+    assert logit_mse(loaded, ours) < 1e-3 * logit_mse(ours, fp)
+    assert logit_mse(loaded, fp) <= logit_mse(rtn, fp)
+
+
+def test_same_spec_twice_writes_identical_bytes(run_w2, tmp_path):
+    _, first = run_w2
+    again = tmp_path / "again"
+    proc = run_cli("quantize", str(SPEC), "--set", f"output.uri={again}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert output_files(again) == output_files(first)
+
+
+def test_running_a_finished_job_again_changes_nothing(run_w2):
+    proc, out = run_w2
+    before = output_files(out)
+    again = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")
+    assert again.returncode == 0 and "job_already_complete" in again.stderr
+    assert output_files(out) == before
+
+
+def test_one_and_two_workers_agree_on_losses_and_logit_error(run_w2, tmp_path, source_dir, eval_ids):
+    _, out2 = run_w2
+    out1 = tmp_path / "w1"
+    proc = run_cli("quantize", str(SPEC), "--set", f"output.uri={out1}", "--set", "cluster.num_workers=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layers1 = {x["name"]: x for x in json.loads((out1 / "report.json").read_text())["layers"]}
+    layers2 = {x["name"]: x for x in json.loads((out2 / "report.json").read_text())["layers"]}
+    assert set(layers1) == set(layers2) and len(layers1) == 4 * 7
+    for name, a in layers1.items():
+        b = layers2[name]
+        assert abs(a["gptq_loss"] - b["gptq_loss"]) <= 0.005 * a["gptq_loss"], name
+        assert {a["owner"], b["owner"]} <= {0, 1}
+    assert {x["owner"] for x in layers2.values()} == {0, 1}  # Hessians really were spread over 2 ranks
+    fp = logits(fp_model(source_dir), eval_ids)
+    err1 = logit_mse(logits(dequantized_model(source_dir, out1), eval_ids), fp)
+    err2 = logit_mse(logits(dequantized_model(source_dir, out2), eval_ids), fp)
+    assert abs(err1 - err2) <= 0.02 * err2
+
+
+def test_sigkill_after_a_block_marker_then_resume_writes_identical_bytes(run_w2, tmp_path):
+    _, reference = run_w2
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rayquant.jobs.cli", "quantize", str(SPEC), "--set", f"output.uri={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    staging = out / ".rayquant-staging"
+    deadline = time.monotonic() + 300
+    while not list(staging.glob("*.done")):
+        assert proc.poll() is None, "the job ended before writing its first block marker"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
+    proc.wait()
+    assert not (out / "rayquant-manifest.json").exists()
+    done_before = len(list(staging.glob("*.done")))
+    assert 1 <= done_before < 4
+
+    resumed = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume_from={done_before}" in resumed.stderr
+    assert output_files(out) == output_files(reference)

@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from rayquant.jobs.spec import JobSpec, SpecError, load_spec
+
+SPECS = Path(__file__).resolve().parents[2] / "jobs" / "specs"
+
+
+def test_default_spec_matches_design_defaults():
+    spec = JobSpec()
+    assert (spec.quant.bits, spec.quant.group_size, spec.quant.desc_act, spec.quant.sym) == (4, 128, False, True)
+    assert (spec.quant.damp_percent, spec.quant.damp_auto_increment) == (0.01, 0.01)
+    assert (spec.calibration.n_samples, spec.calibration.seq_len, spec.calibration.eval_samples) == (128, 2048, 16)
+    assert spec.cluster.address is None and spec.cluster.num_workers == 2
+    assert spec.model.source == "synthetic://llama-tiny"
+
+
+def test_shipped_spec_loads_and_set_overrides_nested_fields():
+    spec = load_spec(SPECS / "tiny-llama.yaml", ["quant.bits=8", "quant.desc_act=true", "cluster.num_workers=1"])
+    assert spec.quant.bits == 8 and spec.quant.desc_act is True and spec.cluster.num_workers == 1
+    assert spec.calibration.seq_len == 256  # from the file, untouched
+
+
+@pytest.mark.parametrize(
+    "override, fix",
+    [
+        ("quant.bitz=4", "unknown key"),
+        ("quant.bits=5", "use 2, 3, 4 or 8"),
+        ("quant.group_size=0", "use -1"),
+        ("quant.damp_percent=0", "quant.damp_percent"),
+        ("calibration.n_samples=1", "raise calibration.n_samples or lower cluster.num_workers"),
+        ("output.uri=s3://bucket/x", "only local directories"),
+        ("quant.lm_head=true", "quant.lm_head: false"),
+    ],
+)
+def test_invalid_spec_names_field_and_fix(override, fix):
+    with pytest.raises(SpecError) as err:
+        load_spec(SPECS / "tiny-llama.yaml", [override])
+    assert fix in str(err.value)
+
+
+def test_missing_spec_file_and_malformed_override(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="key.path=value"):
+        load_spec(None, ["quant.bits"])
+
+
+def test_fingerprint_ignores_output_location_but_not_quantization():
+    a = load_spec(None, ["output.uri=/tmp/a"])
+    b = load_spec(None, ["output.uri=/tmp/b"])
+    c = load_spec(None, ["quant.bits=8"])
+    assert a.fingerprint("rev") == b.fingerprint("rev")
+    assert a.fingerprint("rev") != c.fingerprint("rev")
+    assert a.fingerprint("rev") != a.fingerprint("other-revision")

@@ -1,0 +1,399 @@
+"""The block worker: keeps one calibration shard for the whole job and runs block stages.
+
+A plain class: `jobs` makes it a Ray actor in one place; GPU benchmarks build it in-process, one
+process per GPU. All W workers form one torch.distributed group (Gloo on CPU, NCCL on GPU) and call
+the same collectives in the same order, so each method must be entered by every rank.
+
+Per block (DESIGN.md steps 1–7): load (each rank reads 1/W of the tensors, broadcasts them) →
+per sub-stage: collect Σxᵀx → reduce to the input group's owner (rank-ordered sum) → solve → validate
+→ share packed tensors → advance the shard through the *quantized* block.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import structlog
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rayquant.kernels.validation import KernelMismatch, validate_packed_layer
+from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefinite, dequantize, solve_input_group
+from rayquant.solver.hessian import accumulate_hessian
+from rayquant.solver.pack import PackedLinear, pack_linear, unpack_linear
+from rayquant.solver.rtn import quantize_rtn
+from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
+from rayquant.workers.adapter import (
+    BlockInput,
+    InputGroup,
+    build_skeleton,
+    capture_block_inputs,
+    embedding_stage_names,
+    find_input_groups,
+    find_layout,
+    forward_block,
+    materialize,
+    materialize_embedding_stage,
+    move_buffers,
+)
+
+log = structlog.get_logger()
+
+PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class PeerFailed(Exception):
+    """Another worker failed in this stage; its own error is the one to read."""
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker needs for the whole job; built by the driver from the spec."""
+
+    job_id: str
+    rank: int
+    world_size: int
+    rendezvous: str  # tcp://host:port of rank 0's store
+    model_path: str  # a local model directory (synthetic presets are materialised by the driver)
+    samples: torch.Tensor  # [n_w, T] int64 token ids: this worker's calibration shard
+    gptq: GPTQConfig
+    true_sequential: bool
+    micro_batch: int = 8  # samples per forward; bounds activation memory of one step
+    num_threads: int = 1
+    device: str = "cpu"
+    validate_tokens: int = 64  # rows of each group's input kept for kernel validation
+    validate_tolerance: float = 1e-2  # max relative error of kernel vs dequantized reference
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    job_id: str
+    block_idx: int
+    replay: dict[str, torch.Tensor] | None = None  # part-file tensors: advance only (resume)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str  # full tensor prefix, e.g. model.layers.3.mlp.down_proj
+    input_group: str
+    in_features: int
+    out_features: int
+    gptq_loss: float
+    rtn_loss: float
+    damp_percent: float
+    n_tokens: int
+    owner: int
+    max_rel_err: float
+    mean_rel_err: float
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    block_idx: int
+    rank: int
+    seconds: dict[str, float]
+    layers: list[LayerReport] = field(default_factory=list)
+    tensors: dict[str, torch.Tensor] | None = None  # rank 0 only: the block's part file (output names)
+    peak_memory_bytes: int = 0
+
+
+class BlockWorker:
+    """One rank of the job: a calibration shard, a process group, and the block stages."""
+
+    def __init__(self, setup: WorkerSetup):
+        self.setup = setup
+        self.rank, self.world = setup.rank, setup.world_size
+        self.device = torch.device(setup.device)
+        self.dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.source: ModelSource | None = None
+        self.inputs: list[BlockInput] = []
+
+    # ---- lifetime ---------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Join the process group, build the skeleton, embed the shard. Returns the block count."""
+        self._bind(block=None)
+        torch.set_num_threads(self.setup.num_threads)  # a reused Ray worker may keep 1
+        torch.manual_seed(0)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=self.setup.rendezvous, rank=self.rank,
+                                world_size=self.world, timeout=timedelta(minutes=30))
+        err = None
+        try:
+            self.source = open_model_source(self.setup.model_path)
+            self.model = build_skeleton(self.source.config, self.dtype)
+            self.layout = find_layout(self.model)
+            self.blocks = self.model.get_submodule(self.layout.blocks_path)
+            names = embedding_stage_names(self.model, self.layout)
+            tensors = {n: read_source_tensor(self.source, n).to(self.device) for n in names if n in self.source.tensors}
+            materialize_embedding_stage(self.model, tensors, self.dtype)
+            move_buffers(self.model, self.device)
+            for ids in self.setup.samples.split(self.setup.micro_batch):
+                self.inputs.append(capture_block_inputs(self.model, self.layout, ids.to(self.device)))
+        except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
+            err = e
+        self._agree(err)
+        log.info("worker_started", rank=self.rank, samples=len(self.setup.samples), blocks=self.layout.n_blocks)
+        return self.layout.n_blocks
+
+    def stop(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---- one block ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run_block(self, task: BlockTask) -> BlockResult:
+        """Quantize block `task.block_idx` (or replay it from its part file) and advance the shard."""
+        self._bind(block=task.block_idx)
+        seconds: dict[str, float] = {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if task.replay is not None:
+            part = task.replay
+            layers: list[LayerReport] = []
+        else:
+            t = time.perf_counter()
+            source_tensors = self._load(task.block_idx)
+            seconds["load"] = time.perf_counter() - t
+            part, layers = self._quantize(task.block_idx, source_tensors, seconds)
+        t = time.perf_counter()
+        self._advance(task.block_idx, part)
+        seconds["advance"] = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        log.info("block_stages_done", rank=self.rank, replay=task.replay is not None,
+                 **{k: round(v, 3) for k, v in seconds.items()})
+        return BlockResult(block_idx=task.block_idx, rank=self.rank, seconds=seconds, layers=layers,
+                           tensors=part if self.rank == 0 else None, peak_memory_bytes=peak)
+
+    def _load(self, block_idx: int) -> dict[str, torch.Tensor]:
+        """Read 1/W of the block's tensors (largest first, to the least-loaded rank), broadcast the rest."""
+        prefix = self.layout.block_prefix(block_idx)
+        infos = {n: i for n, i in self.source.tensors.items() if n.startswith(prefix)}
+        readers = _balance({n: i.end - i.start for n, i in infos.items()}, self.world)
+        mine: dict[str, torch.Tensor] = {}
+        err = None
+        try:
+            for name, reader in readers.items():
+                if reader == self.rank:
+                    mine[name] = read_source_tensor(self.source, name)
+        except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
+            err = e
+        self._agree(err)
+        out = {}
+        for name in sorted(infos):
+            info = infos[name]
+            template = mine.get(name)
+            if template is None:
+                template = torch.empty(info.shape, dtype=_torch_dtype(info.dtype))
+            out[name] = self._broadcast(template, src=readers[name]).cpu()
+        return out
+
+    def _quantize(self, block_idx: int, source: dict[str, torch.Tensor],
+                  seconds: dict[str, float]) -> tuple[dict[str, torch.Tensor], list[LayerReport]]:
+        prefix = self.layout.block_prefix(block_idx)
+        local = {n[len(prefix):]: t.to(self.device) for n, t in source.items()}
+        block = materialize(self.blocks[block_idx], local, self.dtype)
+        groups = find_input_groups(block, self.inputs[0])
+        owners = _balance({g.name: g.in_features ** 2 for g in groups}, self.world)
+        stages = [[g] for g in groups] if self.setup.true_sequential else [groups]
+        packed: dict[str, PackedLinear] = {}
+        layers: list[LayerReport] = []
+        for stage in stages:
+            sums, tokens, samples = self._collect(block, stage, seconds)
+            t = time.perf_counter()
+            reduced = {g.name: self._reduce(sums[g.name], tokens[g.name], owners[g.name]) for g in stage}
+            seconds["reduce"] = seconds.get("reduce", 0.0) + time.perf_counter() - t
+            err = None
+            mine: dict[str, PackedLinear] = {}
+            try:
+                for g in stage:
+                    if owners[g.name] == self.rank:
+                        H, n = reduced[g.name]
+                        results, reports = self._solve(block_idx, block, g, H, n, samples[g.name], seconds)
+                        mine.update(results)
+                        layers.extend(reports)
+            except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
+                err = e
+            self._agree(err)
+            t = time.perf_counter()
+            for g in stage:
+                for lin in g.linears:
+                    packed[lin] = self._share(block.get_submodule(lin), mine.get(lin), owners[g.name])
+                    _install(block.get_submodule(lin), packed[lin], self.setup.gptq.bits, self.dtype)
+            seconds["share"] = seconds.get("share", 0.0) + time.perf_counter() - t
+        part = {}
+        for name, tensor in source.items():
+            rel = name[len(prefix):]
+            lin = rel.removesuffix(".weight")
+            if rel.endswith(".weight") and lin in packed:
+                for f in PACKED_FIELDS:
+                    part[f"{prefix}{lin}.{f}"] = getattr(packed[lin], f).cpu()
+            else:
+                part[name] = tensor
+        return part, layers
+
+    def _collect(self, block: nn.Module, stage: list[InputGroup], seconds: dict[str, float]):
+        """Forward the whole shard through the block, summing xᵀx at each input group's first linear."""
+        t = time.perf_counter()
+        sums = {g.name: torch.zeros(g.in_features, g.in_features, dtype=torch.float32, device=self.device)
+                for g in stage}
+        tokens = {g.name: 0 for g in stage}
+        samples: dict[str, torch.Tensor] = {}
+        hooks = []
+        for g in stage:
+            def record(_mod, args, g=g):
+                x = args[0]
+                tokens[g.name] += accumulate_hessian(sums[g.name], x)
+                if g.name not in samples:
+                    samples[g.name] = x.reshape(-1, x.shape[-1])[: self.setup.validate_tokens].clone()
+            hooks.append(block.get_submodule(g.linears[0]).register_forward_pre_hook(record))
+        try:
+            for inp in self.inputs:
+                forward_block(block, inp)
+        finally:
+            for h in hooks:
+                h.remove()
+        seconds["collect"] = seconds.get("collect", 0.0) + time.perf_counter() - t
+        return sums, tokens, samples
+
+    def _reduce(self, hessian_sum: torch.Tensor, n_tokens: int, owner: int) -> tuple[torch.Tensor, int] | None:
+        """Gather every rank's partial sum on the owner and add them in rank order (deterministic)."""
+        counts = torch.tensor([n_tokens], dtype=torch.int64, device=self.device)
+        if self.world == 1:
+            return hessian_sum, n_tokens
+        is_owner = self.rank == owner
+        parts = [torch.empty_like(hessian_sum) for _ in range(self.world)] if is_owner else None
+        all_counts = [torch.empty_like(counts) for _ in range(self.world)] if is_owner else None
+        dist.gather(hessian_sum, parts, dst=owner)
+        dist.gather(counts, all_counts, dst=owner)
+        if not is_owner:
+            return None
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        return total, int(sum(int(c.item()) for c in all_counts))
+
+    def _solve(self, block_idx: int, block: nn.Module, group: InputGroup, H: torch.Tensor, n_tokens: int,
+               x_val: torch.Tensor, seconds: dict[str, float]) -> tuple[dict[str, PackedLinear], list[LayerReport]]:
+        cfg = self.setup.gptq
+        prefix = self.layout.block_prefix(block_idx)
+        weights = [block.get_submodule(lin).weight.float() for lin in group.linears]  # [N_i, K]
+        t = time.perf_counter()
+        try:
+            results = solve_input_group(weights, H, n_tokens, cfg)
+        except HessianNotPositiveDefinite as err:
+            raise HessianNotPositiveDefinite(f"block {block_idx} input group {group.name}: {err}") from err
+        rtn = [quantize_rtn(w, H, n_tokens, cfg) for w in weights]
+        seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        packed, reports = {}, []
+        for lin, w, res, base in zip(group.linears, weights, results, rtn):
+            p = pack_linear(res, cfg.bits)
+            expected = dequantize(res.codes, res.scales, res.zeros, res.g_idx)
+            try:
+                check = validate_packed_layer(x_val.float(), p, cfg.bits, expected, self.setup.validate_tolerance)
+            except KernelMismatch as err:
+                raise KernelMismatch(f"block {block_idx} layer {prefix}{lin}: {err}") from err
+            packed[lin] = p
+            reports.append(LayerReport(
+                name=prefix + lin, input_group=group.name, in_features=w.shape[1], out_features=w.shape[0],
+                gptq_loss=res.loss, rtn_loss=base.loss, damp_percent=res.damp_percent, n_tokens=n_tokens,
+                owner=self.rank, max_rel_err=check.max_rel_err, mean_rel_err=check.mean_rel_err,
+            ))
+            log.debug("layer_solved", rank=self.rank, layer=prefix + lin, loss=res.loss, rtn_loss=base.loss,
+                      damp_percent=res.damp_percent)
+        seconds["validate"] = seconds.get("validate", 0.0) + time.perf_counter() - t
+        return packed, reports
+
+    def _share(self, linear: nn.Linear, mine: PackedLinear | None, owner: int) -> PackedLinear:
+        """Broadcast one linear's packed tensors from its owner; shapes follow from the layer."""
+        if mine is None:
+            mine = _empty_packed(linear.out_features, linear.in_features, self.setup.gptq)
+        return PackedLinear(**{f: self._broadcast(getattr(mine, f), src=owner) for f in PACKED_FIELDS})
+
+    def _advance(self, block_idx: int, part: dict[str, torch.Tensor]) -> None:
+        """Forward the shard through the quantized block, built from its part file as a reader would."""
+        prefix = self.layout.block_prefix(block_idx)
+        bits = self.setup.gptq.bits
+        state = {}
+        for name, tensor in part.items():
+            rel = name[len(prefix):]
+            stem, _, suffix = rel.rpartition(".")
+            if suffix in PACKED_FIELDS:
+                if suffix == "qweight":
+                    p = PackedLinear(**{f: part[f"{prefix}{stem}.{f}"] for f in PACKED_FIELDS})
+                    state[f"{stem}.weight"] = _dequantize_packed(p, bits)
+            else:
+                state[rel] = tensor
+        block = materialize(self.blocks[block_idx], {k: v.to(self.device) for k, v in state.items()}, self.dtype)
+        self.inputs = [BlockInput(forward_block(block, inp), inp.kwargs) for inp in self.inputs]
+
+    # ---- collectives ------------------------------------------------------------------------------
+
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Broadcast any dtype as raw bytes (Gloo lacks some dtypes)."""
+        if self.world == 1:
+            return tensor
+        t = tensor.contiguous().to(self.device)
+        raw = t.reshape(-1).view(torch.uint8)
+        dist.broadcast(raw, src=src)
+        return raw.view(t.dtype).reshape(t.shape)
+
+    def _agree(self, err: BaseException | None) -> None:
+        """Every rank learns whether any rank failed, so none waits forever in the next collective."""
+        flag = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if err is not None:
+            raise err
+        if flag.item():
+            raise PeerFailed(f"rank {self.rank}: another worker failed in this stage; see its error")
+
+    def _bind(self, block: int | None) -> None:
+        structlog.contextvars.bind_contextvars(job_id=self.setup.job_id, block=block, rank=self.rank)
+
+
+def _balance(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Assign items to ranks, largest first to the least-loaded (ties: lowest rank). Deterministic."""
+    load = [0] * world
+    out = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        out[name] = r
+        load[r] += sizes[name]
+    return out
+
+
+def _empty_packed(out_features: int, in_features: int, cfg: GPTQConfig) -> PackedLinear:
+    g = in_features if cfg.group_size == -1 else cfg.group_size
+    n_groups = -(-in_features // g)
+    return PackedLinear(
+        qweight=torch.empty(in_features * cfg.bits // 32, out_features, dtype=torch.int32),
+        qzeros=torch.empty(n_groups, out_features * cfg.bits // 32, dtype=torch.int32),
+        scales=torch.empty(n_groups, out_features, dtype=torch.float16),
+        g_idx=torch.empty(in_features, dtype=torch.int32),
+    )
+
+
+def _dequantize_packed(p: PackedLinear, bits: int) -> torch.Tensor:
+    u = unpack_linear(p, bits)
+    return dequantize(u.codes, u.scales, u.zeros, u.g_idx)
+
+
+def _install(linear: nn.Linear, packed: PackedLinear, bits: int, dtype: torch.dtype) -> None:
+    """Replace a linear's weight by its dequantized codes, exactly as a checkpoint reader sees them."""
+    w = _dequantize_packed(packed, bits).to(device=linear.weight.device, dtype=dtype)
+    linear.weight = nn.Parameter(w, requires_grad=False)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
