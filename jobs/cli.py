@@ -10,19 +10,9 @@ from pathlib import Path
 
 import structlog
 
-from rayquant.jobs.spec import SpecError, load_spec
+from rayquant.jobs.input_errors import INPUT_ERRORS
+from rayquant.jobs.spec import load_spec
 from rayquant.kernels.validation import KernelMismatch
-from rayquant.solver.gptq import HessianNotPositiveDefinite
-from rayquant.storage.calibration import CalibrationTooShort, TokenizerNotFound, UnsupportedDataset
-from rayquant.storage.checkpoint import OutputConflict
-from rayquant.storage.model_source import InvalidModelFiles, ModelNotFound, TensorNotFound, UnsupportedModelSource
-from rayquant.storage.safetensors_reader import CorruptSafetensors, NonFiniteWeights
-from rayquant.workers.adapter import UnsupportedArchitecture
-
-# Errors the user fixes by changing the spec, the model or the data: exit code 2, message only.
-INPUT_ERRORS = (SpecError, ModelNotFound, InvalidModelFiles, UnsupportedModelSource, TensorNotFound,
-                CorruptSafetensors, NonFiniteWeights, UnsupportedArchitecture, OutputConflict,
-                CalibrationTooShort, UnsupportedDataset, TokenizerNotFound, HessianNotPositiveDefinite)
 
 
 def configure_logging(verbose: bool) -> None:

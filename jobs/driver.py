@@ -17,6 +17,7 @@ import ray
 import structlog
 import torch
 
+from rayquant.jobs.input_errors import INPUT_ERRORS
 from rayquant.jobs.spec import JobSpec
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage import checkpoint
@@ -62,7 +63,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     """Quantize the spec's model into its output; resume from block markers if present.
 
     Raises:
-        the typed input errors of spec, storage and workers (see jobs.cli.INPUT_ERRORS).
+        the typed input errors of spec, storage and workers (jobs.input_errors.INPUT_ERRORS).
     """
     job_id = job_id or uuid.uuid4().hex[:12]
     structlog.contextvars.bind_contextvars(job_id=job_id, block=None)
@@ -119,8 +120,8 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
                                        spec.model_dump(mode="json"))
         log.info("job_done", output=str(out_dir), blocks=n_blocks, seconds=round(time.perf_counter() - t_job, 2))
         return JobOutcome(str(out_dir), n_blocks, state.done_blocks, False, stage_seconds)
-    except Exception:
-        if fresh and not _has_markers(out_dir):
+    except INPUT_ERRORS:
+        if fresh:  # this input can never finish; a fixed input is a different job
             checkpoint.discard_staging(out_dir)
         raise
     finally:
@@ -174,10 +175,6 @@ def _gather(refs: list) -> list[BlockResult]:
     if errors:
         raise (real or errors)[0]
     return [results[i] for i in range(len(refs))]
-
-
-def _has_markers(out_dir: Path) -> bool:
-    return (out_dir / checkpoint.STAGING).exists() and any((out_dir / checkpoint.STAGING).glob("*.done"))
 
 
 def _layers_from_report(out_dir: Path, block_idx: int) -> list[dict]:

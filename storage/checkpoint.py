@@ -5,7 +5,7 @@ area inside the output directory; its marker makes the block the resume point:
 
     <out>/.rayquant-staging/job.json                  job fingerprint + resolved spec
     <out>/.rayquant-staging/block-00003.safetensors   block 3's tensors under their checkpoint names
-    <out>/.rayquant-staging/block-00003.done          block 3 is durable
+    <out>/.rayquant-staging/block-00003.done          block 3 is durable; its layer report records
 
 Assembly then writes the checkpoint of DESIGN.md "The GPTQ checkpoint" beside it: shards
 `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`, `config.json` with the
@@ -188,15 +188,35 @@ def write_block_part(out_dir: Path, block_idx: int, tensors: dict[str, Tensor]) 
     _write_atomic(staging, staging / _part_name(block_idx), _safetensors_writer(part))
 
 
-def mark_block_done(out_dir: Path, block_idx: int) -> None:
+def mark_block_done(out_dir: Path, block_idx: int, layers: list[dict] | None = None) -> None:
     """Record that block block_idx's part is durable, making it part of the resume point.
+
+    The marker also keeps the block's report records (`layers`, JSON-serialisable dicts), so a
+    resumed job rebuilds the same report without solving the block again.
 
     Raises:
         StagingIncomplete: no staging area, or block block_idx has no part file.
     """
     staging = _require_staging(Path(out_dir))
     _require_part(staging, block_idx)
-    _write_atomic(staging, staging / _marker_name(block_idx), lambda path: path.write_bytes(b""))
+    marker = {"block_idx": block_idx, "layers": layers}
+    _write_atomic(staging, staging / _marker_name(block_idx), _json_writer(marker))
+
+
+def read_block_layers(out_dir: Path, block_idx: int) -> list[dict]:
+    """The report records that mark_block_done kept for block block_idx.
+
+    Raises:
+        StagingIncomplete: block block_idx has no marker, or its marker was written without layers.
+    """
+    staging = _require_staging(Path(out_dir))
+    marker = _read_json_object(staging / _marker_name(block_idx))
+    if marker is None or marker.get("layers") is None:
+        raise StagingIncomplete(
+            f"{staging} keeps no layer records for block {block_idx} (marker {_marker_name(block_idx)} "
+            f"missing or written without layers); delete the output directory and rerun the job"
+        )
+    return marker["layers"]
 
 
 def read_block_part(out_dir: Path, block_idx: int) -> dict[str, Tensor]:

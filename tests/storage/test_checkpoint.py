@@ -23,6 +23,7 @@ from rayquant.storage.checkpoint import (
     gptq_quantization_config,
     inspect_output,
     mark_block_done,
+    read_block_layers,
     read_block_part,
     write_block_part,
 )
@@ -111,15 +112,21 @@ def _assemble(out_dir: Path, source: ModelSource, max_shard_bytes: int = 4 * 2**
 
 
 def _expected_checkpoint_tensors(source: ModelSource) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors in source name order, spelled out: parts for blocks, source for the rest."""
+    """Checkpoint tensors in source name order, spelled out: parts for blocks, source for the rest.
+
+    The source's order is its index's: shard 1 (embeddings, block 0) then shard 2 (sorted names).
+    """
     parts = {name: t for b in range(N_BLOCKS) for name, t in _block_part(b).items()}
     packed = ("qweight", "qzeros", "scales", "g_idx")
-    order = ["model.embed_tokens.weight"]
-    for b in range(N_BLOCKS):
+
+    def block(b: int) -> list[str]:
         p = f"model.layers.{b}"
-        order += [f"{p}.input_layernorm.weight"] + [f"{p}.mlp.down_proj.{s}" for s in packed]
-        order += [f"{p}.self_attn.q_proj.bias"] + [f"{p}.self_attn.q_proj.{s}" for s in packed]
-    order += ["lm_head.weight", "model.norm.weight"]
+        return (
+            [f"{p}.input_layernorm.weight"] + [f"{p}.mlp.down_proj.{s}" for s in packed]
+            + [f"{p}.self_attn.q_proj.bias"] + [f"{p}.self_attn.q_proj.{s}" for s in packed]
+        )
+
+    order = ["model.embed_tokens.weight", *block(0), "lm_head.weight", *block(1), "model.norm.weight"]
     return {name: parts[name] if name in parts else read_source_tensor(source, name) for name in order}
 
 
@@ -233,6 +240,21 @@ def test_marker_without_part_and_part_without_staging_are_refused(tmp_path: Path
     with pytest.raises(StagingIncomplete):
         read_block_part(out, 0)
     assert inspect_output(out, FINGERPRINT).done_blocks == 0
+
+
+def test_marker_keeps_the_block_layer_records_for_resume(tmp_path: Path):
+    out = tmp_path / "out"
+    begin_staging(out, FINGERPRINT, SPEC)
+    layers = [layer for layer in REPORT["layers"] if layer["name"].startswith("model.layers.1.")]
+    write_block_part(out, 1, _block_part(1))
+    mark_block_done(out, 1, layers=layers)
+    assert read_block_layers(out, 1) == layers
+    write_block_part(out, 0, _block_part(0))
+    mark_block_done(out, 0)
+    with pytest.raises(StagingIncomplete) as err:
+        read_block_layers(out, 0)
+    assert "no layer records for block 0" in str(err.value)
+    assert inspect_output(out, FINGERPRINT).done_blocks == 2
 
 
 def test_discard_staging_removes_the_directory_it_created(tmp_path: Path):
