@@ -7,7 +7,6 @@ which the driver persists as a part file and then marks done — the marker is t
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -90,7 +89,8 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     workers = []
     try:
         workers = _start_workers(spec, job_id, str(source.path), calib.samples, worker_class)
-        n_blocks = ray.get([w.start.remote() for w in workers])[0]
+        rendezvous = ray.get(workers[0].rendezvous_address.remote())
+        n_blocks = _gather([w.start.remote(rendezvous) for w in workers])[0]
         checkpoint.begin_staging(out_dir, fingerprint, spec.model_dump(mode="json"))
         stage_seconds, layers = [], []
         t_job = time.perf_counter()
@@ -143,12 +143,11 @@ def _connect(spec: JobSpec) -> None:
 def _start_workers(spec: JobSpec, job_id: str, model_path: str, samples: torch.Tensor, worker_class: type) -> list:
     c = spec.cluster
     remote_cls = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker, max_restarts=0)(worker_class)
-    rendezvous = f"tcp://127.0.0.1:{_free_port()}" if c.address is None else None
     shards = samples.tensor_split(c.num_workers)
     workers = []
     for rank, shard in enumerate(shards):
         setup = WorkerSetup(
-            job_id=job_id, rank=rank, world_size=c.num_workers, rendezvous=rendezvous or "",
+            job_id=job_id, rank=rank, world_size=c.num_workers, loopback=c.address is None,
             model_path=model_path, samples=shard.clone(), gptq=gptq_config(spec),
             true_sequential=spec.quant.true_sequential, num_threads=c.cpus_per_worker,
             device="cuda" if c.gpus_per_worker else "cpu",
@@ -157,13 +156,7 @@ def _start_workers(spec: JobSpec, job_id: str, model_path: str, samples: torch.T
     return workers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gather(refs: list) -> list[BlockResult]:
+def _gather(refs: list) -> list:
     """Wait for every rank; raise the first real error (not a peer's 'another worker failed')."""
     errors, results = [], {}
     for i, ref in enumerate(refs):

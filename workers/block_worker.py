@@ -11,6 +11,7 @@ per sub-stage: collect Σxᵀx → reduce to the input group's owner (rank-order
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -56,7 +57,6 @@ class WorkerSetup:
     job_id: str
     rank: int
     world_size: int
-    rendezvous: str  # tcp://host:port of rank 0's store
     model_path: str  # a local model directory (synthetic presets are materialised by the driver)
     samples: torch.Tensor  # [n_w, T] int64 token ids: this worker's calibration shard
     gptq: GPTQConfig
@@ -64,6 +64,7 @@ class WorkerSetup:
     micro_batch: int = 8  # samples per forward; bounds activation memory of one step
     num_threads: int = 1
     device: str = "cpu"
+    loopback: bool = True  # single-node (embedded Ray, in-process benchmarks): rendezvous on 127.0.0.1
     validate_tokens: int = 64  # rows of each group's input kept for kernel validation
     validate_tolerance: float = 1e-2  # max relative error of kernel vs dequantized reference
 
@@ -113,13 +114,20 @@ class BlockWorker:
 
     # ---- lifetime ---------------------------------------------------------------------------
 
-    def start(self) -> int:
+    def rendezvous_address(self) -> str:
+        """A free TCP address on this worker's node for the process group's store (asked of rank 0)."""
+        host = "127.0.0.1" if self.setup.loopback else socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return f"tcp://{host}:{s.getsockname()[1]}"
+
+    def start(self, rendezvous: str) -> int:
         """Join the process group, build the skeleton, embed the shard. Returns the block count."""
         self._bind(block=None)
         torch.set_num_threads(self.setup.num_threads)  # a reused Ray worker may keep 1
         torch.manual_seed(0)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=self.setup.rendezvous, rank=self.rank,
+        dist.init_process_group(backend, init_method=rendezvous, rank=self.rank,
                                 world_size=self.world, timeout=timedelta(minutes=30))
         err = None
         try:

@@ -1,0 +1,122 @@
+"""The independent loader reads checkpoints written by rayquant's packer and checkpoint writer.
+
+Each case quantizes synthetic://llama-tiny's 28 block linears with RTN (act-order g_idx from a
+calibration-like Hessian where asked), packs them with solver.pack, stages and assembles them with
+storage.checkpoint, and loads the result through transformers' GPTQ path. Its logits must equal
+rayquant's own dequantized model with float16-rounded weights (what GPTQModel's torch kernel
+computes, see gptq_loader.py) — and must not equal the unquantized model's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayquant.solver.gptq import GPTQConfig
+from rayquant.solver.pack import pack_linear
+from rayquant.solver.rtn import quantize_rtn
+from rayquant.storage.checkpoint import (
+    assemble_checkpoint,
+    begin_staging,
+    gptq_quantization_config,
+    mark_block_done,
+    write_block_part,
+)
+from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
+
+from .gptq_loader import load_gptq_logits
+from .models import dequantized_model, fp_model, logit_mse, logits
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+N_TOKENS = 256
+
+
+@pytest.fixture(scope="module")
+def source() -> ModelSource:
+    return open_model_source("synthetic://llama-tiny")
+
+
+@pytest.fixture(scope="module")
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+def _hessian_sum(in_features: int, seed: int) -> torch.Tensor:
+    """Σ xᵀx of activations whose channels differ in scale, so act-order really permutes."""
+    g = torch.Generator().manual_seed(seed)
+    channel_scale = torch.rand(in_features, generator=g) * 2 + 0.1
+    x = torch.randn(N_TOKENS, in_features, generator=g) * channel_scale
+    return x.T @ x
+
+
+def _write_checkpoint(source: ModelSource, out: Path, cfg: GPTQConfig) -> None:
+    """Quantize, pack, stage and assemble every block the way the driver does, RTN instead of GPTQ."""
+    n_blocks = source.config["num_hidden_layers"]
+    spec = {"name": "loader-test", "model": {"source": "synthetic://llama-tiny"}}
+    fingerprint = f"loader-test-{cfg}"
+    begin_staging(out, fingerprint, spec)
+    report_layers = []
+    for b in range(n_blocks):
+        prefix = f"model.layers.{b}."
+        part, block_layers = {}, []
+        for name in [n for n in source.tensors if n.startswith(prefix)]:
+            stem = name.removesuffix(".weight")
+            if stem.removeprefix(prefix) not in LINEARS:
+                part[name] = read_source_tensor(source, name)  # norms stay as they are
+                continue
+            weight = read_source_tensor(source, name).float()
+            result = quantize_rtn(weight, _hessian_sum(weight.shape[1], seed=len(block_layers)), N_TOKENS, cfg)
+            packed = pack_linear(result, cfg.bits)
+            part.update({f"{stem}.{field}": getattr(packed, field) for field in ("qweight", "qzeros", "scales", "g_idx")})
+            block_layers.append({"name": stem, "gptq_loss": result.loss, "rtn_loss": result.loss, "damp_percent": 0.0})
+        write_block_part(out, b, part)
+        mark_block_done(out, b, layers=block_layers)
+        report_layers += block_layers
+    quantization_config = gptq_quantization_config(
+        bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act, sym=cfg.sym,
+        damp_percent=cfg.damp_percent, true_sequential=True, static_groups=cfg.static_groups,
+    )
+    assemble_checkpoint(out, source, n_blocks, quantization_config, {"layers": report_layers}, spec)
+
+
+def _float16_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Round the block linears' weights to float16, as GPTQModel's torch kernel dequantizes."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.copy_(module.weight.half().float())
+    return model
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GPTQConfig(bits=4, group_size=128),  # the default spec's format
+        GPTQConfig(bits=3, group_size=64, desc_act=True),  # values straddling words; permuted g_idx
+        GPTQConfig(bits=8, group_size=-1, sym=False),  # one group per row; asymmetric zero points
+    ],
+    ids=["4bit-g128", "3bit-g64-act-order", "8bit-asym-one-group"],
+)
+def test_transformers_gptq_path_reproduces_rayquants_dequantized_logits(tmp_path, source, input_ids, cfg):
+    out = tmp_path / "checkpoint"
+    _write_checkpoint(source, out, cfg)
+
+    loaded = load_gptq_logits(out, input_ids, bits=cfg.bits)
+    ours = logits(_float16_weights(dequantized_model(source.path, out)), input_ids)
+    fp = logits(fp_model(source.path), input_ids)
+
+    assert loaded.shape == (2, 24, 1024) and loaded.dtype == torch.float32
+    assert torch.allclose(loaded, ours, rtol=0, atol=1e-5), float((loaded - ours).abs().max())
+    # the loader really applied the quantized weights: far from the fp model, which ours is not
+    assert logit_mse(loaded, ours) < 1e-6 * logit_mse(loaded, fp)
+
+
+def test_loader_refuses_a_bit_width_the_checkpoint_does_not_have(tmp_path, source, input_ids):
+    out = tmp_path / "checkpoint"
+    _write_checkpoint(source, out, GPTQConfig(bits=4, group_size=128))
+    with pytest.raises(ValueError) as err:
+        load_gptq_logits(out, input_ids, bits=8)
+    assert str(err.value) == f"{out} is a 4-bit checkpoint, not 8-bit"
