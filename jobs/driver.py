@@ -27,7 +27,6 @@ from rayquant.workers.block_worker import BlockResult, BlockTask, BlockWorker, P
 
 log = structlog.get_logger()
 
-VERSION = "0.1.0"
 WORKER_ENV = {"worker_process_setup_hook": "rayquant.jobs.cli.configure_worker_logging"}
 STAGES = ("load", "collect", "reduce", "solve", "validate", "share", "advance", "persist")
 
@@ -50,12 +49,9 @@ def gptq_config(spec: JobSpec) -> GPTQConfig:
 
 def quantization_config(spec: JobSpec) -> dict:
     q = spec.quant
-    return {
-        "quant_method": "gptq", "bits": q.bits, "group_size": q.group_size, "desc_act": q.desc_act,
-        "sym": q.sym, "damp_percent": q.damp_percent, "true_sequential": q.true_sequential,
-        "static_groups": q.static_groups, "checkpoint_format": "gptq",
-        "meta": {"quantizer": [f"rayquant:{VERSION}"]},
-    }
+    return checkpoint.gptq_quantization_config(
+        bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym, damp_percent=q.damp_percent,
+        true_sequential=q.true_sequential, static_groups=q.static_groups)
 
 
 def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = BlockWorker) -> JobOutcome:
@@ -74,6 +70,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     calib = load_calibration(spec.calibration.dataset, source.path, spec.calibration.n_samples,
                              spec.calibration.seq_len, spec.calibration.eval_samples, spec.calibration.seed)
     fingerprint = spec.fingerprint(source.revision)
+    resolved = spec.resolved()
     state = checkpoint.inspect_output(out_dir, fingerprint)
     if state.complete:
         log.info("job_already_complete", output=str(out_dir))
@@ -91,7 +88,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
         workers = _start_workers(spec, job_id, str(source.path), calib.samples, worker_class)
         rendezvous = ray.get(workers[0].rendezvous_address.remote())
         n_blocks = _gather([w.start.remote(rendezvous) for w in workers])[0]
-        checkpoint.begin_staging(out_dir, fingerprint, spec.model_dump(mode="json"))
+        checkpoint.begin_staging(out_dir, fingerprint, resolved)
         stage_seconds, layers = [], []
         t_job = time.perf_counter()
         for b in range(n_blocks):
@@ -102,12 +99,13 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
             seconds = {k: max(r.seconds.get(k, 0.0) for r in results) for k in STAGES[:-1]}
             if replay is None:
                 t_persist = time.perf_counter()
+                block_layers = sorted((asdict(x) for r in results for x in r.layers), key=lambda x: x["name"])
                 checkpoint.write_block_part(out_dir, b, results[0].tensors)
-                checkpoint.mark_block_done(out_dir, b)
+                checkpoint.mark_block_done(out_dir, b, layers=block_layers)
                 seconds["persist"] = time.perf_counter() - t_persist
-                layers += [asdict(layer) for r in results for layer in r.layers]
+                layers += block_layers
             else:
-                layers += _layers_from_report(out_dir, b)
+                layers += checkpoint.read_block_layers(out_dir, b)
             stage_seconds.append(seconds)
             elapsed = time.perf_counter() - t_job
             log.info("block_done", progress=f"{b + 1}/{n_blocks}", replayed=replay is not None,
@@ -116,8 +114,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
                      **{k: round(v, 3) for k, v in seconds.items()})
         structlog.contextvars.bind_contextvars(block=None)
         report = _report(spec, source.revision, calib.window_sha256, layers)
-        checkpoint.assemble_checkpoint(out_dir, source, n_blocks, quantization_config(spec), report,
-                                       spec.model_dump(mode="json"))
+        checkpoint.assemble_checkpoint(out_dir, source, n_blocks, quantization_config(spec), report, resolved)
         log.info("job_done", output=str(out_dir), blocks=n_blocks, seconds=round(time.perf_counter() - t_job, 2))
         return JobOutcome(str(out_dir), n_blocks, state.done_blocks, False, stage_seconds)
     except INPUT_ERRORS:
@@ -168,10 +165,6 @@ def _gather(refs: list) -> list:
     if errors:
         raise (real or errors)[0]
     return [results[i] for i in range(len(refs))]
-
-
-def _layers_from_report(out_dir: Path, block_idx: int) -> list[dict]:
-    return checkpoint.read_block_layers(out_dir, block_idx)
 
 
 def _report(spec: JobSpec, revision: str, window_sha256: str, layers: list[dict]) -> dict:

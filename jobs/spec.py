@@ -119,11 +119,16 @@ class JobSpec(_Strict):
             )
         return self
 
-    def fingerprint(self, source_revision: str) -> str:
-        """Identity of the job's output: everything that changes the bytes, not where they go."""
+    def resolved(self) -> dict:
+        """The spec with defaults filled in, minus where it runs and writes (not part of the output)."""
         body = self.model_dump(mode="json")
         body.pop("output")
         body["cluster"].pop("address")
+        return body
+
+    def fingerprint(self, source_revision: str) -> str:
+        """Identity of the job's output: everything that changes the bytes, not where they go."""
+        body = self.resolved()
         body["source_revision"] = source_revision
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 

@@ -5,16 +5,20 @@ Per layer the solver quantizes W [N, K] column by column, each time moving the r
 unquantized columns to compensate the rounding error, optimal for the quadratic objective
 tr((W - Q) H (W - Q)ᵀ) of `solver/hessian.py`:
 
-- Section 3, Step 1 "Arbitrary order insight": all rows share one column order, so one inverse
-  Hessian serves all rows; act-order (Section 4) solves columns by descending diag(H).
-- Section 3, Step 2 "Lazy batch-updates": the update of later columns is applied in batches of
+- Section 2, Eq. (2) and (3): the OBS update of the remaining weights after quantizing one column,
+  and the removal of that column from the inverse Hessian.
+- Section 3, Step 1 "Arbitrary Order Insight": all rows share one column order, so one inverse
+  Hessian serves all rows. Act-order (the reference implementation's `act_order`/`desc_act`
+  heuristic) picks that order as descending diag(H).
+- Section 3, Step 2 "Lazy Batch-Updates": the update of later columns is applied in batches of
   `column_batch` columns (the paper's B); within a batch columns update one another at once.
-- Section 3, Step 3 "Cholesky reformulation": the rows of the upper Cholesky factor U of
+- Section 3, Step 3 "Cholesky Reformulation": the rows of the upper Cholesky factor U of
   (H + λI)⁻¹ are exactly the rows of the sequentially-eliminated inverse Hessian the OBS update
-  needs (scaled by sqrt of their diagonal); λ = damp_percent · mean(diag(H)).
-- Section 4 groups: the grid of a group is found when the solve reaches its first column, from the
-  current, error-updated W (as the reference implementation); `static_groups` fixes every group's
-  grid from the unquantized W beforehand, in original column order.
+  needs (scaled by the square root of their diagonal); λ = damp_percent · mean(diag(H)).
+- Grouping (the paper's group-wise quantization, `solver/grid.py`): the grid of a group is found
+  when the solve reaches its first column, from the current, error-updated W (as the reference
+  implementation); `static_groups` fixes every group's grid from the unquantized W beforehand,
+  in original column order.
 
 One deliberate difference from the reference code: a group's grid is computed from its columns with
 every earlier error update applied, including the not-yet-flushed updates of the current column

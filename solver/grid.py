@@ -1,19 +1,22 @@
 """The quantization grid: which columns form a group, each group's scale and zero point, codes.
 
-The grid is the per-row min-max uniform grid of the reference GPTQ implementation
-(Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
-Transformers", Section 2 "Quantization grid" and Section 4 "Additional tricks"/"group-wise
-quantization"; IST-DASLab `quant.py` `Quantizer.find_params` with per-channel weights):
+The grid is the per-row min-max uniform grid used with GPTQ (Frantar et al., 2022, "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers"; one grid per group of columns
+with grouping), as the reference implementation's `Quantizer.find_params` for weights builds it:
 
 - the range always includes 0: xmin = min(W, 0), xmax = max(W, 0); an all-zero row gets [-1, 1];
 - sym: the range is [-max|W|, max|W|] and zero = (maxq + 1) // 2 (the reference's zero point; the
-  top level is clipped, as in the reference); asym: zero = round(-xmin / scale);
+  top level is clipped, as in the reference; unlike the reference, a row with no negative entry
+  gets the symmetric range too instead of [0, xmax] around a mid-range zero, which clips half of it);
+- asym: zero = round(-xmin / scale); where that is 0 (xmin > -scale / 2), zero = 1 and
+  scale = max(xmax / (maxq - 1), -xmin) instead, because GPTQ v1 checkpoints store zero - 1 and
+  loaders cannot read zero point 0 back;
 - scale = (xmax - xmin) / maxq, rounded to a float16-representable value the moment it is computed,
   so the float16 `scales` a checkpoint stores are exactly the ones the solver optimised against.
 
-Act-order (Section 4, "desc_act") solves columns by descending diag(H); `g_idx` maps every original
-column to its group. Dynamic groups are consecutive in solve order, static groups are consecutive
-in original column order.
+Act-order (`desc_act`, the reference implementation's heuristic) solves columns by descending
+diag(H); `g_idx` maps every original column to its group. Dynamic groups are consecutive in solve
+order, static groups are consecutive in original column order.
 """
 
 from dataclasses import dataclass
@@ -69,18 +72,32 @@ def find_grid(W_group: Tensor, bits: int, sym: bool) -> GroupGrid:
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
-    scale = torch.clamp((xmax - xmin) / maxq, min=FLOAT16_MIN_SCALE)
+    scale = _float16_scale((xmax - xmin) / maxq, bits)
+    if sym:
+        return GroupGrid(scale=scale, zero=torch.full_like(scale, (maxq + 1) // 2))
+    zero = torch.round(-xmin / scale)
+    # GPTQ v1 qzeros store zero - 1, so zero point 0 cannot be written; a group that would get it
+    # (xmin > -scale / 2) gets zero 1 and a scale that still reaches xmax: levels [-scale, (maxq-1)·scale]
+    below_one = zero < 1
+    if bool(below_one.any()):
+        scale = torch.where(below_one, _float16_scale(torch.maximum(xmax / (maxq - 1), -xmin), bits), scale)
+        zero = torch.where(below_one, 1.0, zero)
+    zero = torch.clamp(zero, max=maxq)
+    return GroupGrid(scale=scale, zero=zero)
+
+
+def _float16_scale(scale: Tensor, bits: int) -> Tensor:
+    """scale rounded to float16 (what checkpoints store), clamped to float16's positive range.
+
+    Raises:
+        ScaleNotRepresentable: a scale exceeds float16's maximum.
+    """
     if bool((scale > FLOAT16_MAX).any()):
         raise ScaleNotRepresentable(
-            f"a weight group spans {float((xmax - xmin).max()):.6g}, which needs a scale above "
-            f"float16's {FLOAT16_MAX} at {bits} bits; GPTQ checkpoints store float16 scales, so this "
-            "layer cannot be quantized as is: check the model weights for corruption")
-    scale = scale.to(torch.float16).to(W_group.dtype)
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
-    return GroupGrid(scale=scale, zero=zero)
+            f"a weight group needs scale {float(scale.max()):.6g} at {bits} bits, above float16's "
+            f"{FLOAT16_MAX}; GPTQ checkpoints store float16 scales, so this layer cannot be quantized "
+            "as is: check the model weights for corruption")
+    return torch.clamp(scale, min=FLOAT16_MIN_SCALE).to(torch.float16).to(scale.dtype)
 
 
 def find_group_grids(W: Tensor, g_idx: Tensor, n_groups: int, bits: int, sym: bool) -> GroupGrid:

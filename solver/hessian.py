@@ -34,8 +34,8 @@ class LayerObjective:
 def accumulate_hessian(hessian_sum: Tensor, x: Tensor) -> int:
     """Add xᵀx of activations x [..., K] into hessian_sum [K, K] in place; return the tokens added.
 
-    x is cast to hessian_sum's dtype (fp32) before the product, so bf16 activations accumulate
-    in fp32.
+    x is cast to hessian_sum's dtype before the product, so bf16 activations accumulate in fp32
+    (or fp64, where a caller wants sums independent of summation order).
 
     Raises:
         InvalidSolverInput: x's last dimension is not hessian_sum's size.

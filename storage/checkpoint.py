@@ -260,7 +260,11 @@ def assemble_checkpoint(
     """
     out_dir = Path(out_dir)
     staging = _require_staging(out_dir)
-    job = _read_json_object(staging / JOB_FILE) or {}
+    job = _read_json_object(staging / JOB_FILE)
+    if job is None or "job_fingerprint" not in job:
+        raise StagingIncomplete(
+            f"{staging / JOB_FILE} is damaged; delete the output directory and rerun the job"
+        )
     _check_quantization_config(quantization_config)
     _check_report(report)
     done_blocks = _count_done_blocks(staging)
@@ -307,7 +311,7 @@ def assemble_checkpoint(
     manifest = {
         "manifest_format": MANIFEST_FORMAT,
         "quantizer": _quantizer_tag(),
-        "job_fingerprint": job.get("job_fingerprint"),
+        "job_fingerprint": job["job_fingerprint"],
         "n_blocks": n_blocks,
         "source_revision": source.revision,
         "resolved_spec": resolved_spec,

@@ -109,6 +109,9 @@ class BlockWorker:
         self.rank, self.world = setup.rank, setup.world_size
         self.device = torch.device(setup.device)
         self.dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        # On CPU the Hessian sums are float64: rounding them to fp32 once, after the reduce, makes
+        # them (almost always bit-)identical whatever the worker count. On GPU, fp32 for speed.
+        self.hessian_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         self.source: ModelSource | None = None
         self.inputs: list[BlockInput] = []
 
@@ -247,7 +250,7 @@ class BlockWorker:
     def _collect(self, block: nn.Module, stage: list[InputGroup], seconds: dict[str, float]):
         """Forward the whole shard through the block, summing xᵀx at each input group's first linear."""
         t = time.perf_counter()
-        sums = {g.name: torch.zeros(g.in_features, g.in_features, dtype=torch.float32, device=self.device)
+        sums = {g.name: torch.zeros(g.in_features, g.in_features, dtype=self.hessian_dtype, device=self.device)
                 for g in stage}
         tokens = {g.name: 0 for g in stage}
         samples: dict[str, torch.Tensor] = {}

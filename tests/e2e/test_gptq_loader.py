@@ -31,6 +31,7 @@ from .models import dequantized_model, fp_model, logit_mse, logits
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 N_TOKENS = 256
 
 
@@ -70,7 +71,7 @@ def _write_checkpoint(source: ModelSource, out: Path, cfg: GPTQConfig) -> None:
             weight = read_source_tensor(source, name).float()
             result = quantize_rtn(weight, _hessian_sum(weight.shape[1], seed=len(block_layers)), N_TOKENS, cfg)
             packed = pack_linear(result, cfg.bits)
-            part.update({f"{stem}.{field}": getattr(packed, field) for field in ("qweight", "qzeros", "scales", "g_idx")})
+            part.update({f"{stem}.{field}": getattr(packed, field) for field in PACKED_FIELDS})
             block_layers.append({"name": stem, "gptq_loss": result.loss, "rtn_loss": result.loss, "damp_percent": 0.0})
         write_block_part(out, b, part)
         mark_block_done(out, b, layers=block_layers)

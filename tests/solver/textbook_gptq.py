@@ -1,6 +1,6 @@
 """Textbook GPTQ, written for reading, not speed: float64, one column at a time, explicit inverse.
 
-Frantar et al., 2022, Section 3 (the OBS update of Eq. 2 and the row/column elimination of Eq. 3)
+Frantar et al., 2022, Section 2 (the OBS update of Eq. 2 and the row/column elimination of Eq. 3)
 with the grid of the reference `Quantizer.find_params`, written out again here rather than imported,
 so the solver's grid is checked too. No lazy batches, no Cholesky: after quantizing column j, all
 later columns move by -(w_j - q_j) / [H⁻¹]_jj · [H⁻¹]_j,: and H⁻¹ loses row and column j
@@ -25,22 +25,27 @@ class TextbookResult:
 
 
 def textbook_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """Scale and zero [N] of a group's columns w [N, c], row by row, as the reference Quantizer."""
+    """Scale and zero [N] of a group's columns w [N, c], as the reference Quantizer.find_params.
+
+    Differs from the reference only where rayquant's grid does: a row with no negative entry gets
+    the symmetric range too, and the scale is rounded to float16 (what checkpoints store).
+    """
     maxq = 2**bits - 1
-    scales, zeros = [], []
-    for row in w:
-        xmin, xmax = min(float(row.min()), 0.0), max(float(row.max()), 0.0)
-        if sym:
-            xmax = max(-xmin, xmax)
-            xmin = -xmax
-        if xmin == 0 and xmax == 0:
-            xmin, xmax = -1.0, 1.0
-        scale = max((xmax - xmin) / maxq, 2.0**-24)
-        scale = float(torch.tensor(scale).half())  # checkpoints store float16 scales
-        zero = (maxq + 1) // 2 if sym else min(max(round(-xmin / scale), 0), maxq)
-        scales.append(scale)
-        zeros.append(float(zero))
-    return torch.tensor(scales, dtype=torch.float64), torch.tensor(zeros, dtype=torch.float64)
+    tmp = torch.zeros(w.shape[0], dtype=torch.float64)
+    xmin = torch.minimum(w.min(1).values, tmp)
+    xmax = torch.maximum(w.max(1).values, tmp)
+    if sym:
+        xmax = torch.maximum(torch.abs(xmin), xmax)
+        xmin = -xmax
+    tmp = (xmin == 0) & (xmax == 0)
+    xmin[tmp] = -1
+    xmax[tmp] = +1
+    scale = ((xmax - xmin) / maxq).clamp(min=2.0**-24).half().double()
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
 
 
 def textbook_gptq(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQConfig) -> TextbookResult:

@@ -93,8 +93,9 @@ def _block_part(b: int) -> dict[str, torch.Tensor]:
     }
     for layer, k in (("self_attn.q_proj", HIDDEN), ("mlp.down_proj", 2 * HIDDEN)):
         prefix = f"model.layers.{b}.{layer}"
-        part[f"{prefix}.qweight"] = torch.randint(-(2**31), 2**31 - 1, (k // 8, HIDDEN), generator=g, dtype=torch.int32)
-        part[f"{prefix}.qzeros"] = torch.randint(-(2**31), 2**31 - 1, (k // 16, HIDDEN // 8), generator=g, dtype=torch.int32)
+        words = {"qweight": (k // 8, HIDDEN), "qzeros": (k // 16, HIDDEN // 8)}  # 8 4-bit values per int32
+        for field, shape in words.items():
+            part[f"{prefix}.{field}"] = torch.randint(-(2**31), 2**31 - 1, shape, generator=g, dtype=torch.int32)
         part[f"{prefix}.scales"] = torch.rand(k // 16, HIDDEN, generator=g).to(torch.float16)
         part[f"{prefix}.g_idx"] = torch.arange(k, dtype=torch.int32) // 16
     return part
@@ -287,7 +288,8 @@ def test_assembled_checkpoint_holds_parts_then_source_tensors_in_source_order(tm
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shard_names = sorted(set(index["weight_map"].values()))
     n_shards = len(shard_names)
-    assert n_shards > 2 and shard_names == [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
+    assert n_shards > 2
+    assert shard_names == [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
     # shards are filled in source order: the shard number never decreases along the expected order
     shard_of = [shard_names.index(index["weight_map"][name]) for name in expected]
