@@ -21,9 +21,9 @@ from rayquant.jobs.spec import JobSpec
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage import checkpoint
 from rayquant.storage.calibration import load_calibration
-from rayquant.storage.model_source import open_model_source, read_source_tensor
+from rayquant.storage.model_source import open_model_source
 from rayquant.workers.adapter import check_decoder_architecture
-from rayquant.workers.block_worker import BlockResult, BlockTask, BlockWorker, PeerFailed, WorkerSetup
+from rayquant.workers.block_worker import BlockTask, BlockWorker, PeerFailed, WorkerSetup
 
 log = structlog.get_logger()
 

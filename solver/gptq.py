@@ -95,7 +95,7 @@ class GPTQResult:
 
 @dataclass(frozen=True)
 class _Solution:
-    codes: Tensor    # [N, K] compute dtype, integer-valued, original column order
+    codes: Tensor    # [N, K] uint8, original column order
     Q: Tensor        # [N, K] compute dtype, dequantized, original column order
     scales: Tensor   # [G, N] compute dtype
     zeros: Tensor    # [G, N] compute dtype
@@ -131,9 +131,8 @@ def solve_input_group(weights: list[Tensor], hessian_sum: Tensor, n_tokens: int,
         raise InvalidSolverInput(
             f"an input group needs one or more weights [N_i, K] with one in_features K, got shapes "
             f"{[tuple(w.shape) for w in weights]}")
-    # float64 when any linear is float64, so an exact (float64) comparison stays exact
-    dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
-    stacked = weights[0] if len(weights) == 1 else torch.cat([w.to(dtype) for w in weights])
+    # cat promotes dtypes: float64 when any linear is float64, so an exact comparison stays exact
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
     objective = layer_objective(stacked, hessian_sum, n_tokens)
     solution = _solve(objective.W, objective.H, n_tokens, cfg)
     results = []
@@ -142,7 +141,7 @@ def solve_input_group(weights: list[Tensor], hessian_sum: Tensor, n_tokens: int,
         rows = slice(row, row + w.shape[0])
         row += w.shape[0]
         results.append(GPTQResult(
-            codes=solution.codes[rows].to(torch.uint8),
+            codes=solution.codes[rows],
             scales=solution.scales[:, rows].float(),
             zeros=solution.zeros[:, rows].to(torch.int32),
             g_idx=solution.g_idx.to(torch.int32),
@@ -171,7 +170,7 @@ def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
     W = W[:, perm]  # advanced indexing copies: the objective's W stays intact for the loss
     factor = _inverse_cholesky(H[perm][:, perm], n_tokens, cfg)
     U = factor.U
-    codes = torch.zeros_like(W)
+    codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
     Q = torch.zeros_like(W)
     B = cfg.column_batch
     for i1 in range(0, K, B):
@@ -187,7 +186,7 @@ def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
             k = group_of[j]
             w = W1[:, i]
             q = quantize_to_grid(w, scales[k], zeros[k], maxq)
-            codes[:, j] = q
+            codes[:, j] = q.to(torch.uint8)
             Q[:, j] = (q - zeros[k]) * scales[k]
             err = (w - Q[:, j]) / U1[i, i]
             W1[:, i:] -= torch.outer(err, U1[i, i:])
@@ -206,7 +205,7 @@ def _current_group(W: Tensor, E1: Tensor, U: Tensor, i1: int, i2: int, j: int, w
     batch's pending update -E1[:, :j-i1] @ U[i1:j, ·], which is added here for the grid only.
     """
     end = min(j + width, W.shape[1])
-    if end <= i2:
+    if end <= i2 or j == i1:  # nothing pending for these columns
         return W[:, j:end]
     beyond = W[:, i2:end] - E1[:, :j - i1] @ U[i1:j, i2:end]
     return torch.cat([W[:, j:i2], beyond], dim=1)
@@ -234,8 +233,8 @@ def _inverse_cholesky(H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _InverseFact
             return _InverseFactor(U=U, damp_percent=damp_percent)
     steps = f" in steps of {cfg.damp_auto_increment}" if len(tried) > 1 else ""
     raise HessianNotPositiveDefinite(
-        f"Cholesky failed after damping {tried[0]} to {tried[-1]}{steps} (in_features={K}, "
-        f"n_tokens={n_tokens}); raise quant.damp_percent (e.g. 0.05) or calibration.n_samples",
+        f"Hessian not positive definite: Cholesky failed after damping {tried[0]} to {tried[-1]}{steps} "
+        f"(in_features={K}, n_tokens={n_tokens}); raise quant.damp_percent (e.g. 0.05) or calibration.n_samples",
         n_tokens=n_tokens, damp_tried=tuple(tried))
 
 

@@ -9,7 +9,7 @@ with grouping), as the reference implementation's `Quantizer.find_params` for we
   top level is clipped, as in the reference; unlike the reference, a row with no negative entry
   gets the symmetric range too instead of [0, xmax] around a mid-range zero, which clips half of it);
 - asym: zero = round(-xmin / scale); where that is 0 (xmin > -scale / 2), zero = 1 and
-  scale = max(xmax / (maxq - 1), -xmin) instead, because GPTQ v1 checkpoints store zero - 1 and
+  scale = xmax / (maxq - 1) instead, because GPTQ v1 checkpoints store zero - 1 and
   loaders cannot read zero point 0 back;
 - scale = (xmax - xmin) / maxq, rounded to a float16-representable value the moment it is computed,
   so the float16 `scales` a checkpoint stores are exactly the ones the solver optimised against.
@@ -76,11 +76,12 @@ def find_grid(W_group: Tensor, bits: int, sym: bool) -> GroupGrid:
     if sym:
         return GroupGrid(scale=scale, zero=torch.full_like(scale, (maxq + 1) // 2))
     zero = torch.round(-xmin / scale)
-    # GPTQ v1 qzeros store zero - 1, so zero point 0 cannot be written; a group that would get it
-    # (xmin > -scale / 2) gets zero 1 and a scale that still reaches xmax: levels [-scale, (maxq-1)·scale]
+    # GPTQ v1 qzeros store zero - 1, so zero point 0 cannot be written. A group that would get it
+    # (xmin > -scale / 2) gets zero 1 and levels [-scale', (maxq-1)·scale'], scale' = xmax / (maxq-1):
+    # scale' > scale, so they still span [xmin, xmax]
     below_one = zero < 1
     if bool(below_one.any()):
-        scale = torch.where(below_one, _float16_scale(torch.maximum(xmax / (maxq - 1), -xmin), bits), scale)
+        scale = torch.where(below_one, _float16_scale(xmax / (maxq - 1), bits), scale)
         zero = torch.where(below_one, 1.0, zero)
     zero = torch.clamp(zero, max=maxq)
     return GroupGrid(scale=scale, zero=zero)

@@ -66,6 +66,10 @@ def layer_objective(weight: Tensor, hessian_sum: Tensor, n_tokens: int) -> Layer
         raise InvalidSolverInput(
             f"weight {tuple(weight.shape)} and hessian_sum {tuple(hessian_sum.shape)} do not fit: "
             "expected weight [out_features, in_features] and hessian_sum [in_features, in_features]")
+    if weight.device != hessian_sum.device:
+        raise InvalidSolverInput(
+            f"weight is on {weight.device} but hessian_sum on {hessian_sum.device}: the solver computes where "
+            "its inputs are, so move both to the device that should run the solve")
     if n_tokens < 1:
         raise InvalidSolverInput(
             f"n_tokens={n_tokens}: the Hessian was accumulated over no calibration tokens; check that "

@@ -1,4 +1,4 @@
-"""Round-to-nearest (RTN): the baseline GPTQ is measured against (Frantar et al., 2022, Section 5).
+"""Round-to-nearest (RTN): the baseline GPTQ is measured against (Frantar et al., 2022, experiments).
 
 Every weight is rounded to the nearest level of its group's grid, with no error compensation.
 Grids, groups, act-order g_idx, dead inputs and the loss follow exactly the rules of

@@ -22,11 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from rayquant.kernels.validation import KernelMismatch, validate_packed_layer
-from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefinite, dequantize, solve_input_group
+from rayquant.solver.gptq import GPTQConfig, HessianNotPositiveDefinite, dequantize, solve_input_group
 from rayquant.solver.hessian import accumulate_hessian
 from rayquant.solver.pack import PackedLinear, pack_linear, unpack_linear
 from rayquant.solver.rtn import quantize_rtn
 from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
+from rayquant.storage.safetensors_reader import DTYPES
 from rayquant.workers.adapter import (
     BlockInput,
     InputGroup,
@@ -199,7 +200,7 @@ class BlockWorker:
             info = infos[name]
             template = mine.get(name)
             if template is None:
-                template = torch.empty(info.shape, dtype=_torch_dtype(info.dtype))
+                template = torch.empty(info.shape, dtype=DTYPES[info.dtype])
             out[name] = self._broadcast(template, src=readers[name]).cpu()
         return out
 
@@ -399,12 +400,3 @@ def _install(linear: nn.Linear, packed: PackedLinear, bits: int, dtype: torch.dt
     """Replace a linear's weight by its dequantized codes, exactly as a checkpoint reader sees them."""
     w = _dequantize_packed(packed, bits).to(device=linear.weight.device, dtype=dtype)
     linear.weight = nn.Parameter(w, requires_grad=False)
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]

@@ -63,7 +63,7 @@ def test_3bit_values_straddle_words_in_the_standard_layout_by_hand() -> None:
 
 
 def _reference_pack_3bit(codes: torch.Tensor) -> torch.Tensor:
-    """The reference (AutoGPTQ QuantLinear.pack) 3-bit loop, on Python ints."""
+    """The standard 3-bit layout written out word by word on Python ints (values 10 and 21 straddle words)."""
     intweight = codes.T.tolist()  # [K][N]
     K, N = len(intweight), len(intweight[0])
     qweight = [[0] * N for _ in range(K // 32 * 3)]

@@ -28,7 +28,8 @@ def textbook_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     """Scale and zero [N] of a group's columns w [N, c], as the reference Quantizer.find_params.
 
     Differs from the reference only where rayquant's grid does: a row with no negative entry gets
-    the symmetric range too, and the scale is rounded to float16 (what checkpoints store).
+    the symmetric range too, the scale is rounded to float16 (what checkpoints store), and an asym
+    zero point never is 0 (GPTQ v1 stores zero - 1): such rows use zero 1, scale xmax / (maxq - 1).
     """
     maxq = 2**bits - 1
     tmp = torch.zeros(w.shape[0], dtype=torch.float64)
@@ -42,9 +43,11 @@ def textbook_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     xmax[tmp] = +1
     scale = ((xmax - xmin) / maxq).clamp(min=2.0**-24).half().double()
     if sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
+        return scale, torch.full_like(scale, (maxq + 1) // 2)
+    zero = torch.round(-xmin / scale).clamp(0, maxq)
+    tmp = zero == 0
+    scale[tmp] = (xmax[tmp] / (maxq - 1)).clamp(min=2.0**-24).half().double()
+    zero[tmp] = 1
     return scale, zero
 
 
