@@ -13,7 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
+
+from rayquant.storage.generated import GENERATED_PRESETS, generate_tensor, generated_tensor_infos, materialize_generated
 
 from rayquant.storage.safetensors_reader import (
     INDEX_FILE,
@@ -67,6 +70,7 @@ class ModelSource:
     config: dict  # parsed config.json
     tensors: dict[str, TensorInfo]  # every weight tensor, by its name in the source model
     revision: str  # sha256 of config.json + each shard's header JSON (no weight bytes)
+    generated: bool = False  # full-size synthetic shape: tensors are drawn on read (storage/generated.py)
 
 
 def default_cache_dir() -> Path:
@@ -89,6 +93,13 @@ def open_model_source(uri: str, cache_dir: Path | None = None) -> ModelSource:
     scheme, sep, rest = uri.partition("://")
     if not sep:
         return _open_local_dir(uri, Path(uri).expanduser())
+    if scheme == "synthetic" and rest in GENERATED_PRESETS:
+        path = materialize_generated(rest, cache_dir if cache_dir is not None else default_cache_dir())
+        config_bytes = (path / CONFIG_FILE).read_bytes()
+        config = json.loads(config_bytes)
+        revision = hashlib.sha256(b"generated\0" + config_bytes).hexdigest()
+        return ModelSource(path=path.resolve(), config=config, tensors=generated_tensor_infos(config, path.resolve()),
+                           revision=revision, generated=True)
     if scheme == "synthetic":
         try:
             path = materialize_synthetic(rest, cache_dir if cache_dir is not None else default_cache_dir())
@@ -101,8 +112,8 @@ def open_model_source(uri: str, cache_dir: Path | None = None) -> ModelSource:
     )
 
 
-def read_source_tensor(source: ModelSource, name: str) -> Tensor:
-    """Read one tensor of the source model (CPU, its stored dtype) with one ranged read.
+def read_source_tensor(source: ModelSource, name: str, device: torch.device | str = "cpu") -> Tensor:
+    """Read one tensor of the source model (its stored dtype) with one ranged read, onto `device`.
 
     Raises:
         TensorNotFound: name is not a tensor of this model.
@@ -114,7 +125,9 @@ def read_source_tensor(source: ModelSource, name: str) -> Tensor:
             f"(revision {source.revision[:12]}): its config.json and weights disagree; "
             f"pick another revision or fix the checkpoint (model.source)"
         )
-    return read_tensor(source.tensors[name], name)
+    if source.generated:
+        return generate_tensor(name, source.tensors[name], device)
+    return read_tensor(source.tensors[name], name).to(device)
 
 
 def list_aux_files(source: ModelSource) -> list[Path]:

@@ -102,7 +102,7 @@ def build_llama_tiny(out_dir: Path) -> None:
     _write_weights(state, [first, second], out_dir)
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
-    _write_tokenizer(out_dir, vocab_size=config.vocab_size, model_max_length=2048)
+    write_tokenizer(out_dir, vocab_size=config.vocab_size, model_max_length=2048)
 
 
 def build_bert_tiny(out_dir: Path) -> None:
@@ -121,7 +121,7 @@ def build_bert_tiny(out_dir: Path) -> None:
     state = _seeded_state_dict(BertForMaskedLM, config)
     _write_weights(state, [sorted(state)], out_dir)
     config.save_pretrained(out_dir)
-    _write_tokenizer(out_dir, vocab_size=config.vocab_size, model_max_length=512)
+    write_tokenizer(out_dir, vocab_size=config.vocab_size, model_max_length=512)
 
 
 def _seeded_state_dict(
@@ -150,7 +150,7 @@ def _write_weights(state: dict[str, torch.Tensor], shards: list[list[str]], out_
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def _write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int) -> None:
+def write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int) -> None:
     """Byte-level BPE trained on the builtin text; tokenizer.json + tokenizer_config.json."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

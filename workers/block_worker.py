@@ -47,6 +47,10 @@ log = structlog.get_logger()
 PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 
 
+class _StageCollected(Exception):
+    """Raised by the last Hessian hook of a stage to end the forward pass early."""
+
+
 class PeerFailed(Exception):
     """Another worker failed in this stage; its own error is the one to read."""
 
@@ -140,7 +144,7 @@ class BlockWorker:
             self.layout = find_layout(self.model)
             self.blocks = self.model.get_submodule(self.layout.blocks_path)
             names = embedding_stage_names(self.model, self.layout)
-            tensors = {n: read_source_tensor(self.source, n).to(self.device) for n in names if n in self.source.tensors}
+            tensors = {n: read_source_tensor(self.source, n, self.device) for n in names if n in self.source.tensors}
             materialize_embedding_stage(self.model, tensors, self.dtype)
             move_buffers(self.model, self.device)
             for ids in self.setup.samples.split(self.setup.micro_batch):
@@ -168,13 +172,13 @@ class BlockWorker:
             part = task.replay
             layers: list[LayerReport] = []
         else:
-            t = time.perf_counter()
+            t = self._now()
             source_tensors = self._load(task.block_idx)
-            seconds["load"] = time.perf_counter() - t
+            seconds["load"] = self._now() - t
             part, layers = self._quantize(task.block_idx, source_tensors, seconds)
-        t = time.perf_counter()
+        t = self._now()
         self._advance(task.block_idx, part)
-        seconds["advance"] = time.perf_counter() - t
+        seconds["advance"] = self._now() - t
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         log.info("block_stages_done", rank=self.rank, replay=task.replay is not None,
                  **{k: round(v, 3) for k, v in seconds.items()})
@@ -191,7 +195,7 @@ class BlockWorker:
         try:
             for name, reader in readers.items():
                 if reader == self.rank:
-                    mine[name] = read_source_tensor(self.source, name)
+                    mine[name] = read_source_tensor(self.source, name, self.device)
         except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
             err = e
         self._agree(err)
@@ -200,14 +204,14 @@ class BlockWorker:
             info = infos[name]
             template = mine.get(name)
             if template is None:
-                template = torch.empty(info.shape, dtype=DTYPES[info.dtype])
-            out[name] = self._broadcast(template, src=readers[name]).cpu()
+                template = torch.empty(info.shape, dtype=DTYPES[info.dtype], device=self.device)
+            out[name] = self._broadcast(template, src=readers[name])
         return out
 
     def _quantize(self, block_idx: int, source: dict[str, torch.Tensor],
                   seconds: dict[str, float]) -> tuple[dict[str, torch.Tensor], list[LayerReport]]:
         prefix = self.layout.block_prefix(block_idx)
-        local = {n[len(prefix):]: t.to(self.device) for n, t in source.items()}
+        local = {n[len(prefix):]: t for n, t in source.items()}
         block = materialize(self.blocks[block_idx], local, self.dtype)
         groups = find_input_groups(block, self.inputs[0])
         owners = _balance({g.name: g.in_features ** 2 for g in groups}, self.world)
@@ -216,9 +220,9 @@ class BlockWorker:
         layers: list[LayerReport] = []
         for stage in stages:
             sums, tokens, samples = self._collect(block, stage, seconds)
-            t = time.perf_counter()
+            t = self._now()
             reduced = {g.name: self._reduce(sums[g.name], tokens[g.name], owners[g.name]) for g in stage}
-            seconds["reduce"] = seconds.get("reduce", 0.0) + time.perf_counter() - t
+            seconds["reduce"] = seconds.get("reduce", 0.0) + self._now() - t
             err = None
             mine: dict[str, PackedLinear] = {}
             try:
@@ -231,12 +235,12 @@ class BlockWorker:
             except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
                 err = e
             self._agree(err)
-            t = time.perf_counter()
+            t = self._now()
             for g in stage:
                 for lin in g.linears:
                     packed[lin] = self._share(block.get_submodule(lin), mine.get(lin), owners[g.name])
                     _install(block.get_submodule(lin), packed[lin], self.setup.gptq.bits, self.dtype)
-            seconds["share"] = seconds.get("share", 0.0) + time.perf_counter() - t
+            seconds["share"] = seconds.get("share", 0.0) + self._now() - t
         part = {}
         for name, tensor in source.items():
             rel = name[len(prefix):]
@@ -245,12 +249,15 @@ class BlockWorker:
                 for f in PACKED_FIELDS:
                     part[f"{prefix}{lin}.{f}"] = getattr(packed[lin], f).cpu()
             else:
-                part[name] = tensor
+                part[name] = tensor.cpu()
         return part, layers
 
     def _collect(self, block: nn.Module, stage: list[InputGroup], seconds: dict[str, float]):
-        """Forward the whole shard through the block, summing xᵀx at each input group's first linear."""
-        t = time.perf_counter()
+        """Forward the shard through the block, summing xᵀx at each input group's first linear.
+
+        The forward stops at the stage's last input group: what follows it is not needed yet.
+        """
+        t = self._now()
         sums = {g.name: torch.zeros(g.in_features, g.in_features, dtype=self.hessian_dtype, device=self.device)
                 for g in stage}
         tokens = {g.name: 0 for g in stage}
@@ -262,14 +269,19 @@ class BlockWorker:
                 tokens[g.name] += accumulate_hessian(sums[g.name], x)
                 if g.name not in samples:
                     samples[g.name] = x.reshape(-1, x.shape[-1])[: self.setup.validate_tokens].clone()
+                if g is stage[-1]:
+                    raise _StageCollected
             hooks.append(block.get_submodule(g.linears[0]).register_forward_pre_hook(record))
         try:
             for inp in self.inputs:
-                forward_block(block, inp)
+                try:
+                    forward_block(block, inp)
+                except _StageCollected:
+                    pass
         finally:
             for h in hooks:
                 h.remove()
-        seconds["collect"] = seconds.get("collect", 0.0) + time.perf_counter() - t
+        seconds["collect"] = seconds.get("collect", 0.0) + self._now() - t
         return sums, tokens, samples
 
     def _reduce(self, hessian_sum: torch.Tensor, n_tokens: int, owner: int) -> tuple[torch.Tensor, int] | None:
@@ -294,14 +306,14 @@ class BlockWorker:
         cfg = self.setup.gptq
         prefix = self.layout.block_prefix(block_idx)
         weights = [block.get_submodule(lin).weight.float() for lin in group.linears]  # [N_i, K]
-        t = time.perf_counter()
+        t = self._now()
         try:
             results = solve_input_group(weights, H, n_tokens, cfg)
         except HessianNotPositiveDefinite as err:
             raise HessianNotPositiveDefinite(f"block {block_idx} input group {group.name}: {err}") from err
         rtn = [quantize_rtn(w, H, n_tokens, cfg) for w in weights]
-        seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
+        seconds["solve"] = seconds.get("solve", 0.0) + self._now() - t
+        t = self._now()
         packed, reports = {}, []
         for lin, w, res, base in zip(group.linears, weights, results, rtn):
             p = pack_linear(res, cfg.bits)
@@ -318,7 +330,7 @@ class BlockWorker:
             ))
             log.debug("layer_solved", rank=self.rank, layer=prefix + lin, loss=res.loss, rtn_loss=base.loss,
                       damp_percent=res.damp_percent)
-        seconds["validate"] = seconds.get("validate", 0.0) + time.perf_counter() - t
+        seconds["validate"] = seconds.get("validate", 0.0) + self._now() - t
         return packed, reports
 
     def _share(self, linear: nn.Linear, mine: PackedLinear | None, owner: int) -> PackedLinear:
@@ -364,6 +376,12 @@ class BlockWorker:
             raise err
         if flag.item():
             raise PeerFailed(f"rank {self.rank}: another worker failed in this stage; see its error")
+
+    def _now(self) -> float:
+        """A stage clock: waits for queued GPU work so each stage is charged its own time."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _bind(self, block: int | None) -> None:
         structlog.contextvars.bind_contextvars(job_id=self.setup.job_id, block=block, rank=self.rank)

@@ -1,0 +1,153 @@
+"""One transformer block at full size on one GPU: per-stage seconds, peak memory, projection.
+
+    python -m tests.bench.block_bench --preset llama-70b [--samples 128 --seq-len 2048 --blocks 2]
+                                      [--desc-act] [--no-baseline]
+
+Runs the real BlockWorker in-process (no Ray: it cannot travel to the GPU machine) on
+`synthetic://<preset>`, whose weights are generated on the GPU from a seed. Block 0 warms up
+(kernel compilation); the last block is the one reported. Beside it, the paper's Algorithm 1
+(`plain_gptq` below: lazy 128-column batches, one column at a time inside a batch, Cholesky of
+H⁻¹) solves the same 7 linears from the same Hessians, timed in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import torch
+
+from rayquant.solver.gptq import GPTQConfig
+from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
+
+STAGES = ("load", "collect", "reduce", "solve", "validate", "share", "advance")
+
+
+@torch.no_grad()
+def plain_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, desc_act: bool,
+               damp: float = 0.01, column_batch: int = 128) -> float:
+    """Algorithm 1 of Frantar et al. (2022), as a reader of the paper writes it; returns the loss."""
+    W = W.float().clone()
+    H = H.float().clone()
+    N, K = W.shape
+    maxq = 2**bits - 1
+    W0, H0 = W.clone(), H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H_damped = H + damp * torch.mean(torch.diag(H)) * torch.eye(K, device=W.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H_damped)), upper=True)
+    Q = torch.zeros_like(W)
+    scale = zero = None
+    for i1 in range(0, K, column_batch):
+        i2 = min(i1 + column_batch, K)
+        W1, Q1, E1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), torch.zeros_like(W[:, i1:i2])
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            w, d = W1[:, j], Hinv1[j, j]
+            if (i1 + j) % group_size == 0:  # grid of the group from the current, updated weights
+                g = torch.cat([W1[:, j:], W[:, i2:]], dim=1)[:, :group_size]
+                lo, hi = g.min(1).values.clamp(max=0), g.max(1).values.clamp(min=0)
+                amax = torch.maximum(lo.abs(), hi)
+                scale = (2 * amax / maxq).clamp(min=1e-8)
+                zero = torch.full_like(scale, (maxq + 1) / 2)
+            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            Q1[:, j] = scale * (q - zero)
+            err = (w - Q1[:, j]) / d
+            W1[:, j:] -= err.unsqueeze(1) @ Hinv1[j, j:].unsqueeze(0)
+            E1[:, j] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    if desc_act:
+        Q = Q[:, torch.argsort(perm)]
+    E = W0 - Q
+    return float(((E @ H0) * E).sum())
+
+
+class BaselineTimedWorker(BlockWorker):
+    """The production worker, plus Algorithm 1 on each input group's linears right after its solve."""
+
+    def __init__(self, setup: WorkerSetup, run_baseline: bool):
+        super().__init__(setup)
+        self.run_baseline = run_baseline
+        self.baseline: dict[str, tuple[float, float]] = {}  # linear -> (seconds, loss)
+
+    def _solve(self, block_idx, block, group, H, n_tokens, x_val, seconds):
+        out = super()._solve(block_idx, block, group, H, n_tokens, x_val, seconds)
+        if self.run_baseline:
+            cfg = self.setup.gptq
+            for lin in group.linears:
+                W = block.get_submodule(lin).weight.float()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                loss = plain_gptq(W, H.float() / n_tokens, cfg.bits, cfg.group_size, cfg.desc_act)
+                torch.cuda.synchronize()
+                self.baseline[lin] = (time.perf_counter() - t, loss)
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="llama-70b")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--desc-act", action="store_true")
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("RAYQUANT_CACHE", "/tmp/rayquant-cache")
+    torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 where the solver asks for fp32
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.randint(2, 1024, (args.samples, args.seq_len), generator=gen)
+    cfg = GPTQConfig(bits=4, group_size=128, desc_act=args.desc_act)
+    setup = WorkerSetup(job_id="bench", rank=0, world_size=1, model_path=f"synthetic://{args.preset}",
+                        samples=samples, gptq=cfg, true_sequential=True, micro_batch=args.micro_batch,
+                        num_threads=8, device="cuda")
+    worker = BaselineTimedWorker(setup, run_baseline=False)
+    t = time.perf_counter()
+    n_blocks = worker.start(worker.rendezvous_address())
+    torch.cuda.synchronize()
+    embed_s = time.perf_counter() - t
+    results = []
+    for b in range(args.blocks):
+        worker.run_baseline = not args.no_baseline and b == args.blocks - 1
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        r = worker.run_block(BlockTask("bench", b))
+        torch.cuda.synchronize()
+        results.append((r, time.perf_counter() - t))
+    worker.stop()
+
+    last, wall = results[-1]
+    block_s = sum(last.seconds.get(s, 0.0) for s in STAGES)
+    print(f"\n{args.preset}: {args.samples} x {args.seq_len} tokens, 4-bit g128, desc_act={args.desc_act}, "
+          f"{torch.cuda.get_device_name()}")
+    print(f"embed (start) {embed_s:.2f} s; blocks run {args.blocks}, reporting block {last.block_idx}")
+    print("stage      " + " ".join(f"{s:>9}" for s in STAGES) + "      sum")
+    for r, _ in results:
+        print(f"block {r.block_idx:<4} " + " ".join(f"{r.seconds.get(s, 0.0):9.3f}" for s in STAGES)
+              + f" {sum(r.seconds.get(s, 0.0) for s in STAGES):8.3f}")
+    print(f"peak GPU memory {last.peak_memory_bytes / 2**30:.1f} GiB; block wall {wall:.2f} s")
+    print(f"projected model: {n_blocks} blocks x {block_s:.2f} s + embed = "
+          f"{(n_blocks * block_s + embed_s) / 60:.1f} min on one GPU")
+    if worker.baseline:
+        ours = {x.name.rsplit(".", 2)[-2] + "." + x.name.rsplit(".", 1)[-1]: x for x in last.layers}
+        base_total = sum(s for s, _ in worker.baseline.values())
+        print(f"\nAlgorithm 1 baseline vs rayquant solve on the same Hessians")
+        print(f"{'linear':<22}{'baseline s':>11}{'loss ratio':>12}")
+        for lin, (sec, loss) in worker.baseline.items():
+            mine = ours.get(lin)
+            ratio = mine.gptq_loss / loss if mine and loss > 0 else math.nan
+            print(f"{lin:<22}{sec:11.2f}{ratio:12.4f}")
+        print(f"solve: baseline {base_total:.2f} s, rayquant {last.seconds['solve']:.2f} s "
+              f"-> {base_total / last.seconds['solve']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
