@@ -38,6 +38,7 @@ class JobOutcome:
     resumed_from: int  # first block quantized in this run (0 = fresh)
     already_complete: bool
     stage_seconds: list[dict[str, float]]  # per block, slowest rank's seconds per stage
+    bytes_moved: list[dict[str, int]]  # per block: bytes that crossed between workers, per stage
 
 
 def gptq_config(spec: JobSpec) -> GPTQConfig:
@@ -74,7 +75,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     state = checkpoint.inspect_output(out_dir, fingerprint)
     if state.complete:
         log.info("job_already_complete", output=str(out_dir))
-        return JobOutcome(str(out_dir), 0, 0, True, [])
+        return JobOutcome(str(out_dir), 0, 0, True, [], [])
     log.info("job_planned", model=spec.model.source, revision=source.revision[:12], output=str(out_dir),
              workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
              resume_from=state.done_blocks, windows_sha256=calib.window_sha256[:16])
@@ -89,7 +90,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
         rendezvous = ray.get(workers[0].rendezvous_address.remote())
         n_blocks = _gather([w.start.remote(rendezvous) for w in workers])[0]
         checkpoint.begin_staging(out_dir, fingerprint, resolved)
-        stage_seconds, layers = [], []
+        stage_seconds, bytes_moved, layers = [], [], []
         t_job = time.perf_counter()
         for b in range(n_blocks):
             structlog.contextvars.bind_contextvars(block=b)
@@ -107,16 +108,18 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
             else:
                 layers += checkpoint.read_block_layers(out_dir, b)
             stage_seconds.append(seconds)
+            moved = {k: sum(r.bytes_received.get(k, 0) for r in results) for k in ("load", "reduce", "share")}
+            bytes_moved.append(moved)
             elapsed = time.perf_counter() - t_job
             log.info("block_done", progress=f"{b + 1}/{n_blocks}", replayed=replay is not None,
                      seconds=round(time.perf_counter() - t, 2),
                      eta_s=round(elapsed / (b + 1) * (n_blocks - b - 1), 1),
-                     **{k: round(v, 3) for k, v in seconds.items()})
+                     mib_moved=round(sum(moved.values()) / 2**20, 2), **{k: round(v, 3) for k, v in seconds.items()})
         structlog.contextvars.bind_contextvars(block=None)
         report = _report(spec, source.revision, calib.window_sha256, layers)
         checkpoint.assemble_checkpoint(out_dir, source, n_blocks, quantization_config(spec), report, resolved)
         log.info("job_done", output=str(out_dir), blocks=n_blocks, seconds=round(time.perf_counter() - t_job, 2))
-        return JobOutcome(str(out_dir), n_blocks, state.done_blocks, False, stage_seconds)
+        return JobOutcome(str(out_dir), n_blocks, state.done_blocks, False, stage_seconds, bytes_moved)
     except INPUT_ERRORS:
         if fresh:  # this input can never finish; a fixed input is a different job
             checkpoint.discard_staging(out_dir)

@@ -26,6 +26,7 @@ batch; the reference reads the global W, which lacks them when group_size < colu
 result does not depend on column_batch, and it equals the textbook column-by-column algorithm.
 """
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -101,12 +102,15 @@ class _Solution:
     zeros: Tensor    # [G, N] compute dtype
     g_idx: Tensor    # [K] int64
     damp_percent: float
+    damping: float   # λ = damp_percent · mean(diag(H)), added to diag(H)
+    row_error: Tensor | None  # [N] float64 Σ_j E_j² per row (fused path), for the loss; None: torch path
 
 
 @dataclass(frozen=True)
 class _InverseFactor:
     U: Tensor        # [K, K] upper Cholesky factor of (H + λI)⁻¹, solve order
     damp_percent: float
+    damping: float   # λ
 
 
 def solve_gptq(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQConfig) -> GPTQResult:
@@ -145,17 +149,27 @@ def solve_input_group(weights: list[Tensor], hessian_sum: Tensor, n_tokens: int,
             scales=solution.scales[:, rows].float(),
             zeros=solution.zeros[:, rows].to(torch.int32),
             g_idx=solution.g_idx.to(torch.int32),
-            loss=layer_loss(objective.W[rows], solution.Q[rows], objective.H),
+            loss=_loss(objective.W[rows], solution, rows, objective.H),
             damp_percent=solution.damp_percent,
         ))
     return results
 
 
+def _loss(W: Tensor, solution: _Solution, rows: slice, H: Tensor) -> float:
+    """tr((W - Q) H (W - Q)ᵀ) of the rows of one linear, W [n, K] its objective weights.
+
+    The fused path has the scaled errors' ‖E‖² per row: W - Q = E U and U (H + λI) Uᵀ = I give
+    tr((W - Q) H (W - Q)ᵀ) = ‖E‖² - λ‖W - Q‖², O(NK) instead of an [N, K] × [K, K] product.
+    """
+    if solution.row_error is None:
+        return layer_loss(W, solution.Q[rows], H)
+    D = W - solution.Q[rows]
+    return float(solution.row_error[rows].sum() - solution.damping * torch.sum(D * D, dtype=torch.float64))
+
+
 def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
     """Algorithm 1 on the objective's W [N, K], H [K, K]; W and H are not modified."""
     N, K = W.shape
-    maxq = max_level(cfg.bits)
-    width = group_width(cfg.group_size, K)
     n_groups = count_groups(cfg.group_size, K)
     perm = act_order(H) if cfg.desc_act else torch.arange(K, device=W.device)
     g_idx = group_index(perm, cfg.group_size, cfg.static_groups)
@@ -165,11 +179,38 @@ def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
     else:
         scales = W.new_zeros(n_groups, N)
         zeros = W.new_zeros(n_groups, N)
-    group_of = g_idx[perm].tolist()  # group of each column in solve order
+    group_of = g_idx[perm]  # group of each column in solve order
 
     W = W[:, perm]  # advanced indexing copies: the objective's W stays intact for the loss
     factor = _inverse_cholesky(H[perm][:, perm], n_tokens, cfg)
-    U = factor.U
+    if _runs_fused(W):
+        from rayquant.solver.gptq_fused import quantize_column_batches
+        fused = quantize_column_batches(W, factor.U, scales, zeros, group_of, cfg.bits, cfg.group_size, cfg.sym,
+                                        cfg.static_groups, cfg.column_batch)
+        codes, Q, row_error = fused.codes, W, fused.row_error  # the fused loop leaves Q in W
+    else:
+        codes, Q = _quantize_columns(W, factor.U, scales, zeros, group_of.tolist(), cfg)
+        row_error = None
+
+    invperm = torch.argsort(perm)
+    return _Solution(codes=codes[:, invperm], Q=Q[:, invperm], scales=scales, zeros=zeros, g_idx=g_idx,
+                     damp_percent=factor.damp_percent, damping=factor.damping, row_error=row_error)
+
+
+def _runs_fused(W: Tensor) -> bool:
+    """The Triton column loop runs on CUDA where triton is installed; elsewhere the torch loop (same result)."""
+    return W.is_cuda and importlib.util.find_spec("triton") is not None
+
+
+def _quantize_columns(W: Tensor, U: Tensor, scales: Tensor, zeros: Tensor, group_of: list[int],
+                      cfg: GPTQConfig) -> tuple[Tensor, Tensor]:
+    """The column loop in torch, one column at a time: W [N, K] solve order (updated in place) -> codes, Q.
+
+    Fills scales, zeros [G, N] at each dynamic group start.
+    """
+    N, K = W.shape
+    maxq = max_level(cfg.bits)
+    width = group_width(cfg.group_size, K)
     codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
     Q = torch.zeros_like(W)
     B = cfg.column_batch
@@ -192,10 +233,7 @@ def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
             W1[:, i:] -= torch.outer(err, U1[i, i:])
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the lazy batch update of all later columns
-
-    invperm = torch.argsort(perm)
-    return _Solution(codes=codes[:, invperm], Q=Q[:, invperm], scales=scales, zeros=zeros, g_idx=g_idx,
-                     damp_percent=factor.damp_percent)
+    return codes, Q
 
 
 def _current_group(W: Tensor, E1: Tensor, U: Tensor, i1: int, i2: int, j: int, width: int) -> Tensor:
@@ -214,28 +252,55 @@ def _current_group(W: Tensor, E1: Tensor, U: Tensor, i1: int, i2: int, j: int, w
 def _inverse_cholesky(H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _InverseFactor:
     """Upper Cholesky factor of (H + λI)⁻¹, growing damp_percent by damp_auto_increment on failure.
 
+    With J the reversal of rows and columns, J (H + λI) J = L Lᵀ gives (H + λI)⁻¹ = Uᵀ U for
+    U = J L⁻¹ J (upper, positive diagonal): one Cholesky and one triangular inverse, instead of
+    Cholesky, cholesky_inverse (two triangular solves against I) and a second Cholesky.
+
     Raises:
         HessianNotPositiveDefinite: no damping up to cfg.damp_cap gave a positive definite matrix.
     """
     K = H.shape[0]
-    diag = torch.arange(K, device=H.device)
     mean_diag = torch.mean(torch.diagonal(H))  # damp relative to it, so it is independent of n_tokens
+    flipped = H.flip(0, 1)
     tried = []
     for damp_percent in _damping_schedule(cfg):
         tried.append(damp_percent)
-        damped = H.clone()
-        damped[diag, diag] += damp_percent * mean_diag
+        damping = damp_percent * mean_diag
+        damped = flipped.clone()
+        damped.diagonal().add_(damping)
         L, info = torch.linalg.cholesky_ex(damped)
         if int(info) != 0:
             continue
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        if int(info) == 0 and bool(torch.isfinite(U).all()):
-            return _InverseFactor(U=U, damp_percent=damp_percent)
+        U = _invert_lower(L).flip(0, 1)
+        if bool(torch.isfinite(U).all()):
+            return _InverseFactor(U=U, damp_percent=damp_percent, damping=float(damping))
     steps = f" in steps of {cfg.damp_auto_increment}" if len(tried) > 1 else ""
     raise HessianNotPositiveDefinite(
         f"Hessian not positive definite: Cholesky failed after damping {tried[0]} to {tried[-1]}{steps} "
         f"(in_features={K}, n_tokens={n_tokens}); raise quant.damp_percent (e.g. 0.05) or calibration.n_samples",
         n_tokens=n_tokens, damp_tried=tuple(tried))
+
+
+TRIANGULAR_SOLVE_MAX = 2048  # below this a triangular solve against I; above, halves joined by products
+
+
+def _invert_lower(L: Tensor) -> Tensor:
+    """L⁻¹ of a lower-triangular L [K, K].
+
+    [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹ C A⁻¹, D⁻¹]]: large K costs matrix products (2K³/3 flops)
+    rather than one triangular solve with K right-hand sides (K³ flops, at a lower rate).
+    """
+    K = L.shape[0]
+    if K <= TRIANGULAR_SOLVE_MAX:
+        return torch.linalg.solve_triangular(L, torch.eye(K, dtype=L.dtype, device=L.device), upper=False)
+    h = K // 2
+    A_inv = _invert_lower(L[:h, :h])
+    D_inv = _invert_lower(L[h:, h:])
+    inverse = torch.zeros_like(L)
+    inverse[:h, :h] = A_inv
+    inverse[h:, h:] = D_inv
+    inverse[h:, :h] = -(D_inv @ (L[h:, :h] @ A_inv))
+    return inverse
 
 
 def _damping_schedule(cfg: GPTQConfig) -> list[float]:

@@ -87,8 +87,8 @@ def find_grid(W_group: Tensor, bits: int, sym: bool) -> GroupGrid:
     return GroupGrid(scale=scale, zero=zero)
 
 
-def _float16_scale(scale: Tensor, bits: int) -> Tensor:
-    """scale rounded to float16 (what checkpoints store), clamped to float16's positive range.
+def raise_if_scale_overflows(scale: Tensor, bits: int) -> None:
+    """Check raw scales against float16's maximum.
 
     Raises:
         ScaleNotRepresentable: a scale exceeds float16's maximum.
@@ -98,6 +98,15 @@ def _float16_scale(scale: Tensor, bits: int) -> Tensor:
             f"a weight group needs scale {float(scale.max()):.6g} at {bits} bits, above float16's "
             f"{FLOAT16_MAX}; GPTQ checkpoints store float16 scales, so this layer cannot be quantized "
             "as is: check the model weights for corruption")
+
+
+def _float16_scale(scale: Tensor, bits: int) -> Tensor:
+    """scale rounded to float16 (what checkpoints store), clamped to float16's positive range.
+
+    Raises:
+        ScaleNotRepresentable: a scale exceeds float16's maximum.
+    """
+    raise_if_scale_overflows(scale, bits)
     return torch.clamp(scale, min=FLOAT16_MIN_SCALE).to(torch.float16).to(scale.dtype)
 
 

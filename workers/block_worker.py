@@ -104,6 +104,7 @@ class BlockResult:
     layers: list[LayerReport] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] | None = None  # rank 0 only: the block's part file (output names)
     peak_memory_bytes: int = 0
+    bytes_received: dict[str, int] = field(default_factory=dict)  # per stage, by this rank (sum over ranks = traffic)
 
 
 class BlockWorker:
@@ -119,6 +120,7 @@ class BlockWorker:
         self.hessian_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         self.source: ModelSource | None = None
         self.inputs: list[BlockInput] = []
+        self.received: dict[str, int] = {}  # bytes this rank received per stage, for the current block
 
     # ---- lifetime ---------------------------------------------------------------------------
 
@@ -166,6 +168,7 @@ class BlockWorker:
         """Quantize block `task.block_idx` (or replay it from its part file) and advance the shard."""
         self._bind(block=task.block_idx)
         seconds: dict[str, float] = {}
+        self.received = {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if task.replay is not None:
@@ -183,7 +186,8 @@ class BlockWorker:
         log.info("block_stages_done", rank=self.rank, replay=task.replay is not None,
                  **{k: round(v, 3) for k, v in seconds.items()})
         return BlockResult(block_idx=task.block_idx, rank=self.rank, seconds=seconds, layers=layers,
-                           tensors=part if self.rank == 0 else None, peak_memory_bytes=peak)
+                           tensors=part if self.rank == 0 else None, peak_memory_bytes=peak,
+                           bytes_received=dict(self.received))
 
     def _load(self, block_idx: int) -> dict[str, torch.Tensor]:
         """Read 1/W of the block's tensors (largest first, to the least-loaded rank), broadcast the rest."""
@@ -205,7 +209,7 @@ class BlockWorker:
             template = mine.get(name)
             if template is None:
                 template = torch.empty(info.shape, dtype=DTYPES[info.dtype], device=self.device)
-            out[name] = self._broadcast(template, src=readers[name])
+            out[name] = self._broadcast(template, src=readers[name], stage="load")
         return out
 
     def _quantize(self, block_idx: int, source: dict[str, torch.Tensor],
@@ -296,6 +300,7 @@ class BlockWorker:
         dist.gather(counts, all_counts, dst=owner)
         if not is_owner:
             return None
+        self._count("reduce", (self.world - 1) * (_nbytes(hessian_sum) + _nbytes(counts)))
         total = parts[0].clone()
         for p in parts[1:]:
             total += p
@@ -337,12 +342,13 @@ class BlockWorker:
         """Broadcast one linear's packed tensors from its owner; shapes follow from the layer."""
         if mine is None:
             mine = _empty_packed(linear.out_features, linear.in_features, self.setup.gptq)
-        return PackedLinear(**{f: self._broadcast(getattr(mine, f), src=owner) for f in PACKED_FIELDS})
+        return PackedLinear(**{f: self._broadcast(getattr(mine, f), src=owner, stage="share") for f in PACKED_FIELDS})
 
     def _advance(self, block_idx: int, part: dict[str, torch.Tensor]) -> None:
         """Forward the shard through the quantized block, built from its part file as a reader would."""
         prefix = self.layout.block_prefix(block_idx)
         bits = self.setup.gptq.bits
+        part = {k: v.to(self.device) for k, v in part.items()}  # unpack on the GPU, not the host
         state = {}
         for name, tensor in part.items():
             rel = name[len(prefix):]
@@ -353,15 +359,17 @@ class BlockWorker:
                     state[f"{stem}.weight"] = _dequantize_packed(p, bits)
             else:
                 state[rel] = tensor
-        block = materialize(self.blocks[block_idx], {k: v.to(self.device) for k, v in state.items()}, self.dtype)
+        block = materialize(self.blocks[block_idx], state, self.dtype)
         self.inputs = [BlockInput(forward_block(block, inp), inp.kwargs) for inp in self.inputs]
 
     # ---- collectives ------------------------------------------------------------------------------
 
-    def _broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+    def _broadcast(self, tensor: torch.Tensor, src: int, stage: str) -> torch.Tensor:
         """Broadcast any dtype as raw bytes (Gloo lacks some dtypes)."""
         if self.world == 1:
             return tensor
+        if self.rank != src:
+            self._count(stage, _nbytes(tensor))
         t = tensor.contiguous().to(self.device)
         raw = t.reshape(-1).view(torch.uint8)
         dist.broadcast(raw, src=src)
@@ -376,6 +384,9 @@ class BlockWorker:
             raise err
         if flag.item():
             raise PeerFailed(f"rank {self.rank}: another worker failed in this stage; see its error")
+
+    def _count(self, stage: str, nbytes: int) -> None:
+        self.received[stage] = self.received.get(stage, 0) + nbytes
 
     def _now(self) -> float:
         """A stage clock: waits for queued GPU work so each stage is charged its own time."""
@@ -396,6 +407,10 @@ def _balance(sizes: dict[str, int], world: int) -> dict[str, int]:
         out[name] = r
         load[r] += sizes[name]
     return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _empty_packed(out_features: int, in_features: int, cfg: GPTQConfig) -> PackedLinear:

@@ -3,7 +3,8 @@
     python tests/bench/stage_bench.py [--set key.path=value ...]
 
 Prints one table per worker count (load, collect, reduce, solve, validate, share, advance,
-persist for every block) and the total wall time of each job.
+persist for every block, and the bytes that crossed between workers in load / reduce / share)
+and the total wall time of each job. `--workers 1,2,4` checks the communication model.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ def main() -> None:
             spec = load_spec(SPEC, [*args.set, f"cluster.num_workers={w}", f"output.uri={tmp}/w{w}"])
             t = time.perf_counter()
             outcome = run_job(spec)
-            rows.append((w, time.perf_counter() - t, outcome.stage_seconds))
-    for w, wall, blocks in rows:
+            rows.append((w, time.perf_counter() - t, outcome.stage_seconds, outcome.bytes_moved))
+    for w, wall, blocks, moved in rows:
         print(f"\nworkers={w}  job wall {wall:.1f} s")
-        print("block " + " ".join(f"{s:>9}" for s in STAGES))
+        print("block " + " ".join(f"{s:>9}" for s in STAGES) + "   KiB moved: load reduce share")
         for b, sec in enumerate(blocks):
-            print(f"{b:>5} " + " ".join(f"{sec.get(s, 0.0):9.3f}" for s in STAGES))
+            kib = " ".join(f"{moved[b][k] / 1024:8.0f}" for k in ("load", "reduce", "share"))
+            print(f"{b:>5} " + " ".join(f"{sec.get(s, 0.0):9.3f}" for s in STAGES) + f"   {kib}")
         print("total " + " ".join(f"{sum(x.get(s, 0.0) for x in blocks):9.3f}" for s in STAGES))
 
 
