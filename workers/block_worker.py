@@ -136,6 +136,8 @@ class BlockWorker:
         self._bind(block=None)
         torch.set_num_threads(self.setup.num_threads)  # a reused Ray worker may keep 1
         torch.manual_seed(0)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL binds each rank to its current device
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=rendezvous, rank=self.rank,
                                 world_size=self.world, timeout=timedelta(minutes=30))

@@ -1,0 +1,99 @@
+"""Scaling of the block pipeline over W workers: one process per GPU (NCCL) or per CPU (Gloo).
+
+    python -m tests.bench.scaling_bench --preset llama-70b --workers 1,2 [--blocks 2]
+    python -m tests.bench.scaling_bench --preset llama-tiny --workers 1,2,4 --cpu --samples 32 --seq-len 256
+
+Ray cannot travel to the GPU machine, so each rank is a spawned process running the same
+BlockWorker the Ray actors run. For every W it prints the last block's per-stage seconds (slowest
+rank), the bytes that crossed between workers per stage, peak GPU memory, the scaling efficiency
+T(1) / (W · T(W)), and the largest relative difference of any layer's loss from W = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from dataclasses import asdict
+
+import torch
+import torch.multiprocessing as mp
+
+from rayquant.solver.gptq import GPTQConfig
+from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
+
+STAGES = ("load", "collect", "reduce", "solve", "validate", "share", "advance")
+MOVED = ("load", "reduce", "share")
+
+
+def _rank_main(rank: int, world: int, args: argparse.Namespace, rendezvous: str, queue) -> None:
+    samples = torch.randint(2, 1024, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    device = "cpu" if args.cpu else f"cuda:{rank}"
+    setup = WorkerSetup(job_id="scale", rank=rank, world_size=world, model_path=f"synthetic://{args.preset}",
+                        samples=samples.tensor_split(world)[rank].clone(), gptq=GPTQConfig(bits=4, group_size=128),
+                        true_sequential=True, micro_batch=args.micro_batch,
+                        num_threads=1 if args.cpu else 4, device=device)
+    worker = BlockWorker(setup)
+    worker.start(rendezvous)
+    out = []
+    for b in range(args.blocks):
+        t = time.perf_counter()
+        r = worker.run_block(BlockTask("scale", b))
+        out.append(dict(seconds=r.seconds, wall=time.perf_counter() - t, moved=r.bytes_received,
+                        peak=r.peak_memory_bytes, layers=[asdict(x) for x in r.layers]))
+    worker.stop()
+    queue.put((rank, out))
+
+
+def run_world(world: int, args: argparse.Namespace) -> list[list[dict]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        rendezvous = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, args, rendezvous, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=args.timeout) for _ in procs)
+    for p in procs:
+        p.join()
+    return [results[r] for r in range(world)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="llama-70b")
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--timeout", type=float, default=540)
+    args = parser.parse_args()
+    os.environ.setdefault("RAYQUANT_CACHE", "/tmp/rayquant-cache")
+    rows = {}
+    for w in [int(x) for x in args.workers.split(",")]:
+        rows[w] = run_world(w, args)
+    where = "CPU (Gloo)" if args.cpu else f"{torch.cuda.get_device_name()} (NCCL)"
+    print(f"\n{args.preset}, {args.samples} x {args.seq_len} tokens, 4-bit g128, {where}; last block of {args.blocks}")
+    print(f"{'W':>2} " + " ".join(f"{s:>9}" for s in STAGES) + f" {'block s':>8} {'eff':>5}  MiB moved "
+          + "/".join(MOVED) + "  peak GiB  max loss diff vs W=1")
+    base_t = base_layers = None
+    for w, ranks in rows.items():
+        last = [r[-1] for r in ranks]
+        sec = {s: max(x["seconds"].get(s, 0.0) for x in last) for s in STAGES}
+        block_s = sum(sec.values())
+        moved = {k: sum(x["moved"].get(k, 0) for x in last) / 2**20 for k in MOVED}
+        layers = {lay["name"]: lay["gptq_loss"] for x in last for lay in x["layers"]}
+        base_t = base_t or block_s
+        base_layers = base_layers or layers
+        diff = max(abs(layers[n] - base_layers[n]) / base_layers[n] for n in layers)
+        print(f"{w:>2} " + " ".join(f"{sec[s]:9.3f}" for s in STAGES) + f" {block_s:8.2f} {base_t / (w * block_s):5.2f}"
+              f"  {moved['load']:.1f}/{moved['reduce']:.1f}/{moved['share']:.1f}"
+              f"  {max(x['peak'] for x in last) / 2**30:8.1f}  {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
