@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rayquant.kernels.dequant_gemm import dequant_gemm
 from rayquant.kernels.validation import KernelMismatch, validate_packed_layer
-from rayquant.solver.gptq import GPTQConfig, HessianNotPositiveDefinite, dequantize, solve_input_group
+from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefinite, dequantize, solve_input_group
 from rayquant.solver.hessian import accumulate_hessian
 from rayquant.solver.pack import PackedLinear, pack_linear, unpack_linear
 from rayquant.solver.rtn import quantize_rtn
@@ -323,10 +324,11 @@ class BlockWorker:
         t = self._now()
         packed, reports = {}, []
         for lin, w, res, base in zip(group.linears, weights, results, rtn):
-            p = pack_linear(res, cfg.bits)
+            p = self._pack(res)
             expected = dequantize(res.codes, res.scales, res.zeros, res.g_idx)
             try:
-                check = validate_packed_layer(x_val.float(), p, cfg.bits, expected, self.setup.validate_tolerance)
+                check = validate_packed_layer(x_val, p, cfg.bits, expected, self.setup.validate_tolerance,
+                                              gemm=dequant_gemm)  # Triton on GPU, reference on CPU
             except KernelMismatch as err:
                 raise KernelMismatch(f"block {block_idx} layer {prefix}{lin}: {err}") from err
             packed[lin] = p
@@ -339,6 +341,9 @@ class BlockWorker:
                       damp_percent=res.damp_percent)
         seconds["validate"] = seconds.get("validate", 0.0) + self._now() - t
         return packed, reports
+
+    def _pack(self, result: GPTQResult) -> PackedLinear:
+        return pack_linear(result, self.setup.gptq.bits)
 
     def _share(self, linear: nn.Linear, mine: PackedLinear | None, owner: int) -> PackedLinear:
         """Broadcast one linear's packed tensors from its owner; shapes follow from the layer."""

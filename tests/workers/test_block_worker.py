@@ -1,0 +1,63 @@
+"""The block worker in-process (as GPU benchmarks run it), one rank, on the tiny Llama."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import pytest
+import torch
+
+from rayquant.kernels.validation import KernelMismatch
+from rayquant.solver.gptq import GPTQConfig, GPTQResult
+from rayquant.solver.pack import PackedLinear
+from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
+
+
+def _setup() -> WorkerSetup:
+    samples = torch.randint(2, 1024, (4, 64), generator=torch.Generator().manual_seed(0))
+    return WorkerSetup(job_id="test", rank=0, world_size=1, model_path="synthetic://llama-tiny", samples=samples,
+                       gptq=GPTQConfig(bits=4, group_size=128), true_sequential=True, micro_batch=2)
+
+
+def _free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+class CorruptScaleWorker(BlockWorker):
+    """Packs one layer with a doubled scale, as a buggy packer or kernel would."""
+
+    def _pack(self, result: GPTQResult) -> PackedLinear:
+        packed = super()._pack(result)
+        if result.codes.shape == (256, 128):  # gate_proj / up_proj
+            scales = packed.scales.clone()
+            scales[0, :4] *= 2
+            packed = dataclasses.replace(packed, scales=scales)
+        return packed
+
+
+def test_one_block_in_process_beats_rtn_and_packs_every_linear():
+    worker = BlockWorker(_setup())
+    try:
+        assert worker.start(_free_address()) == 4
+        result = worker.run_block(BlockTask("test", 0))
+    finally:
+        worker.stop()
+    assert len(result.layers) == 7
+    assert all(x.gptq_loss < x.rtn_loss for x in result.layers)
+    assert all(x.max_rel_err < 1e-3 for x in result.layers)
+    assert "model.layers.0.mlp.down_proj.qweight" in result.tensors
+    assert "model.layers.0.mlp.down_proj.weight" not in result.tensors
+    assert result.tensors["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+
+
+def test_a_layer_whose_kernel_output_disagrees_fails_validation_naming_it():
+    worker = CorruptScaleWorker(_setup())
+    try:
+        worker.start(_free_address())
+        with pytest.raises(KernelMismatch, match=r"block 0 layer model\.layers\.0\.mlp\.gate_proj"):
+            worker.run_block(BlockTask("test", 0))
+    finally:
+        worker.stop()
