@@ -1,13 +1,15 @@
 """Triton dequant-GEMM against the GPU's copy bandwidth and torch's fp16 matmul, on one CUDA GPU.
 
-    python tests/bench/kernel_bench.py [--sweep] [--large-m]
+    python tests/bench/kernel_bench.py [--large-m] [--sweep]
 
 Measures a 1 GiB device-to-device copy (bytes read + written) in the same run, then for 4- and 8-bit
-GPTQ layers (g128) with K×N in {8192×28672, 28672×8192, 8192×8192} and M in {1, 4, 16, 128} the kernel's
-median time (triton.testing.do_bench: CUDA events, L2 flushed before each run), its effective weight
-bandwidth (qweight + scales + qzeros bytes / time) as GB/s and as % of the copy bandwidth, and
-torch.nn.functional.linear on an fp16 weight of the same shape. Act-order (g_idx permuted) rows follow.
---large-m adds M = 512, 2048 rows. The table is printed last.
+GPTQ layers (g128) with K×N in {8192×28672, 28672×8192, 8192×8192} and M in {1, 4, 16, 128}: the kernel's
+median time per call in CUDA-graph replays that rotate over weight copies (L2 cold; launch overhead out),
+the eager time (triton.testing.do_bench median, L2 flushed), the effective weight bandwidth
+(qweight + scales + qzeros bytes / time) as GB/s and as % of the copy bandwidth, and
+torch.nn.functional.linear on an fp16 weight of the same shape (CUDA graph). For M <= 16 an "(alt)" row
+times the other small-M kernel with the same tiles. Act-order (g_idx permuted) rows follow.
+--large-m adds M = 2048 for N = 8192. The table is printed last.
 --sweep instead times alternative tile configs at M = 1, 4, 16 (for tuning `choose_tile_config`).
 """
 
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from rayquant.kernels.triton_dequant_gemm import TileConfig, choose_tile_config, dequant_gemm_triton
+from rayquant.kernels.triton_dequant_gemm import (GIdxLayout, TileConfig, choose_tile_config, dequant_gemm_triton,
+                                                  read_g_idx_layout)
 from rayquant.solver.pack import PackedLinear
 
 SHAPES = [(8192, 28672), (28672, 8192), (8192, 8192)]  # (K, N): MLP up, MLP down, attention (70B)
@@ -82,6 +85,7 @@ def sweep(sms: int, copy_bw: float) -> list[str]:
         mma = [TileConfig("mma", 16, bn, k, 1, w, st) for bn, k, w, st in
                [(64, kw, 4, 3), (128, kw, 4, 3), (32, kw, 4, 3), (64, 2 * kw, 4, 3), (64, kw, 4, 5),
                 (128, kw, 8, 3)]]
+        mma += [dataclasses.replace(c, kernel="mma_swapped") for c in mma[:2]]
         for K, N in SHAPES[::2]:
             packed = random_layer(K, N, bits, False, 0)
             nbytes = weight_bytes(packed)
@@ -91,21 +95,49 @@ def sweep(sms: int, copy_bw: float) -> list[str]:
                 results = []
                 for base in cands:
                     for cfg in split_variants(base, M, N, K, bits, sms):
-                        ms = time_ms(lambda: dequant_gemm_triton(x, packed, bits, GROUP_SIZE, cfg))
+                        ms = time_ms(lambda c=cfg: dequant_gemm_triton(x, packed, bits, GIdxLayout(GROUP_SIZE), c))
                         results.append((ms, cfg))
                         print(f"SWEEP bits={bits} K={K} N={N} M={M} {fmt_cfg(cfg)} {ms * 1e3:.1f}us "
                               f"{nbytes / (ms * 1e-3) / copy_bw * 100:.0f}%", flush=True)
                 results.sort(key=lambda r: r[0])
                 default = choose_tile_config(M, N, K, bits, sms)
-                d_ms = time_ms(lambda: dequant_gemm_triton(x, packed, bits, GROUP_SIZE, default))
+                d_ms = time_ms(lambda: dequant_gemm_triton(x, packed, bits, GIdxLayout(GROUP_SIZE), default))
                 best = "; ".join(f"{fmt_cfg(c)} {ms * 1e3:.1f}us" for ms, c in results[:3])
                 lines.append(f"bits={bits} {K}x{N} M={M}: default {fmt_cfg(default)} {d_ms * 1e3:.1f}us | best {best}")
-            del packed
     return lines
 
 
 def fmt_cfg(c: TileConfig) -> str:
     return f"{c.kernel}/m{c.block_m}n{c.block_n}kw{c.block_kw}s{c.split_k}w{c.num_warps}p{c.num_stages}"
+
+
+def graph_us(calls: list, reps: int) -> float:
+    """Median µs per call of a CUDA graph replaying `calls` (one per weight copy, so L2 holds none) reps times."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for call in calls:
+                call()
+    graph.replay()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def copies_for(nbytes: int) -> int:
+    """Weight copies to rotate through so that no run finds the previous one's weights in L2."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return min(8, max(2, -(-3 * l2 // nbytes)))
 
 
 def main() -> None:
@@ -121,37 +153,58 @@ def main() -> None:
             print("BEST", line)
         return
 
-    ms_list = [1, 4, 16, 128] + ([512, 2048] if args.large_m else [])
-    rows = []
-    for act_order in (False, True):
-        for bits in (4, 8) if not act_order else (4,):
-            for K, N in SHAPES:
-                packed = random_layer(K, N, bits, act_order, 1)
-                group_size = None if act_order else GROUP_SIZE
-                nbytes = weight_bytes(packed)
-                W16 = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
-                for M in ms_list if not act_order else [1, 16, 128]:
-                    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                    if act_order:  # the g_idx check syncs; it is not what is being timed
-                        fn = lambda: dequant_gemm_triton(x, packed, bits, None, None)  # noqa: E731
-                    else:
-                        fn = lambda: dequant_gemm_triton(x, packed, bits, group_size)  # noqa: E731
-                    ms = time_ms(fn)
-                    torch_ms = time_ms(lambda: F.linear(x, W16))
+    cases = []  # (bits, act_order, K, N, M, alternative tile config or None)
+    for bits in (4, 8):
+        for K, N in SHAPES:
+            for M in [1, 4, 16, 128] + ([2048] if args.large_m and N == 8192 else []):
+                cases.append((bits, False, K, N, M, None))
+                if M <= 16:  # the other small-M tensor-core kernel, for comparison
                     cfg = choose_tile_config(M, N, K, bits, sms)
-                    rows.append((bits, "act" if act_order else "seq", f"{K}x{N}", M, ms * 1e3,
-                                 nbytes / (ms * 1e-3) / 1e9, nbytes / (ms * 1e-3) / copy_bw * 100, torch_ms * 1e3,
-                                 torch_ms / ms, fmt_cfg(cfg), 2 * M * K * N / (ms * 1e-3) / 1e12))
-                del packed, W16
+                    small_m = choose_tile_config(16, N, K, bits, sms)
+                    alt = dataclasses.replace(small_m, kernel="mma_swapped" if cfg.kernel == "mma" else "mma")
+                    cases.append((bits, False, K, N, M, alt))
+    for K, N in SHAPES:
+        for M in (1, 16, 128):
+            cases.append((4, True, K, N, M, None))
+
+    rows = []
+    layers: dict = {}
+    for bits, act_order, K, N, M, alt in cases:
+        key = (bits, act_order, K, N)
+        if key not in layers:
+            layers.clear()
+            torch.cuda.empty_cache()
+            first = random_layer(K, N, bits, act_order, 1)
+            layers[key] = [first] + [random_layer(K, N, bits, act_order, 2 + i)
+                                     for i in range(copies_for(weight_bytes(first)) - 1)]
+            W16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies_for(2 * K * N))]
+        packs = layers[key]
+        nbytes = weight_bytes(packs[0])
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        layout = read_g_idx_layout(packs[0].g_idx)  # every copy has the same kind of g_idx
+        assert (layout.group_size is None) == act_order
+        cfg = alt or choose_tile_config(M, N, K, bits, sms)
+        calls = [lambda p=p: dequant_gemm_triton(x, p, bits, layout, cfg) for p in packs]
+        eager_ms = time_ms(calls[0])
+        reps = max(1, min(20, int(20.0 / eager_ms / len(calls))))
+        us = graph_us(calls, reps)
+        torch_us = graph_us([lambda w=w: F.linear(x, w) for w in W16], max(1, reps // 2))
+        rows.append((bits, "act" if act_order else "seq", f"{K}x{N}", M, us, eager_ms * 1e3,
+                     nbytes / (us * 1e-6) / 1e9, nbytes / (us * 1e-6) / copy_bw * 100, torch_us, torch_us / us,
+                     2 * M * K * N / (us * 1e-6) / 1e12, fmt_cfg(cfg) + (" (alt)" if alt else "")))
+        print(*rows[-1], flush=True)
 
     print(f"\ndevice: {device}, {sms} SMs; 1 GiB device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
-    print("kernel time: median of triton.testing.do_bench (L2 flushed each run); torch = F.linear fp16 weight")
-    head = ("bits", "g_idx", "KxN", "M", "kernel_us", "eff_GB/s", "%copy", "torch_us", "torch/ker", "TFLOP/s", "tiles")
-    print(f"{head[0]:>4} {head[1]:>5} {head[2]:>11} {head[3]:>5} {head[4]:>10} {head[5]:>9} {head[6]:>6} "
-          f"{head[7]:>9} {head[8]:>9} {head[9]:>8}  {head[10]}")
-    for b, g, kn, M, us, gbs, pct, tus, ratio, cfg, tflops in rows:
-        print(f"{b:>4} {g:>5} {kn:>11} {M:>5} {us:>10.1f} {gbs:>9.0f} {pct:>6.1f} {tus:>9.1f} {ratio:>9.2f} "
-              f"{tflops:>8.1f}  {cfg}")
+    print("kernel_us: median per call of CUDA-graph replays rotating over weight copies (L2 cold); eager_us: "
+          "triton.testing.do_bench median, L2 flushed, launch overhead included when it exceeds the flush; "
+          "torch_us: F.linear on an fp16 weight, CUDA graph; eff_GB/s = (qweight + scales + qzeros bytes) / "
+          "kernel_us; (alt) = not the default tiles, for comparison")
+    head = ("bits", "g_idx", "KxN", "M", "kernel_us", "eager_us", "eff_GB/s", "%copy", "torch_us", "torch/ker",
+            "TFLOP/s", "tiles")
+    print("{:>4} {:>5} {:>11} {:>5} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>7}  {}".format(*head))
+    for b, g, kn, M, us, eus, gbs, pct, tus, ratio, tflops, cfg in rows:
+        print(f"{b:>4} {g:>5} {kn:>11} {M:>5} {us:>9.1f} {eus:>9.1f} {gbs:>9.0f} {pct:>6.1f} {tus:>9.1f} "
+              f"{ratio:>9.2f} {tflops:>7.1f}  {cfg}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def _kernel_case(M: int, K: int, N: int, group_size: int, bits: int, act_order: 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("M,K,N,group_size", [
     (1, 4096, 4096, 128),   # decode: gemv, split-K
-    (4, 2048, 1536, 128),   # small M: mma, split-K
+    (1, 2048, 512, 32),     # gemv with K steps shortened to the group
+    (4, 2048, 1536, 128),   # small M: mma_swapped (4-bit) / mma (8-bit), split-K
     (16, 1024, 512, 64),
     (33, 640, 264, 128),    # K not a multiple of the group size (5 groups, last one partial); ragged tiles
     (300, 1024, 1000, -1),  # one group; large-M tiles
@@ -76,7 +77,8 @@ def test_triton_kernel_matches_reference(M: int, K: int, N: int, group_size: int
 
 @needs_cuda
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("kernel,block_m,split_k", [("gemv", 1, 1), ("gemv", 1, 3), ("mma", 16, 1), ("mma", 32, 4)])
+@pytest.mark.parametrize("kernel,block_m,split_k", [("gemv", 1, 1), ("gemv", 1, 3), ("mma", 16, 1), ("mma", 32, 4),
+                                                    ("mma_swapped", 16, 1), ("mma_swapped", 32, 3)])
 def test_every_tile_kernel_handles_every_m(bits: int, kernel: str, block_m: int, split_k: int) -> None:
     from rayquant.kernels.triton_dequant_gemm import TileConfig
 
