@@ -24,6 +24,10 @@ One deliberate difference from the reference code: a group's grid is computed fr
 every earlier error update applied, including the not-yet-flushed updates of the current column
 batch; the reference reads the global W, which lacks them when group_size < column_batch. Here the
 result does not depend on column_batch, and it equals the textbook column-by-column algorithm.
+
+Two implementations of the column loop, one algorithm: on CUDA with triton, `solver/gptq_fused.py`
+(a Triton kernel per column batch, working from R = U⁻¹ so U is never formed; its loss comes from
+the scaled errors it sums, see there); elsewhere the torch loop below.
 """
 
 import importlib.util
@@ -97,20 +101,19 @@ class GPTQResult:
 @dataclass(frozen=True)
 class _Solution:
     codes: Tensor    # [N, K] uint8, original column order
-    Q: Tensor        # [N, K] compute dtype, dequantized, original column order
     scales: Tensor   # [G, N] compute dtype
     zeros: Tensor    # [G, N] compute dtype
     g_idx: Tensor    # [K] int64
     damp_percent: float
-    damping: float   # λ = damp_percent · mean(diag(H)), added to diag(H)
-    row_error: Tensor | None  # [N] float64 Σ_j E_j² per row (fused path), for the loss; None: torch path
+    Q: Tensor | None         # [N, K] compute dtype, dequantized, original order (torch path)
+    row_loss: Tensor | None  # [N] float64 per-row loss from the fused path's error sums
 
 
 @dataclass(frozen=True)
-class _InverseFactor:
-    U: Tensor        # [K, K] upper Cholesky factor of (H + λI)⁻¹, solve order
+class _HessianFactor:
+    L: Tensor        # [K, K] lower Cholesky factor of J (H + λI) J, J reversing the (solve) order
     damp_percent: float
-    damping: float   # λ
+    damping: float   # λ = damp_percent · mean(diag(H))
 
 
 def solve_gptq(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQConfig) -> GPTQResult:
@@ -149,22 +152,11 @@ def solve_input_group(weights: list[Tensor], hessian_sum: Tensor, n_tokens: int,
             scales=solution.scales[:, rows].float(),
             zeros=solution.zeros[:, rows].to(torch.int32),
             g_idx=solution.g_idx.to(torch.int32),
-            loss=_loss(objective.W[rows], solution, rows, objective.H),
+            loss=(layer_loss(objective.W[rows], solution.Q[rows], objective.H) if solution.row_loss is None
+                  else float(solution.row_loss[rows].sum())),
             damp_percent=solution.damp_percent,
         ))
     return results
-
-
-def _loss(W: Tensor, solution: _Solution, rows: slice, H: Tensor) -> float:
-    """tr((W - Q) H (W - Q)ᵀ) of the rows of one linear, W [n, K] its objective weights.
-
-    The fused path has the scaled errors' ‖E‖² per row: W - Q = E U and U (H + λI) Uᵀ = I give
-    tr((W - Q) H (W - Q)ᵀ) = ‖E‖² - λ‖W - Q‖², O(NK) instead of an [N, K] × [K, K] product.
-    """
-    if solution.row_error is None:
-        return layer_loss(W, solution.Q[rows], H)
-    D = W - solution.Q[rows]
-    return float(solution.row_error[rows].sum() - solution.damping * torch.sum(D * D, dtype=torch.float64))
 
 
 def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
@@ -181,20 +173,25 @@ def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
         zeros = W.new_zeros(n_groups, N)
     group_of = g_idx[perm]  # group of each column in solve order
 
-    W = W[:, perm]  # advanced indexing copies: the objective's W stays intact for the loss
-    factor = _inverse_cholesky(H[perm][:, perm], n_tokens, cfg)
-    if _runs_fused(W):
-        from rayquant.solver.gptq_fused import quantize_column_batches
-        fused = quantize_column_batches(W, factor.U, scales, zeros, group_of, cfg.bits, cfg.group_size, cfg.sym,
-                                        cfg.static_groups, cfg.column_batch)
-        codes, Q, row_error = fused.codes, W, fused.row_error  # the fused loop leaves Q in W
-    else:
-        codes, Q = _quantize_columns(W, factor.U, scales, zeros, group_of.tolist(), cfg)
-        row_error = None
-
+    fused = _runs_fused(W)
+    if cfg.desc_act:  # advanced indexing copies: the objective's W and H stay intact
+        W, H = W[:, perm], H[perm][:, perm]
+    elif not fused:
+        W = W.clone()  # the torch loop moves W in place; the objective's W stays intact for the loss
+    factor = _cholesky_factor(H, n_tokens, cfg)
     invperm = torch.argsort(perm)
-    return _Solution(codes=codes[:, invperm], Q=Q[:, invperm], scales=scales, zeros=zeros, g_idx=g_idx,
-                     damp_percent=factor.damp_percent, damping=factor.damping, row_error=row_error)
+    if fused:
+        from rayquant.solver.gptq_fused import quantize_column_batches
+        # R = J L J is upper with H + λI = R Rᵀ, so U = R⁻¹: the fused loop works from R, never forming U
+        result = quantize_column_batches(W, factor.L.flip(0, 1), factor.damping, scales, zeros, group_of, cfg.bits,
+                                         cfg.group_size, cfg.sym, cfg.static_groups, cfg.column_batch)
+        codes = result.codes[:, invperm] if cfg.desc_act else result.codes
+        return _Solution(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, damp_percent=factor.damp_percent,
+                         Q=None, row_loss=result.row_loss)
+    U = _invert_lower(factor.L).flip(0, 1).contiguous()  # row-major: the loop reads rows of U
+    codes, Q = _quantize_columns(W, U, scales, zeros, group_of.tolist(), cfg)
+    return _Solution(codes=codes[:, invperm], scales=scales, zeros=zeros, g_idx=g_idx,
+                     damp_percent=factor.damp_percent, Q=Q[:, invperm], row_loss=None)
 
 
 def _runs_fused(W: Tensor) -> bool:
@@ -249,31 +246,28 @@ def _current_group(W: Tensor, E1: Tensor, U: Tensor, i1: int, i2: int, j: int, w
     return torch.cat([W[:, j:i2], beyond], dim=1)
 
 
-def _inverse_cholesky(H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _InverseFactor:
-    """Upper Cholesky factor of (H + λI)⁻¹, growing damp_percent by damp_auto_increment on failure.
+def _cholesky_factor(H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _HessianFactor:
+    """Cholesky factor of the damped H in reversed order, growing damp_percent on failure.
 
     With J the reversal of rows and columns, J (H + λI) J = L Lᵀ gives (H + λI)⁻¹ = Uᵀ U for
-    U = J L⁻¹ J (upper, positive diagonal): one Cholesky and one triangular inverse, instead of
-    Cholesky, cholesky_inverse (two triangular solves against I) and a second Cholesky.
+    U = J L⁻¹ J (upper, positive diagonal): the upper Cholesky factor of the inverse that Section 3
+    Step 3 needs, from one Cholesky and a triangular inverse (instead of Cholesky, cholesky_inverse
+    and a second Cholesky).
 
     Raises:
         HessianNotPositiveDefinite: no damping up to cfg.damp_cap gave a positive definite matrix.
     """
     K = H.shape[0]
     mean_diag = torch.mean(torch.diagonal(H))  # damp relative to it, so it is independent of n_tokens
-    flipped = H.flip(0, 1)
     tried = []
     for damp_percent in _damping_schedule(cfg):
         tried.append(damp_percent)
         damping = damp_percent * mean_diag
-        damped = flipped.clone()
+        damped = H.flip(0, 1)  # a copy
         damped.diagonal().add_(damping)
         L, info = torch.linalg.cholesky_ex(damped)
-        if int(info) != 0:
-            continue
-        U = _invert_lower(L).flip(0, 1)
-        if bool(torch.isfinite(U).all()):
-            return _InverseFactor(U=U, damp_percent=damp_percent, damping=float(damping))
+        if int(info) == 0 and bool(torch.isfinite(torch.diagonal(L)).all()):
+            return _HessianFactor(L=L, damp_percent=damp_percent, damping=float(damping))
     steps = f" in steps of {cfg.damp_auto_increment}" if len(tried) > 1 else ""
     raise HessianNotPositiveDefinite(
         f"Hessian not positive definite: Cholesky failed after damping {tried[0]} to {tried[-1]}{steps} "

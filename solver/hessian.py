@@ -34,8 +34,10 @@ class LayerObjective:
 def accumulate_hessian(hessian_sum: Tensor, x: Tensor) -> int:
     """Add xᵀx of activations x [..., K] into hessian_sum [K, K] in place; return the tokens added.
 
-    x is cast to hessian_sum's dtype before the product, so bf16 activations accumulate in fp32
-    (or fp64, where a caller wants sums independent of summation order).
+    bf16/fp16 activations into an fp32 sum on CUDA multiply as they are, on the tensor cores with fp32
+    accumulation (`_accumulate_on_tensor_cores`): their products are exact in fp32, so this is the fp32
+    sum up to summation order, at the tensor cores' rate. Elsewhere x is cast to hessian_sum's dtype
+    before the product (fp32, or fp64 where a caller wants sums independent of summation order).
 
     Raises:
         InvalidSolverInput: x's last dimension is not hessian_sum's size.
@@ -45,9 +47,37 @@ def accumulate_hessian(hessian_sum: Tensor, x: Tensor) -> int:
         raise InvalidSolverInput(
             f"cannot add activations of shape {tuple(x.shape)} to a Hessian sum of shape "
             f"{tuple(hessian_sum.shape)}: the activations' last dimension must be in_features={K}")
-    rows = x.reshape(-1, K).to(hessian_sum.dtype)
-    hessian_sum.addmm_(rows.T, rows)
+    rows = x.reshape(-1, K)
+    if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and hessian_sum.dtype == torch.float32:
+        _accumulate_on_tensor_cores(hessian_sum, rows)
+    else:
+        rows = rows.to(hessian_sum.dtype)
+        hessian_sum.addmm_(rows.T, rows)
     return rows.shape[0]
+
+
+# The tensor cores' fp32 accumulation is less exact than IEEE fp32 over long sums: each product of
+# at most this many tokens is added into hessian_sum by the GEMM epilogue, in IEEE fp32.
+TENSOR_CORE_TOKENS = 2048
+# xᵀx is symmetric: only blocks of this width on and above the diagonal are multiplied, then mirrored.
+HESSIAN_BLOCK = 4096
+
+
+def _accumulate_on_tensor_cores(hessian_sum: Tensor, rows: Tensor) -> None:
+    """hessian_sum [K, K] fp32 += rowsᵀ rows for bf16/fp16 rows [T, K] on CUDA, upper blocks mirrored."""
+    K = rows.shape[1]
+    starts = list(range(0, K, HESSIAN_BLOCK))
+    for t in range(0, rows.shape[0], TENSOR_CORE_TOKENS):
+        x = rows[t:t + TENSOR_CORE_TOKENS]
+        for i, a in enumerate(starts):
+            for b in starts[i:]:
+                block = hessian_sum[a:a + HESSIAN_BLOCK, b:b + HESSIAN_BLOCK]
+                torch.addmm(block, x[:, a:a + HESSIAN_BLOCK].T, x[:, b:b + HESSIAN_BLOCK],
+                            out_dtype=torch.float32, out=block)
+    for i, a in enumerate(starts):
+        for b in starts[i + 1:]:
+            upper = hessian_sum[a:a + HESSIAN_BLOCK, b:b + HESSIAN_BLOCK]
+            hessian_sum[b:b + HESSIAN_BLOCK, a:a + HESSIAN_BLOCK] = upper.T
 
 
 def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -82,7 +112,7 @@ def layer_objective(weight: Tensor, hessian_sum: Tensor, n_tokens: int) -> Layer
                 "activations overflowed: check the model files, and the model's dtype for the activations")
     dtype = compute_dtype(weight.dtype)
     W = weight.to(dtype=dtype, copy=True)
-    H = hessian_sum.to(dtype=dtype, copy=True) / n_tokens
+    H = hessian_sum.to(dtype) / n_tokens  # a new tensor
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0

@@ -6,8 +6,8 @@
 Runs the real BlockWorker in-process (no Ray: it cannot travel to the GPU machine) on
 `synthetic://<preset>`, whose weights are generated on the GPU from a seed. Block 0 warms up
 (kernel compilation); the last block is the one reported. Beside it, the paper's Algorithm 1
-(`plain_gptq` below: lazy 128-column batches, one column at a time inside a batch, Cholesky of
-H⁻¹) solves the same 7 linears from the same Hessians, timed in the same run.
+(`tests/bench/algorithm1.py`: lazy 128-column batches, one column at a time inside a batch,
+Cholesky of H⁻¹) solves the same 7 linears from the same Hessians, timed in the same run.
 """
 
 from __future__ import annotations
@@ -20,53 +20,10 @@ import time
 import torch
 
 from rayquant.solver.gptq import GPTQConfig
+from tests.bench.algorithm1 import layer_loss, plain_gptq
 from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
 
 STAGES = ("load", "collect", "reduce", "solve", "validate", "share", "advance")
-
-
-@torch.no_grad()
-def plain_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, desc_act: bool,
-               damp: float = 0.01, column_batch: int = 128) -> float:
-    """Algorithm 1 of Frantar et al. (2022), as a reader of the paper writes it; returns the loss."""
-    W = W.float().clone()
-    H = H.float().clone()
-    N, K = W.shape
-    maxq = 2**bits - 1
-    W0, H0 = W.clone(), H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    if desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    H_damped = H + damp * torch.mean(torch.diag(H)) * torch.eye(K, device=W.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H_damped)), upper=True)
-    Q = torch.zeros_like(W)
-    scale = zero = None
-    for i1 in range(0, K, column_batch):
-        i2 = min(i1 + column_batch, K)
-        W1, Q1, E1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), torch.zeros_like(W[:, i1:i2])
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            w, d = W1[:, j], Hinv1[j, j]
-            if (i1 + j) % group_size == 0:  # grid of the group from the current, updated weights
-                g = torch.cat([W1[:, j:], W[:, i2:]], dim=1)[:, :group_size]
-                lo, hi = g.min(1).values.clamp(max=0), g.max(1).values.clamp(min=0)
-                amax = torch.maximum(lo.abs(), hi)
-                scale = (2 * amax / maxq).clamp(min=1e-8)
-                zero = torch.full_like(scale, (maxq + 1) / 2)
-            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-            Q1[:, j] = scale * (q - zero)
-            err = (w - Q1[:, j]) / d
-            W1[:, j:] -= err.unsqueeze(1) @ Hinv1[j, j:].unsqueeze(0)
-            E1[:, j] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-    if desc_act:
-        Q = Q[:, torch.argsort(perm)]
-    E = W0 - Q
-    return float(((E @ H0) * E).sum())
 
 
 class BaselineTimedWorker(BlockWorker):
@@ -85,7 +42,8 @@ class BaselineTimedWorker(BlockWorker):
                 W = block.get_submodule(lin).weight.float()
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                loss = plain_gptq(W, H.float() / n_tokens, cfg.bits, cfg.group_size, cfg.desc_act)
+                Hm = H.float() / n_tokens
+                loss = layer_loss(W, plain_gptq(W, Hm, cfg.bits, cfg.group_size, cfg.desc_act), Hm)
                 torch.cuda.synchronize()
                 self.baseline[lin] = (time.perf_counter() - t, loss)
         return out
