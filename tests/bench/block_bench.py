@@ -13,10 +13,12 @@ Cholesky of H⁻¹) solves the same 7 linears from the same Hessians, timed in t
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import time
 
+import structlog
 import torch
 
 from rayquant.solver.gptq import GPTQConfig
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("RAYQUANT_CACHE", "/tmp/rayquant-cache")
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 where the solver asks for fp32
     gen = torch.Generator().manual_seed(0)
     samples = torch.randint(2, 1024, (args.samples, args.seq_len), generator=gen)
@@ -97,7 +100,7 @@ def main() -> None:
     if worker.baseline:
         ours = {x.name.rsplit(".", 2)[-2] + "." + x.name.rsplit(".", 1)[-1]: x for x in last.layers}
         base_total = sum(s for s, _ in worker.baseline.values())
-        print(f"\nAlgorithm 1 baseline vs rayquant solve on the same Hessians")
+        print("\nAlgorithm 1 baseline vs rayquant solve on the same Hessians")
         print(f"{'linear':<22}{'baseline s':>11}{'loss ratio':>12}")
         for lin, (sec, loss) in worker.baseline.items():
             mine = ours.get(lin)
