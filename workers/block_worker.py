@@ -138,6 +138,8 @@ class BlockWorker:
         torch.set_num_threads(self.setup.num_threads)  # a reused Ray worker may keep 1
         torch.manual_seed(0)
         if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)  # NCCL binds each rank to its current device
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=rendezvous, rank=self.rank,
