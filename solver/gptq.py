@@ -182,11 +182,14 @@ def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
     invperm = torch.argsort(perm)
     if fused:
         from rayquant.solver.gptq_fused import quantize_column_batches
-        # R = J L J is upper with H + λI = R Rᵀ, so U = R⁻¹: the fused loop works from R, never forming U
-        result = quantize_column_batches(W, factor.L.flip(0, 1), factor.damping, scales, zeros, group_of, cfg.bits,
+        # R = J L J is upper with H + λI = R Rᵀ, so U = R⁻¹: the fused loop works from R, never forming U.
+        # L is dropped once R exists: at K = 53248 each K×K fp32 matrix is 11 GB.
+        R, damping, damp_percent = factor.L.flip(0, 1), factor.damping, factor.damp_percent
+        del factor
+        result = quantize_column_batches(W, R, damping, scales, zeros, group_of, cfg.bits,
                                          cfg.group_size, cfg.sym, cfg.static_groups, cfg.column_batch)
         codes = result.codes[:, invperm] if cfg.desc_act else result.codes
-        return _Solution(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, damp_percent=factor.damp_percent,
+        return _Solution(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, damp_percent=damp_percent,
                          Q=None, row_loss=result.row_loss)
     U = _invert_lower(factor.L).flip(0, 1).contiguous()  # row-major: the loop reads rows of U
     codes, Q = _quantize_columns(W, U, scales, zeros, group_of.tolist(), cfg)
