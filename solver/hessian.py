@@ -92,6 +92,18 @@ def layer_objective(weight: Tensor, hessian_sum: Tensor, n_tokens: int) -> Layer
         InvalidSolverInput: shapes disagree or n_tokens < 1.
         NonFiniteSolverInput: weight or hessian_sum holds NaN or Inf.
     """
+    check_layer_inputs(weight, hessian_sum, n_tokens)
+    dtype = compute_dtype(weight.dtype)
+    W = weight.to(dtype=dtype, copy=True)
+    H = hessian_sum.to(dtype) / n_tokens  # a new tensor
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return LayerObjective(W=W, H=H)
+
+
+def check_layer_inputs(weight: Tensor, hessian_sum: Tensor, n_tokens: int) -> None:
+    """Raises InvalidSolverInput / NonFiniteSolverInput for inputs no solve can use."""
     if weight.dim() != 2 or hessian_sum.shape != (weight.shape[1], weight.shape[1]):
         raise InvalidSolverInput(
             f"weight {tuple(weight.shape)} and hessian_sum {tuple(hessian_sum.shape)} do not fit: "
@@ -110,13 +122,6 @@ def layer_objective(weight: Tensor, hessian_sum: Tensor, n_tokens: int) -> Layer
             raise NonFiniteSolverInput(
                 f"{name} {tuple(t.shape)} has {bad} NaN/Inf entries; the source weights or the calibration "
                 "activations overflowed: check the model files, and the model's dtype for the activations")
-    dtype = compute_dtype(weight.dtype)
-    W = weight.to(dtype=dtype, copy=True)
-    H = hessian_sum.to(dtype) / n_tokens  # a new tensor
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    return LayerObjective(W=W, H=H)
 
 
 def layer_loss(W: Tensor, Q: Tensor, H: Tensor) -> float:

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from rayquant.solver.gptq import GPTQConfig, GPTQResult
-from rayquant.solver.grid import act_order, count_groups, find_group_grids, group_index, max_level, quantize_to_grid
-from rayquant.solver.hessian import layer_loss, layer_objective
+from rayquant.solver.grid import count_groups, find_group_grids, group_index, max_level, quantize_to_grid
+from rayquant.solver.hessian import check_layer_inputs, compute_dtype, layer_loss
 
 
 def quantize_rtn(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQConfig) -> GPTQResult:
@@ -22,10 +22,17 @@ def quantize_rtn(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQCo
     Raises:
         InvalidSolverInput: shapes disagree, n_tokens < 1, or (subclass) NaN/Inf inputs.
     """
-    objective = layer_objective(weight, hessian_sum, n_tokens)
-    W, H = objective.W, objective.H
+    check_layer_inputs(weight, hessian_sum, n_tokens)
+    # No private copy of H (11 GB at K = 53248): the loss is linear in H, and dead columns
+    # (diag = 0) carry no error once W is zeroed there, as the objective does.
+    S = hessian_sum.to(compute_dtype(weight.dtype))
+    diag = torch.diagonal(S) / n_tokens
+    dead = diag == 0
+    W = weight.to(dtype=S.dtype, copy=True)
+    W[:, dead] = 0.0
     K = W.shape[1]
-    perm = act_order(H) if cfg.desc_act else torch.arange(K, device=W.device)
+    perm = (torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True, stable=True)
+            if cfg.desc_act else torch.arange(K, device=W.device))
     g_idx = group_index(perm, cfg.group_size, cfg.static_groups)
     grids = find_group_grids(W, g_idx, count_groups(cfg.group_size, K), cfg.bits, cfg.sym)
     scale = grids.scale[g_idx].T  # [N, K]
@@ -37,6 +44,6 @@ def quantize_rtn(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQCo
         scales=grids.scale.float(),
         zeros=grids.zero.to(torch.int32),
         g_idx=g_idx.to(torch.int32),
-        loss=layer_loss(W, Q, H),
+        loss=layer_loss(W, Q, S) / n_tokens,
         damp_percent=0.0,
     )
