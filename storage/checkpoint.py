@@ -22,13 +22,10 @@ writes identical files.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -38,6 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from rayquant.storage.atomic_files import TMP_PREFIX, file_entry, json_writer, write_atomic
+from rayquant.storage.model_card import render_model_card
 from rayquant.storage.model_source import ModelSource, list_aux_files, read_source_tensor
 from rayquant.storage.safetensors_reader import DTYPES, INDEX_FILE, read_safetensors_header
 
@@ -61,7 +60,6 @@ REPORT_LAYER_KEYS = ("name", "gptq_loss", "rtn_loss", "damp_percent")
 # a tensor of transformer block b: model.layers.{b}.…, also under a nested prefix (model.language_model.layers.{b}.…)
 BLOCK_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
-_TMP_PREFIX = ".tmp-"
 _FIX_CONFLICT = "choose another output.uri or delete the directory"
 _SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -151,7 +149,7 @@ def inspect_output(out_dir: Path, job_fingerprint: str) -> OutputState:
 
     # fresh: empty, or only a staging area that a crash left before its job.json existed
     others = sorted(entry.name for entry in out_dir.iterdir() if entry.name != STAGING)
-    if staging.is_dir() and any(not entry.name.startswith(_TMP_PREFIX) for entry in staging.iterdir()):
+    if staging.is_dir() and any(not entry.name.startswith(TMP_PREFIX) for entry in staging.iterdir()):
         others.insert(0, f"{STAGING}/ without {JOB_FILE}")
     if others:
         raise OutputConflict(
@@ -174,7 +172,7 @@ def begin_staging(out_dir: Path, job_fingerprint: str, resolved_spec: dict) -> N
         return
     staging.mkdir(parents=True, exist_ok=True)
     job = {"job_fingerprint": job_fingerprint, "resolved_spec": resolved_spec}
-    _write_atomic(staging, staging / JOB_FILE, _json_writer(job))
+    write_atomic(staging, staging / JOB_FILE, json_writer(job))
 
 
 def write_block_part(out_dir: Path, block_idx: int, tensors: dict[str, Tensor]) -> None:
@@ -185,7 +183,7 @@ def write_block_part(out_dir: Path, block_idx: int, tensors: dict[str, Tensor]) 
     """
     staging = _require_staging(Path(out_dir))
     part = {name: tensors[name].detach().cpu().contiguous() for name in sorted(tensors)}
-    _write_atomic(staging, staging / _part_name(block_idx), _safetensors_writer(part))
+    write_atomic(staging, staging / _part_name(block_idx), _safetensors_writer(part))
 
 
 def mark_block_done(out_dir: Path, block_idx: int, layers: list[dict] | None = None) -> None:
@@ -200,7 +198,7 @@ def mark_block_done(out_dir: Path, block_idx: int, layers: list[dict] | None = N
     staging = _require_staging(Path(out_dir))
     _require_part(staging, block_idx)
     marker = {"block_idx": block_idx, "layers": layers}
-    _write_atomic(staging, staging / _marker_name(block_idx), _json_writer(marker))
+    write_atomic(staging, staging / _marker_name(block_idx), json_writer(marker))
 
 
 def read_block_layers(out_dir: Path, block_idx: int) -> list[dict]:
@@ -280,7 +278,7 @@ def assemble_checkpoint(
     files: list[str] = []
     for shard_name, shard in zip(shard_names, shards, strict=True):
         tensors = _load_shard_tensors(staging, source, shard)
-        _write_atomic(staging, out_dir / shard_name, _safetensors_writer(tensors))
+        write_atomic(staging, out_dir / shard_name, _safetensors_writer(tensors))
         files.append(shard_name)
     _remove_stale_shards(out_dir, shard_names)
 
@@ -298,13 +296,13 @@ def assemble_checkpoint(
         REPORT_FILE: report,
     }
     for name, content in json_files.items():
-        _write_atomic(staging, out_dir / name, _json_writer(content))
+        write_atomic(staging, out_dir / name, json_writer(content))
         files.append(name)
     for aux in list_aux_files(source):
-        _write_atomic(staging, out_dir / aux.name, lambda path, aux=aux: shutil.copyfile(aux, path))
+        write_atomic(staging, out_dir / aux.name, lambda path, aux=aux: shutil.copyfile(aux, path))
         files.append(aux.name)
-    card = _render_model_card(quantization_config, report, resolved_spec, source.revision)
-    _write_atomic(staging, out_dir / MODEL_CARD_FILE, lambda path: path.write_text(card, encoding="utf-8"))
+    card = render_model_card(quantization_config, report, resolved_spec, source.revision, _quantizer_tag())
+    write_atomic(staging, out_dir / MODEL_CARD_FILE, lambda path: path.write_text(card, encoding="utf-8"))
     files.append(MODEL_CARD_FILE)
 
     files.sort()
@@ -315,61 +313,11 @@ def assemble_checkpoint(
         "n_blocks": n_blocks,
         "source_revision": source.revision,
         "resolved_spec": resolved_spec,
-        "files": [_file_entry(out_dir, name) for name in files],
+        "files": [file_entry(out_dir, name) for name in files],
     }
-    _write_atomic(staging, out_dir / MANIFEST_FILE, _json_writer(manifest))
+    write_atomic(staging, out_dir / MANIFEST_FILE, json_writer(manifest))
     shutil.rmtree(staging)
     return files + [MANIFEST_FILE]
-
-
-def _render_model_card(quantization_config: dict, report: dict, resolved_spec: dict, source_revision: str) -> str:
-    """README.md: what was quantized how, and each layer's GPTQ loss beside its RTN baseline."""
-    model_source = resolved_spec.get("model", {}).get("source", "(unknown)")
-    settings = ", ".join(
-        f"{key}={quantization_config[key]}"
-        for key in ("bits", "group_size", "desc_act", "sym", "static_groups", "true_sequential", "damp_percent")
-    )
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- gptq",
-        "- rayquant",
-        "---",
-        "",
-        f"# {resolved_spec.get('name', 'GPTQ checkpoint')}",
-        "",
-        f"GPTQ {quantization_config['bits']}-bit checkpoint (format `{quantization_config['checkpoint_format']}`) "
-        f"of `{model_source}` (revision `{source_revision[:12]}`), written by {_quantizer_tag()}.",
-        "",
-        f"Quantization: {settings}.",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("<this directory>")',
-        "```",
-    ]
-    metrics = report.get("metrics", {})
-    if metrics:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {_format_value(metrics[key])} |" for key in sorted(metrics)]
-    lines += [
-        "",
-        "## Layer errors",
-        "",
-        "Layer loss is tr((W - Q) H (W - Q)^T) on the calibration activations; RTN is round-to-nearest "
-        "on the same grid, the baseline GPTQ improves on.",
-        "",
-        "| layer | GPTQ loss | RTN loss | GPTQ / RTN | damp_percent |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for layer in report["layers"]:
-        ratio = layer["gptq_loss"] / layer["rtn_loss"] if layer["rtn_loss"] else float("nan")
-        lines.append(
-            f"| {layer['name']} | {layer['gptq_loss']:.6g} | {layer['rtn_loss']:.6g} | {ratio:.4f} "
-            f"| {layer['damp_percent']:.4g} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -499,10 +447,6 @@ def _check_report(report: dict) -> None:
         raise ValueError(f"report['layers'] must be a list of dicts with the keys {list(REPORT_LAYER_KEYS)}")
 
 
-def _format_value(value: object) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
 def _quantizer_tag() -> str:
     return f"rayquant:{version('rayquant')}"
 
@@ -552,50 +496,5 @@ def _read_json_object(path: Path) -> dict | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _json_writer(content: object) -> Callable[[Path], None]:
-    data = (json.dumps(content, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    return lambda path: path.write_bytes(data)
-
-
 def _safetensors_writer(tensors: dict[str, Tensor]) -> Callable[[Path], None]:
     return lambda path: save_file(tensors, path, metadata=_SAFETENSORS_METADATA)
-
-
-def _write_atomic(tmp_dir: Path, target: Path, write: Callable[[Path], None]) -> None:
-    """write() a temporary file in tmp_dir (same filesystem), fsync it, rename it onto target."""
-    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=f"-{target.name}", dir=tmp_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a checkpoint is read like any download
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in path durable (POSIX: the directory entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _file_entry(out_dir: Path, name: str) -> dict:
-    digest = hashlib.sha256()
-    size = 0
-    for chunk in _read_chunks(out_dir / name):
-        digest.update(chunk)
-        size += len(chunk)
-    return {"path": name, "sha256": digest.hexdigest(), "size": size}
-
-
-def _read_chunks(path: Path, chunk_bytes: int = 8 * 2**20) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        while chunk := f.read(chunk_bytes):
-            yield chunk
