@@ -121,9 +121,9 @@ def test_sigkill_after_a_block_marker_then_resume_writes_identical_bytes(run_w2,
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
     proc.wait()
-    assert not (out / "rayquant-manifest.json").exists()
+    assert not (out / "rayquant-manifest.json").exists(), "the job finished before it was killed"
     done_before = len(list(staging.glob("*.done")))
-    assert 1 <= done_before < 4
+    assert 1 <= done_before <= 4  # 4: killed while assembling, which must resume just as well
 
     resumed = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
