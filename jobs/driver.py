@@ -86,7 +86,9 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
         _connect(spec)
     workers = []
     try:
-        workers = _start_workers(spec, job_id, str(source.path), calib.samples, worker_class)
+        # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared
+        model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(source.path)
+        workers = _start_workers(spec, job_id, model_path, calib.samples, worker_class)
         rendezvous = ray.get(workers[0].rendezvous_address.remote())
         n_blocks = _gather([w.start.remote(rendezvous) for w in workers])[0]
         checkpoint.begin_staging(out_dir, fingerprint, resolved)

@@ -63,7 +63,7 @@ class WorkerSetup:
     job_id: str
     rank: int
     world_size: int
-    model_path: str  # a local model directory (synthetic presets are materialised by the driver)
+    model_path: str  # model.source as this node reads it: a (shared) local directory or synthetic://<preset>
     samples: torch.Tensor  # [n_w, T] int64 token ids: this worker's calibration shard
     gptq: GPTQConfig
     true_sequential: bool
