@@ -27,9 +27,15 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from rayquant.storage.calibration import BUILTIN_TEXT_PATH
@@ -78,8 +84,29 @@ def materialize_synthetic(preset: str, cache_dir: Path) -> Path:
 
 def build_llama_tiny(out_dir: Path) -> None:
     """Llama-shaped decoder (GQA 4 heads / 2 kv heads, 4 blocks), bf16, two shards + index."""
-    config = LlamaConfig(
-        architectures=["LlamaForCausalLM"],
+    _build_tiny_decoder(out_dir, LlamaConfig, LlamaForCausalLM)
+
+
+def build_mistral_tiny(out_dir: Path) -> None:
+    """Mistral: Llama's shapes with a sliding attention window."""
+    _build_tiny_decoder(out_dir, MistralConfig, MistralForCausalLM, sliding_window=64)
+
+
+def build_qwen2_tiny(out_dir: Path) -> None:
+    """Qwen2: biases on q/k/v."""
+    _build_tiny_decoder(out_dir, Qwen2Config, Qwen2ForCausalLM)
+
+
+def build_qwen3_tiny(out_dir: Path) -> None:
+    """Qwen3: RMS norms on q and k inside attention, explicit head_dim."""
+    _build_tiny_decoder(out_dir, Qwen3Config, Qwen3ForCausalLM, head_dim=32)
+
+
+def _build_tiny_decoder(out_dir: Path, config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel],
+                        **extra: object) -> None:
+    """A 4-block dense decoder of the given family, bf16, two shards + index, generation config, tokenizer."""
+    config = config_class(
+        architectures=[model_class.__name__],
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,
@@ -91,8 +118,9 @@ def build_llama_tiny(out_dir: Path) -> None:
         dtype="bfloat16",
         bos_token_id=0,
         eos_token_id=1,
+        **extra,
     )
-    state = _seeded_state_dict(LlamaForCausalLM, config)
+    state = _seeded_state_dict(model_class, config)
     # shard 1: embeddings + first half of the blocks; shard 2: the rest, final norm and lm_head
     first_half = ("model.embed_tokens.",) + tuple(
         f"model.layers.{i}." for i in range(config.num_hidden_layers // 2)
@@ -179,5 +207,8 @@ def write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int) -> No
 
 PRESETS: dict[str, Callable[[Path], None]] = {
     "llama-tiny": build_llama_tiny,
+    "mistral-tiny": build_mistral_tiny,
+    "qwen2-tiny": build_qwen2_tiny,
+    "qwen3-tiny": build_qwen3_tiny,
     "bert-tiny": build_bert_tiny,
 }

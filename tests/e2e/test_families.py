@@ -1,0 +1,32 @@
+"""Other dense decoder families through the same generic adapter, read back by the independent loader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rayquant.solver.gptq import GPTQConfig
+from rayquant.storage.calibration import load_calibration
+from rayquant.storage.model_source import open_model_source
+
+from .models import SPEC, fp_model, logit_mse, logits, rtn_model, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("family", ["mistral-tiny", "qwen2-tiny", "qwen3-tiny"])
+def test_family_quantizes_and_beats_rtn_through_transformers_gptq_path(family, tmp_path):
+    from .gptq_loader import load_gptq_logits
+
+    out = tmp_path / family
+    proc = run_cli("quantize", str(SPEC), "--set", f"model.source=synthetic://{family}", "--set", f"output.uri={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source = open_model_source(f"synthetic://{family}").path
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    assert len(layers) == 4 * 7 and all(x["gptq_loss"] < x["rtn_loss"] for x in layers)
+    ids = load_calibration("builtin://text", source, 32, 256, 8, 0).eval_samples
+    fp = logits(fp_model(source), ids)
+    rtn = logits(rtn_model(source, GPTQConfig(bits=4, group_size=128, sym=True)), ids)
+    loaded = load_gptq_logits(out, ids, bits=4)
+    assert logit_mse(loaded, fp) <= logit_mse(rtn, fp)
