@@ -8,8 +8,7 @@ run either. `dequant_gemm` picks the kernel where one exists and the reference e
 import torch
 from torch import Tensor
 
-from rayquant.solver.grid import dequantize
-from rayquant.solver.pack import PackedLinear, unpack_linear
+from rayquant.solver.pack import PackedLinear, dequantize_packed
 
 
 class GemmShapeMismatch(ValueError):
@@ -29,8 +28,7 @@ def dequant_gemm_reference(x: Tensor, packed: PackedLinear, bits: int) -> Tensor
         raise GemmShapeMismatch(
             f"activations of shape {tuple(x.shape)} do not fit a packed layer with in_features="
             f"{in_features}: pass x [M, {in_features}]")
-    unpacked = unpack_linear(packed, bits)
-    W = dequantize(unpacked.codes, unpacked.scales, unpacked.zeros, unpacked.g_idx)  # [N, K] float32
+    W = dequantize_packed(packed, bits)  # [N, K] float32
     dtype = torch.promote_types(x.dtype, torch.float32)
     return (x.to(dtype) @ W.to(dtype).T).to(x.dtype)
 

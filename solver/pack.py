@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from rayquant.solver.gptq import GPTQResult
-from rayquant.solver.grid import SUPPORTED_BITS, max_level
+from rayquant.solver.grid import SUPPORTED_BITS, dequantize, max_level
 
 WORD_BITS = 32
 _WORD_MASK = (1 << WORD_BITS) - 1
@@ -77,6 +77,12 @@ def unpack_linear(packed: PackedLinear, bits: int) -> UnpackedLinear:
         scales=packed.scales.float(),
         g_idx=packed.g_idx.to(torch.int32),
     )
+
+
+def dequantize_packed(packed: PackedLinear, bits: int) -> Tensor:
+    """W [N, K] float32 exactly as a checkpoint reader rebuilds it from the packed tensors."""
+    u = unpack_linear(packed, bits)
+    return dequantize(u.codes, u.scales, u.zeros, u.g_idx)
 
 
 def pack_qweight(codes: Tensor, bits: int) -> Tensor:

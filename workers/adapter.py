@@ -109,15 +109,17 @@ def find_layout(model: nn.Module) -> DecoderLayout:
 def materialize(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
     """A real copy of a meta module with the given tensors (names relative to it), floats in `dtype`."""
     real = copy.deepcopy(module)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    real.load_state_dict(state, strict=True, assign=True)
+    real.load_state_dict(_cast_floats(tensors, dtype), strict=True, assign=True)
     return real
 
 
 def materialize_embedding_stage(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Load every non-block, non-head parameter into the skeleton in place (embeddings, final norm)."""
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(_cast_floats(tensors, dtype), strict=False, assign=True)
+
+
+def _cast_floats(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
 
 
 def move_buffers(model: nn.Module, device: torch.device) -> None:

@@ -25,7 +25,8 @@ from rayquant.kernels.dequant_gemm import dequant_gemm
 from rayquant.kernels.validation import KernelMismatch, validate_packed_layer
 from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefinite, dequantize, solve_input_group
 from rayquant.solver.hessian import accumulate_hessian
-from rayquant.solver.pack import PackedLinear, pack_linear, unpack_linear
+from rayquant.solver.grid import count_groups
+from rayquant.solver.pack import PackedLinear, dequantize_packed, pack_linear
 from rayquant.solver.rtn import quantize_rtn
 from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
 from rayquant.storage.safetensors_reader import DTYPES
@@ -365,7 +366,7 @@ class BlockWorker:
             if suffix in PACKED_FIELDS:
                 if suffix == "qweight":
                     p = PackedLinear(**{f: part[f"{prefix}{stem}.{f}"] for f in PACKED_FIELDS})
-                    state[f"{stem}.weight"] = _dequantize_packed(p, bits)
+                    state[f"{stem}.weight"] = dequantize_packed(p, bits)
             else:
                 state[rel] = tensor
         block = materialize(self.blocks[block_idx], state, self.dtype)
@@ -423,8 +424,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _empty_packed(out_features: int, in_features: int, cfg: GPTQConfig) -> PackedLinear:
-    g = in_features if cfg.group_size == -1 else cfg.group_size
-    n_groups = -(-in_features // g)
+    n_groups = count_groups(cfg.group_size, in_features)
     return PackedLinear(
         qweight=torch.empty(in_features * cfg.bits // 32, out_features, dtype=torch.int32),
         qzeros=torch.empty(n_groups, out_features * cfg.bits // 32, dtype=torch.int32),
@@ -433,12 +433,7 @@ def _empty_packed(out_features: int, in_features: int, cfg: GPTQConfig) -> Packe
     )
 
 
-def _dequantize_packed(p: PackedLinear, bits: int) -> torch.Tensor:
-    u = unpack_linear(p, bits)
-    return dequantize(u.codes, u.scales, u.zeros, u.g_idx)
-
-
 def _install(linear: nn.Linear, packed: PackedLinear, bits: int, dtype: torch.dtype) -> None:
     """Replace a linear's weight by its dequantized codes, exactly as a checkpoint reader sees them."""
-    w = _dequantize_packed(packed, bits).to(device=linear.weight.device, dtype=dtype)
+    w = dequantize_packed(packed, bits).to(device=linear.weight.device, dtype=dtype)
     linear.weight = nn.Parameter(w, requires_grad=False)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from rayquant.solver.gptq import GPTQConfig, dequantize
-from rayquant.solver.pack import PackedLinear, unpack_linear
+from rayquant.solver.pack import PackedLinear, dequantize_packed
 from rayquant.solver.rtn import quantize_rtn
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,9 +42,8 @@ def dequantized_model(source_dir: Path, checkpoint_dir: Path) -> torch.nn.Module
     params = dict(model.named_parameters())
     for name in [k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")]:
         packed = PackedLinear(**{f: tensors[f"{name}.{f}"] for f in ("qweight", "qzeros", "scales", "g_idx")})
-        u = unpack_linear(packed, bits)
         with torch.no_grad():
-            params[f"{name}.weight"].copy_(dequantize(u.codes, u.scales, u.zeros, u.g_idx))
+            params[f"{name}.weight"].copy_(dequantize_packed(packed, bits))
     return model
 
 
