@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -24,11 +25,19 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -102,31 +111,55 @@ def build_qwen3_tiny(out_dir: Path) -> None:
     _build_tiny_decoder(out_dir, Qwen3Config, Qwen3ForCausalLM, head_dim=32)
 
 
+def build_gemma2_tiny(out_dir: Path) -> None:
+    """Gemma 2: alternating sliding/full layers, scaled embeddings, logit soft-capping, tied head."""
+    _build_tiny_decoder(out_dir, Gemma2Config, Gemma2ForCausalLM, head_dim=32, query_pre_attn_scalar=32,
+                        sliding_window=64, tie_word_embeddings=True, pad_token_id=1)
+
+
+def build_gemma3_tiny(out_dir: Path) -> None:
+    """Gemma 3 text: sliding/full layers with their own rotary bases, q/k norms, tied head."""
+    _build_tiny_decoder(out_dir, Gemma3TextConfig, Gemma3ForCausalLM, head_dim=32, query_pre_attn_scalar=32,
+                        sliding_window=64, tie_word_embeddings=True, pad_token_id=1,
+                        layer_types=["sliding_attention", "full_attention"] * 2)
+
+
+def build_phi3_tiny(out_dir: Path) -> None:
+    """Phi-3: fused qkv_proj and gate_up_proj linears."""
+    _build_tiny_decoder(out_dir, Phi3Config, Phi3ForCausalLM, pad_token_id=1)
+
+
+def build_opt_tiny(out_dir: Path) -> None:
+    """OPT: blocks under model.decoder.layers, fc1/fc2 with biases, learned positions, project_in/out
+    (word_embed_proj_dim < hidden, as OPT-350m) outside the blocks, tied head."""
+    shapes = {"hidden_size": 128, "ffn_dim": 256, "num_hidden_layers": 4, "num_attention_heads": 4}
+    _build_tiny_decoder(out_dir, OPTConfig, OPTForCausalLM, shapes=shapes, word_embed_proj_dim=64,
+                        tie_word_embeddings=True, pad_token_id=1)
+
+
+# Llama-style sizes; families with other field names pass their own
+_TINY_SHAPES = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 2}
+_BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
 def _build_tiny_decoder(out_dir: Path, config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel],
-                        **extra: object) -> None:
+                        shapes: dict[str, int] = _TINY_SHAPES, **extra: object) -> None:
     """A 4-block dense decoder of the given family, bf16, two shards + index, generation config, tokenizer."""
-    config = config_class(
-        architectures=[model_class.__name__],
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-        bos_token_id=0,
-        eos_token_id=1,
-        **extra,
-    )
+    settings = {"vocab_size": 1024, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+                "dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1} | extra
+    config = config_class(architectures=[model_class.__name__], **shapes, **settings)
     state = _seeded_state_dict(model_class, config)
+    if config.tie_word_embeddings:
+        del state["lm_head.weight"]  # it is the embedding matrix; safetensors stores no shared tensors
+
     # shard 1: embeddings + first half of the blocks; shard 2: the rest, final norm and lm_head
-    first_half = ("model.embed_tokens.",) + tuple(
-        f"model.layers.{i}." for i in range(config.num_hidden_layers // 2)
-    )
-    first = sorted(name for name in state if name.startswith(first_half))
-    second = sorted(name for name in state if not name.startswith(first_half))
+    def in_first_shard(name: str) -> bool:
+        block = _BLOCK_INDEX.search(name)
+        return int(block[1]) < config.num_hidden_layers // 2 if block else ".embed_" in name
+
+    first = sorted(name for name in state if in_first_shard(name))
+    second = sorted(name for name in state if not in_first_shard(name))
     _write_weights(state, [first, second], out_dir)
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
@@ -210,5 +243,9 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "mistral-tiny": build_mistral_tiny,
     "qwen2-tiny": build_qwen2_tiny,
     "qwen3-tiny": build_qwen3_tiny,
+    "gemma2-tiny": build_gemma2_tiny,
+    "gemma3-tiny": build_gemma3_tiny,
+    "phi3-tiny": build_phi3_tiny,
+    "opt-tiny": build_opt_tiny,
     "bert-tiny": build_bert_tiny,
 }

@@ -2,14 +2,16 @@
 
 The skeleton is built from config.json with parameters on the meta device (buffers such as rotary
 frequencies stay real), so a 405B model costs nothing until a block is materialised. The inputs
-of block 0 and the block kwargs (masks, rotary embeddings) are captured by running the model's own
-forward until it reaches the first block; which linears share an input, and the order of
-true_sequential sub-stages, come from a forward pass through the block itself.
+of block 0 and every block's kwargs (masks, rotary embeddings: they may differ per layer type) are
+captured by running the model's own forward with each block replaced by a pass-through recorder;
+which linears share an input, and the order of true_sequential sub-stages, come from a forward pass
+through the block itself.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +29,23 @@ class UnsupportedArchitecture(Exception):
 
 @dataclass(frozen=True)
 class BlockInput:
-    """One micro-batch at a block boundary: hidden states [B, T, hidden] and the block kwargs."""
+    """One micro-batch at the input of block `block_idx`: hidden states [B, T, hidden] and the kwargs
+    the model's own forward gives each block (masks, rotary embeddings)."""
 
     hidden: torch.Tensor
-    kwargs: dict[str, Any]
+    # block b's kwargs; models with `layer_types` give sliding and full layers their own mask and
+    # (Gemma 3) their own rotary embeddings. Blocks of one type share the same tensor objects, so L
+    # dicts cost little more than one.
+    block_kwargs: tuple[dict[str, Any], ...]
+    block_idx: int = 0
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return self.block_kwargs[self.block_idx]
+
+    def advanced(self, hidden: torch.Tensor) -> BlockInput:
+        """The next block's input: its output `hidden` with the next block's kwargs."""
+        return BlockInput(hidden, self.block_kwargs, min(self.block_idx + 1, len(self.block_kwargs) - 1))
 
 
 @dataclass(frozen=True)
@@ -137,18 +152,23 @@ def embedding_stage_names(model: nn.Module, layout: DecoderLayout) -> list[str]:
     return [n for n in model.state_dict() if not n.startswith(prefix) and n not in head]
 
 
-class _ReachedFirstBlock(Exception):
-    def __init__(self, args: tuple, kwargs: dict):
-        super().__init__("reached block 0")
-        self.args_, self.kwargs_ = args, kwargs
+class _PassedLastBlock(Exception):
+    """Raised by the last block's catcher: the head's work is not needed."""
 
 
 class _Catcher(nn.Module):
-    """Stands in for block 0 and stops the forward there; other attributes read through to it."""
+    """Stands in for one block during capture: records the call, returns the hidden states unchanged.
 
-    def __init__(self, inner: nn.Module):
+    The kwargs a model hands its blocks (masks, rotary embeddings) depend on the positions and the
+    block's layer type, never on the hidden states, so passing them through unchanged is enough.
+    Other attributes read through to the real block (some models read e.g. `attention_type`).
+    """
+
+    def __init__(self, inner: nn.Module, calls: list[tuple[tuple, dict]], last: bool):
         super().__init__()
         self.inner = inner
+        self.calls = calls
+        self.last = last
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -156,31 +176,67 @@ class _Catcher(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("inner"), name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> None:
-        raise _ReachedFirstBlock(args, kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls.append((args, kwargs))
+        if self.last:
+            raise _PassedLastBlock
+        return args[0] if args else kwargs["hidden_states"]
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, layout: DecoderLayout, input_ids: torch.Tensor) -> BlockInput:
-    """Run the model's own forward on [B, T] ids up to block 0; return its hidden states and kwargs."""
+    """Run the model's own forward on [B, T] ids through pass-through blocks; record every block's call.
+
+    Raises:
+        UnsupportedArchitecture: the forward skips blocks, passes extra positional arguments, or leaves
+            a required argument of the block's forward unset.
+    """
     blocks = model.get_submodule(layout.blocks_path)
-    first = blocks[0]
-    blocks[0] = _Catcher(first)
+    real = list(blocks)
+    calls: list[tuple[tuple, dict]] = []
+    for i, block in enumerate(real):
+        blocks[i] = _Catcher(block, calls, last=i == len(real) - 1)
     try:
         model(input_ids=input_ids, use_cache=False)
-    except _ReachedFirstBlock as caught:
-        args, kwargs = caught.args_, dict(caught.kwargs_)
-    else:
-        raise UnsupportedArchitecture(f"{type(model).__name__}.forward never called block 0")
+    except _PassedLastBlock:
+        pass
     finally:
-        blocks[0] = first
-    hidden = args[0] if args else kwargs.pop("hidden_states")
-    if len(args) > 1:
+        for i, block in enumerate(real):
+            blocks[i] = block
+    name = type(model).__name__
+    if len(calls) != len(real):
         raise UnsupportedArchitecture(
-            f"{type(model).__name__} passes {len(args) - 1} extra positional arguments to its blocks; "
+            f"{name}.forward called {len(calls)} of its {len(real)} blocks at {layout.blocks_path}; "
+            "rayquant needs a model that runs every block once, in order; this architecture is not supported"
+        )
+    args, first = calls[0]
+    hidden = args[0] if args else first["hidden_states"]
+    block_kwargs = []
+    for args, kwargs in calls:
+        if len(args) > 1:
+            raise UnsupportedArchitecture(
+                f"{name} passes {len(args) - 1} extra positional arguments to its blocks; "
+                "this architecture is not supported"
+            )
+        block_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+    _check_block_arguments(real[0], block_kwargs[0], name)
+    return BlockInput(hidden=hidden, block_kwargs=tuple(block_kwargs))
+
+
+def _check_block_arguments(block: nn.Module, kwargs: dict[str, Any], model_name: str) -> None:
+    """Every required parameter of the block's forward after the hidden states must be supplied."""
+    params = list(inspect.signature(block.forward).parameters.values())[1:]
+    missing = [
+        p.name for p in params
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in kwargs
+    ]
+    if missing:
+        raise UnsupportedArchitecture(
+            f"{type(block).__name__}.forward requires {missing}, which {model_name}.forward does not pass "
+            "to its blocks; rayquant can only replay what the model's own forward supplies; "
             "this architecture is not supported"
         )
-    return BlockInput(hidden=hidden, kwargs=kwargs)
 
 
 def forward_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
@@ -220,3 +276,4 @@ def find_input_groups(block: nn.Module, inp: BlockInput) -> list[InputGroup]:
         label = names[0] if len(names) == 1 else stem[0] + "." + "+".join(n.rsplit(".", 1)[-1] for n in names)
         groups.append(InputGroup(name=label, linears=tuple(names), in_features=x.shape[-1]))
     return groups
+

@@ -370,7 +370,7 @@ class BlockWorker:
             else:
                 state[rel] = tensor
         block = materialize(self.blocks[block_idx], state, self.dtype)
-        self.inputs = [BlockInput(forward_block(block, inp), inp.kwargs) for inp in self.inputs]
+        self.inputs = [inp.advanced(forward_block(block, inp)) for inp in self.inputs]
 
     # ---- collectives ------------------------------------------------------------------------------
 
