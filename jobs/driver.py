@@ -7,6 +7,7 @@ which the driver persists as a part file and then marks done — the marker is t
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -23,12 +24,13 @@ from rayquant.storage import checkpoint
 from rayquant.storage.calibration import load_calibration
 from rayquant.storage.model_source import open_model_source
 from rayquant.workers.adapter import check_decoder_architecture
+from rayquant.workers.evaluation import perplexity
 from rayquant.workers.block_worker import BlockTask, BlockWorker, PeerFailed, WorkerSetup
 
 log = structlog.get_logger()
 
 WORKER_ENV = {"worker_process_setup_hook": "rayquant.jobs.cli.configure_worker_logging"}
-STAGES = ("load", "collect", "reduce", "solve", "validate", "share", "advance", "persist")
+STAGES = ("load", "collect", "reduce", "solve", "validate", "share", "advance", "eval", "persist")
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,11 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     try:
         # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared
         model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(source.path)
-        workers = _start_workers(spec, job_id, model_path, calib.samples, worker_class)
+        workers = _start_workers(spec, job_id, model_path, calib.samples, calib.eval_samples, worker_class)
         rendezvous = ray.get(workers[0].rendezvous_address.remote())
         n_blocks = _gather([w.start.remote(rendezvous) for w in workers])[0]
         checkpoint.begin_staging(out_dir, fingerprint, resolved)
-        stage_seconds, bytes_moved, layers = [], [], []
+        stage_seconds, bytes_moved, layers, run_stats = [], [], [], []
         t_job = time.perf_counter()
         for b in range(n_blocks):
             structlog.contextvars.bind_contextvars(block=b)
@@ -104,11 +106,14 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
                 t_persist = time.perf_counter()
                 block_layers = sorted((asdict(x) for r in results for x in r.layers), key=lambda x: x["name"])
                 checkpoint.write_block_part(out_dir, b, results[0].tensors)
-                checkpoint.mark_block_done(out_dir, b, layers=block_layers)
                 seconds["persist"] = time.perf_counter() - t_persist
+                block_stats = _block_stats(b, results, seconds)
+                checkpoint.mark_block_done(out_dir, b, layers=block_layers, stats=block_stats)
                 layers += block_layers
-            else:
+            else:  # the stats of the run that quantized it
                 layers += checkpoint.read_block_layers(out_dir, b)
+                block_stats = checkpoint.read_block_stats(out_dir, b)
+            run_stats.append(block_stats)
             stage_seconds.append(seconds)
             moved = {k: sum(r.bytes_received.get(k, 0) for r in results) for k in ("load", "reduce", "share")}
             bytes_moved.append(moved)
@@ -118,8 +123,16 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
                      eta_s=round(elapsed / (b + 1) * (n_blocks - b - 1), 1),
                      mib_moved=round(sum(moved.values()) / 2**20, 2), **{k: round(v, 3) for k, v in seconds.items()})
         structlog.contextvars.bind_contextvars(block=None)
-        report = _report(spec, source.revision, calib.window_sha256, layers)
-        checkpoint.assemble_checkpoint(out_dir, source, n_blocks, quantization_config(spec), report, resolved)
+        t = time.perf_counter()
+        streams = _gather([w.evaluate.remote() for w in workers])[0]
+        evaluation = _evaluation(spec, streams, calib)
+        log.info("eval_done", seconds=round(time.perf_counter() - t, 2),
+                 **{k: v for k, v in evaluation.items() if k.endswith("_ppl")})
+        report = _report(spec, source.revision, calib.window_sha256, layers, evaluation)
+        stats = {"job_id": job_id, "workers": spec.cluster.num_workers, "blocks": run_stats,
+                 "eval_seconds": round(time.perf_counter() - t, 3)}
+        checkpoint.assemble_checkpoint(out_dir, source, n_blocks, quantization_config(spec), report, resolved,
+                                       run_stats=stats)
         log.info("job_done", output=str(out_dir), blocks=n_blocks, seconds=round(time.perf_counter() - t_job, 2))
         return JobOutcome(str(out_dir), n_blocks, state.done_blocks, False, stage_seconds, bytes_moved)
     except INPUT_ERRORS:
@@ -142,17 +155,20 @@ def _connect(spec: JobSpec) -> None:
         ray.init(address=spec.cluster.address, logging_level="warning", runtime_env=WORKER_ENV)
 
 
-def _start_workers(spec: JobSpec, job_id: str, model_path: str, samples: torch.Tensor, worker_class: type) -> list:
+def _start_workers(spec: JobSpec, job_id: str, model_path: str, samples: torch.Tensor, eval_samples: torch.Tensor,
+                   worker_class: type) -> list:
     c = spec.cluster
     remote_cls = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker, max_restarts=0)(worker_class)
     shards = samples.tensor_split(c.num_workers)
+    eval_shards = eval_samples.tensor_split(c.num_workers) if len(eval_samples) else [None] * c.num_workers
     workers = []
-    for rank, shard in enumerate(shards):
+    for rank, (shard, eval_shard) in enumerate(zip(shards, eval_shards, strict=True)):
         setup = WorkerSetup(
             job_id=job_id, rank=rank, world_size=c.num_workers, loopback=c.address is None,
             model_path=model_path, samples=shard.clone(), gptq=gptq_config(spec),
             true_sequential=spec.quant.true_sequential, num_threads=c.cpus_per_worker,
             device="cuda" if c.gpus_per_worker else "cpu",
+            eval_samples=None if eval_shard is None else eval_shard.clone(), eval_rtn=spec.calibration.eval_rtn,
         )
         workers.append(remote_cls.remote(setup))
     return workers
@@ -172,11 +188,37 @@ def _gather(refs: list) -> list:
     return [results[i] for i in range(len(refs))]
 
 
-def _report(spec: JobSpec, revision: str, window_sha256: str, layers: list[dict]) -> dict:
-    return {
+def _report(spec: JobSpec, revision: str, window_sha256: str, layers: list[dict], evaluation: dict) -> dict:
+    report = {
         "job": spec.name,
         "source_revision": revision,
         "calibration_windows_sha256": window_sha256,
         "quantization": quantization_config(spec),
         "layers": sorted(layers, key=lambda layer: layer["name"]),
+    }
+    if evaluation:
+        report["eval"] = evaluation
+        report["metrics"] = {k: v for k, v in evaluation.items() if k.endswith("_ppl") or k == "ppl_delta"}
+    return report
+
+
+def _evaluation(spec: JobSpec, streams: dict[str, tuple[float, int]], calib) -> dict:
+    """Perplexities of the held-out windows from the in-pass streams (fp, gptq, rtn if asked)."""
+    if not streams:
+        return {}
+    out = {f"{name}_ppl": perplexity(*streams[name]) for name in sorted(streams)}
+    out["ppl_delta"] = out["gptq_ppl"] - out["fp_ppl"]
+    out.update(n_windows=len(calib.eval_samples), seq_len=spec.calibration.seq_len,
+               n_tokens=streams["gptq"][1],
+               windows_sha256=hashlib.sha256(calib.eval_samples.numpy().tobytes()).hexdigest())
+    return out
+
+
+def _block_stats(block_idx: int, results: list, seconds: dict[str, float]) -> dict:
+    """What this run measured for one block: not part of the output's bytes (see run-stats.json)."""
+    return {
+        "block": block_idx,
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "peak_memory_bytes": [r.peak_memory_bytes for r in results],
+        "bytes_received": [r.bytes_received for r in results],
     }

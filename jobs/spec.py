@@ -79,7 +79,8 @@ class CalibrationSpec(_Strict):
     dataset: str = "builtin://text"  # builtin://text (shipped Python docs, PSF licence)
     n_samples: int = Field(128, ge=1)  # calibration windows; more = better Hessians, slower
     seq_len: int = Field(2048, ge=8)  # tokens per window
-    eval_samples: int = Field(16, ge=0)  # held-out windows, never used for calibration
+    eval_samples: int = Field(16, ge=0)  # held-out windows, never used for calibration; 0 = no in-pass eval
+    eval_rtn: bool = False  # also measure RTN's perplexity in the same pass (a third stream of eval windows)
     seed: int = 0  # window selection
 
 

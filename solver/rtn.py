@@ -34,11 +34,7 @@ def quantize_rtn(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQCo
     perm = (torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True, stable=True)
             if cfg.desc_act else torch.arange(K, device=W.device))
     g_idx = group_index(perm, cfg.group_size, cfg.static_groups)
-    grids = find_group_grids(W, g_idx, count_groups(cfg.group_size, K), cfg.bits, cfg.sym)
-    scale = grids.scale[g_idx].T  # [N, K]
-    zero = grids.zero[g_idx].T
-    codes = quantize_to_grid(W, scale, zero, max_level(cfg.bits))
-    Q = (codes - zero) * scale
+    grids, codes, Q = _round(W, g_idx, cfg)
     return GPTQResult(
         codes=codes.to(torch.uint8),
         scales=grids.scale.float(),
@@ -47,3 +43,23 @@ def quantize_rtn(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQCo
         loss=layer_loss(W, Q, S) / n_tokens,
         damp_percent=0.0,
     )
+
+
+def rtn_weight(weight: Tensor, cfg: GPTQConfig) -> Tensor:
+    """The whole weight [N, K] rounded to its group grids and dequantized, in float32.
+
+    The baseline model of the in-pass evaluation: with no Hessian there are no dead columns and no
+    act-order permutation, so groups are consecutive columns.
+    """
+    W = weight.float()
+    g_idx = group_index(torch.arange(W.shape[1], device=W.device), cfg.group_size, cfg.static_groups)
+    return _round(W, g_idx, cfg)[2]
+
+
+def _round(W: Tensor, g_idx: Tensor, cfg: GPTQConfig):
+    """Grids of W's groups, codes, and the dequantized weight [N, K]."""
+    grids = find_group_grids(W, g_idx, count_groups(cfg.group_size, W.shape[1]), cfg.bits, cfg.sym)
+    scale = grids.scale[g_idx].T  # [N, K]
+    zero = grids.zero[g_idx].T
+    codes = quantize_to_grid(W, scale, zero, max_level(cfg.bits))
+    return grids, codes, (codes - zero) * scale

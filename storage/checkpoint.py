@@ -5,14 +5,15 @@ area inside the output directory; its marker makes the block the resume point:
 
     <out>/.rayquant-staging/job.json                  job fingerprint + resolved spec
     <out>/.rayquant-staging/block-00003.safetensors   block 3's tensors under their checkpoint names
-    <out>/.rayquant-staging/block-00003.done          block 3 is durable; its layer report records
+    <out>/.rayquant-staging/block-00003.done          block 3 is durable; its layer records and stats
 
 Assembly then writes the checkpoint of DESIGN.md "The GPTQ checkpoint" beside it: shards
 `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`, `config.json` with the
 `quantization_config`, the source's tokenizer/generation files, `README.md` (model card),
 `report.json`, and LAST `rayquant-manifest.json` (sha256 and size of every file). The manifest is
 the commit: a directory with our manifest holds a finished checkpoint, one without does not.
-The staging area is removed after it.
+The staging area is removed after it. `run-stats.json` (this run's seconds and memory) is written
+just before the manifest and is the one file the manifest does not list.
 
 Every file is written to a temporary name in the staging area, fsynced and renamed into place, so
 a crash leaves the old file or the new one, never half of one. Bytes are a pure function of the
@@ -46,6 +47,7 @@ MANIFEST_FILE = "rayquant-manifest.json"
 CONFIG_FILE = "config.json"
 MODEL_CARD_FILE = "README.md"
 REPORT_FILE = "report.json"
+RUN_STATS_FILE = "run-stats.json"  # timings and memory of the run that wrote the output; not in the manifest
 MANIFEST_FORMAT = 1  # bump when the manifest's fields change meaning
 
 # the tensors that replace a quantized linear's `weight`, in this order (its bias keeps its name)
@@ -186,18 +188,20 @@ def write_block_part(out_dir: Path, block_idx: int, tensors: dict[str, Tensor]) 
     write_atomic(staging, staging / _part_name(block_idx), _safetensors_writer(part))
 
 
-def mark_block_done(out_dir: Path, block_idx: int, layers: list[dict] | None = None) -> None:
+def mark_block_done(out_dir: Path, block_idx: int, layers: list[dict] | None = None,
+                    stats: dict | None = None) -> None:
     """Record that block block_idx's part is durable, making it part of the resume point.
 
-    The marker also keeps the block's report records (`layers`, JSON-serialisable dicts), so a
-    resumed job rebuilds the same report without solving the block again.
+    The marker also keeps the block's report records (`layers`, JSON-serialisable dicts) and the
+    run's measurements of it (`stats`: seconds, memory), so a resumed job rebuilds the same report
+    and run stats without solving the block again.
 
     Raises:
         StagingIncomplete: no staging area, or block block_idx has no part file.
     """
     staging = _require_staging(Path(out_dir))
     _require_part(staging, block_idx)
-    marker = {"block_idx": block_idx, "layers": layers}
+    marker = {"block_idx": block_idx, "layers": layers, "stats": stats}
     write_atomic(staging, staging / _marker_name(block_idx), json_writer(marker))
 
 
@@ -215,6 +219,12 @@ def read_block_layers(out_dir: Path, block_idx: int) -> list[dict]:
             f"missing or written without layers); delete the output directory and rerun the job"
         )
     return marker["layers"]
+
+
+def read_block_stats(out_dir: Path, block_idx: int) -> dict:
+    """The measurements mark_block_done kept for block block_idx ({} if the marker has none)."""
+    marker = _read_json_object(_require_staging(Path(out_dir)) / _marker_name(block_idx)) or {}
+    return marker.get("stats") or {}
 
 
 def read_block_part(out_dir: Path, block_idx: int) -> dict[str, Tensor]:
@@ -244,8 +254,12 @@ def assemble_checkpoint(
     report: dict,
     resolved_spec: dict,
     max_shard_bytes: int = 4 * 2**30,
+    run_stats: dict | None = None,
 ) -> list[str]:
     """Write the checkpoint from the block parts and the source, manifest last; remove staging.
+
+    `run_stats` (seconds per stage, memory per worker) goes to RUN_STATS_FILE, which is the one file
+    outside the manifest: it records this run, not the model, and would break byte-identical reruns.
 
     Tensors keep the source's name order: names of blocks 0..n_blocks-1 come from the parts (a
     quantized linear's `weight` becomes its PACKED_SUFFIXES tensors), all others are copied from
@@ -306,6 +320,8 @@ def assemble_checkpoint(
     files.append(MODEL_CARD_FILE)
 
     files.sort()
+    if run_stats is not None:
+        write_atomic(staging, out_dir / RUN_STATS_FILE, json_writer(run_stats))
     manifest = {
         "manifest_format": MANIFEST_FORMAT,
         "quantizer": _quantizer_tag(),

@@ -277,3 +277,50 @@ def find_input_groups(block: nn.Module, inp: BlockInput) -> list[InputGroup]:
         groups.append(InputGroup(name=label, linears=tuple(names), in_features=x.shape[-1]))
     return groups
 
+
+class _Replay(nn.Module):
+    """Stands in for a block when only the head is wanted: the first returns the given final hidden
+    states, the others pass them through; other attributes read through to the real block."""
+
+    def __init__(self, inner: nn.Module, hidden: torch.Tensor | None):
+        super().__init__()
+        self.inner = inner
+        self.hidden = hidden
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.hidden is not None:
+            return self.hidden
+        return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def final_logits(model: nn.Module, layout: DecoderLayout, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, vocab] for the last block's output `hidden`, through the model's own forward.
+
+    Whatever a model does after its blocks (final norm, soft-capping, a projection) runs as in
+    transformers, with no per-model code: the blocks are replaced by stand-ins that emit `hidden`.
+    The embedding stage and the head must be materialised.
+    """
+    blocks = model.get_submodule(layout.blocks_path)
+    real = list(blocks)
+    for i, block in enumerate(real):
+        blocks[i] = _Replay(block, hidden if i == 0 else None)
+    try:
+        return model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for i, block in enumerate(real):
+            blocks[i] = block
+
+
+def tie_output_head(model: nn.Module) -> None:
+    """Give a head the checkpoint stores no weight for (tied embeddings) the input embedding's."""
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.is_meta:
+        head.weight = model.get_input_embeddings().weight
+

@@ -11,6 +11,7 @@ per sub-stage: collect Σxᵀx → reduce to the input group's owner (rank-order
 
 from __future__ import annotations
 
+import resource
 import socket
 import time
 from dataclasses import dataclass, field
@@ -27,18 +28,21 @@ from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefin
 from rayquant.solver.hessian import accumulate_hessian
 from rayquant.solver.grid import count_groups
 from rayquant.solver.pack import PackedLinear, dequantize_packed, pack_linear
-from rayquant.solver.rtn import quantize_rtn
+from rayquant.solver.rtn import quantize_rtn, rtn_weight
 from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
 from rayquant.storage.safetensors_reader import DTYPES
+from rayquant.workers.evaluation import window_nll
 from rayquant.workers.adapter import (
     BlockInput,
     InputGroup,
     build_skeleton,
     capture_block_inputs,
     embedding_stage_names,
+    final_logits,
     find_input_groups,
     find_layout,
     forward_block,
+    tie_output_head,
     materialize,
     materialize_embedding_stage,
     move_buffers,
@@ -74,6 +78,8 @@ class WorkerSetup:
     loopback: bool = True  # single-node (embedded Ray, in-process benchmarks): rendezvous on 127.0.0.1
     validate_tokens: int = 64  # rows of each group's input kept for kernel validation
     validate_tolerance: float = 1e-2  # max relative error of kernel vs dequantized reference
+    eval_samples: torch.Tensor | None = None  # [e_w, T] held-out windows: flow fp and quantized (in-pass eval)
+    eval_rtn: bool = False  # also flow the eval windows through RTN blocks (a third stream)
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ class BlockResult:
     seconds: dict[str, float]
     layers: list[LayerReport] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] | None = None  # rank 0 only: the block's part file (output names)
-    peak_memory_bytes: int = 0
+    peak_memory_bytes: int = 0  # GPU: peak allocated in this block; CPU: the process's peak RSS so far
     bytes_received: dict[str, int] = field(default_factory=dict)  # per stage, by this rank (sum over ranks = traffic)
 
 
@@ -122,6 +128,9 @@ class BlockWorker:
         self.hessian_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         self.source: ModelSource | None = None
         self.inputs: list[BlockInput] = []
+        # in-pass evaluation: the held-out windows' hidden states per stream (fp / gptq / rtn)
+        self.eval_ids: list[torch.Tensor] = []
+        self.eval_streams: dict[str, list[BlockInput]] = {}
         self.received: dict[str, int] = {}  # bytes this rank received per stage, for the current block
 
     # ---- lifetime ---------------------------------------------------------------------------
@@ -157,6 +166,7 @@ class BlockWorker:
             move_buffers(self.model, self.device)
             for ids in self.setup.samples.split(self.setup.micro_batch):
                 self.inputs.append(capture_block_inputs(self.model, self.layout, ids.to(self.device)))
+            self._start_eval()
         except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
             err = e
         self._agree(err)
@@ -177,18 +187,25 @@ class BlockWorker:
         self.received = {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        source_tensors = None
+        if task.replay is None or self._eval_on:  # a replayed block still moves the fp eval stream
+            t = self._now()
+            source_tensors = self._load(task.block_idx)
+            seconds["load"] = self._now() - t
         if task.replay is not None:
             part = task.replay
             layers: list[LayerReport] = []
         else:
-            t = self._now()
-            source_tensors = self._load(task.block_idx)
-            seconds["load"] = self._now() - t
             part, layers = self._quantize(task.block_idx, source_tensors, seconds)
         t = self._now()
-        self._advance(task.block_idx, part)
+        quantized = self._advance(task.block_idx, part)
         seconds["advance"] = self._now() - t
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        if self._eval_on:
+            t = self._now()
+            self._advance_eval(task.block_idx, quantized, part, source_tensors)
+            seconds["eval"] = self._now() - t
+        peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # process peak RSS (KiB on Linux)
         log.info("block_stages_done", rank=self.rank, replay=task.replay is not None,
                  **{k: round(v, 3) for k, v in seconds.items()})
         return BlockResult(block_idx=task.block_idx, rank=self.rank, seconds=seconds, layers=layers,
@@ -354,7 +371,7 @@ class BlockWorker:
             mine = _empty_packed(linear.out_features, linear.in_features, self.setup.gptq)
         return PackedLinear(**{f: self._broadcast(getattr(mine, f), src=owner, stage="share") for f in PACKED_FIELDS})
 
-    def _advance(self, block_idx: int, part: dict[str, torch.Tensor]) -> None:
+    def _advance(self, block_idx: int, part: dict[str, torch.Tensor]) -> nn.Module:
         """Forward the shard through the quantized block, built from its part file as a reader would."""
         prefix = self.layout.block_prefix(block_idx)
         bits = self.setup.gptq.bits
@@ -371,6 +388,78 @@ class BlockWorker:
                 state[rel] = tensor
         block = materialize(self.blocks[block_idx], state, self.dtype)
         self.inputs = [inp.advanced(forward_block(block, inp)) for inp in self.inputs]
+        return block
+
+    # ---- in-pass evaluation -----------------------------------------------------------------------
+
+    @property
+    def _eval_on(self) -> bool:
+        return self.setup.eval_samples is not None  # the same on every rank (some shards may be empty)
+
+    def _start_eval(self) -> None:
+        """Capture the held-out windows' block-0 inputs; every stream starts from the same ones."""
+        if not self._eval_on:
+            return
+        self.eval_ids = list(self.setup.eval_samples.split(self.setup.micro_batch))
+        first = [capture_block_inputs(self.model, self.layout, ids.to(self.device)) for ids in self.eval_ids]
+        names = ("fp", "gptq", "rtn") if self.setup.eval_rtn else ("fp", "gptq")
+        self.eval_streams = {name: list(first) for name in names}
+
+    def _advance_eval(self, block_idx: int, quantized: nn.Module, part: dict[str, torch.Tensor],
+                      source: dict[str, torch.Tensor]) -> None:
+        """Move each eval stream through its own version of the block: fp, quantized, (RTN)."""
+        prefix = self.layout.block_prefix(block_idx)
+        fp_state = {n[len(prefix):]: t for n, t in source.items()}
+        blocks = {"gptq": quantized, "fp": materialize(self.blocks[block_idx], fp_state, self.dtype)}
+        if "rtn" in self.eval_streams:
+            rtn_state = dict(fp_state)
+            for name in part:
+                if name.endswith(".qweight"):
+                    weight = name[len(prefix):].removesuffix(".qweight") + ".weight"
+                    rtn_state[weight] = rtn_weight(fp_state[weight].to(self.device), self.setup.gptq)
+            blocks["rtn"] = materialize(self.blocks[block_idx], rtn_state, self.dtype)
+        for name, stream in self.eval_streams.items():
+            self.eval_streams[name] = [inp.advanced(forward_block(blocks[name], inp)) for inp in stream]
+
+    def _load_head(self) -> None:
+        names = [n for n in self.layout.head_names if n in self.source.tensors]
+        materialize_embedding_stage(self.model, {n: read_source_tensor(self.source, n, self.device) for n in names},
+                                    self.dtype)
+        tie_output_head(self.model)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, tuple[float, int]]:
+        """Per stream: summed next-token NLL and predicted tokens over every rank's eval windows.
+
+        Call after the last block: the model's own final norm and head turn each stream into logits.
+        """
+        self._bind(block=None)
+        totals: dict[str, tuple[float, int]] = {}
+        err = None
+        try:
+            if self._eval_on:
+                self._load_head()
+            for name, stream in self.eval_streams.items():
+                nll, count = 0.0, 0
+                for ids, inp in zip(self.eval_ids, stream):
+                    for i in range(len(ids)):  # one window at a time: [T, vocab] logits stay small
+                        window = ids[i:i + 1].to(self.device)
+                        logits = final_logits(self.model, self.layout, inp.hidden[i:i + 1], window)
+                        part_nll, part_count = window_nll(logits, window)
+                        nll, count = nll + part_nll, count + part_count
+                totals[name] = (nll, count)
+        except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
+            err = e
+        self._agree(err)
+        out = {}
+        for name in sorted(totals):
+            # every rank's totals, added in rank order: the same float result on every rank
+            mine = torch.tensor(totals[name], dtype=torch.float64, device=self.device)
+            parts = [torch.empty_like(mine) for _ in range(self.world)] if self.world > 1 else [mine]
+            if self.world > 1:
+                dist.all_gather(parts, mine)
+            out[name] = (sum(float(p[0]) for p in parts), sum(int(p[1]) for p in parts))
+        return out
 
     # ---- collectives ------------------------------------------------------------------------------
 

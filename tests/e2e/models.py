@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from rayquant.solver.gptq import GPTQConfig, dequantize
 from rayquant.solver.pack import PackedLinear, dequantize_packed
 from rayquant.solver.rtn import quantize_rtn
+from rayquant.storage.checkpoint import RUN_STATS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "jobs" / "specs" / "tiny-llama.yaml"
@@ -70,4 +71,6 @@ def logit_mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def output_files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    """Every file of an output but run-stats.json (this run's timings: the one file that may differ)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != RUN_STATS_FILE}

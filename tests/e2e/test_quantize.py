@@ -16,6 +16,7 @@ import pytest
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage.calibration import load_calibration
 from rayquant.storage.model_source import open_model_source
+from rayquant.workers.evaluation import perplexity, window_nll
 
 from .models import REPO, SPEC, dequantized_model, fp_model, logit_mse, logits, output_files, rtn_model, run_cli
 
@@ -48,8 +49,12 @@ def test_quantize_prints_progress_and_output_last_and_checksums_every_file(run_w
     assert "job_id=" in progress[0] and "block=0" in progress[0]
     manifest = json.loads((out / "rayquant-manifest.json").read_text())
     files = {f["path"]: f for f in manifest["files"]}
-    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"rayquant-manifest.json"}
-    assert set(files) == written
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert set(files) == written - {"rayquant-manifest.json", "run-stats.json"}  # run stats: not the model
+    stats = json.loads((out / "run-stats.json").read_text())
+    assert [b["block"] for b in stats["blocks"]] == [0, 1, 2, 3]
+    assert all(len(b["peak_memory_bytes"]) == 2 and min(b["peak_memory_bytes"]) > 0 for b in stats["blocks"])
+    assert all(b["seconds"]["solve"] > 0 and b["seconds"]["eval"] > 0 for b in stats["blocks"])
     for path, entry in files.items():
         assert hashlib.sha256((out / path).read_bytes()).hexdigest() == entry["sha256"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -88,11 +93,40 @@ def test_running_a_finished_job_again_changes_nothing(run_w2):
     assert output_files(out) == before
 
 
-def test_one_and_two_workers_agree_on_losses_and_logit_error(run_w2, tmp_path, source_dir, eval_ids):
-    _, out2 = run_w2
-    out1 = tmp_path / "w1"
-    proc = run_cli("quantize", str(SPEC), "--set", f"output.uri={out1}", "--set", "cluster.num_workers=1")
+@pytest.fixture(scope="module")
+def run_w1_with_rtn_eval(tmp_path_factory):
+    out = tmp_path_factory.mktemp("w1") / "out"
+    proc = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}", "--set", "cluster.num_workers=1",
+                   "--set", "calibration.eval_rtn=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _ppl(model, ids) -> float:
+    return perplexity(*window_nll(logits(model, ids), ids))
+
+
+@pytest.mark.parametrize("run", ["w1_rtn", "w2"])
+def test_in_pass_perplexities_equal_a_separate_evaluation(run, run_w2, run_w1_with_rtn_eval, source_dir, eval_ids):
+    out = run_w1_with_rtn_eval if run == "w1_rtn" else run_w2[1]
+    evaluation = json.loads((out / "report.json").read_text())["eval"]
+    assert evaluation["n_windows"] == len(eval_ids) and evaluation["n_tokens"] == eval_ids.numel() - len(eval_ids)
+    expected = {"fp_ppl": _ppl(fp_model(source_dir), eval_ids),
+                "gptq_ppl": _ppl(dequantized_model(source_dir, out), eval_ids)}
+    if run == "w1_rtn":
+        expected["rtn_ppl"] = _ppl(rtn_model(source_dir, GPTQConfig(bits=4, group_size=128, sym=True)), eval_ids)
+    else:
+        assert "rtn_ppl" not in evaluation  # only when asked
+    for key, value in expected.items():  # block-by-block vs whole-model forward: float rounding only
+        assert evaluation[key] == pytest.approx(value, rel=1e-5), key
+    assert evaluation["ppl_delta"] == pytest.approx(evaluation["gptq_ppl"] - evaluation["fp_ppl"])
+    card = (out / "README.md").read_text()
+    assert f"| gptq_ppl | {evaluation['gptq_ppl']:.6g} |" in card
+
+
+def test_one_and_two_workers_agree_on_losses_and_logit_error(run_w2, run_w1_with_rtn_eval, source_dir, eval_ids):
+    _, out2 = run_w2
+    out1 = run_w1_with_rtn_eval
     layers1 = {x["name"]: x for x in json.loads((out1 / "report.json").read_text())["layers"]}
     layers2 = {x["name"]: x for x in json.loads((out2 / "report.json").read_text())["layers"]}
     assert set(layers1) == set(layers2) and len(layers1) == 4 * 7
