@@ -33,7 +33,12 @@ def render_model_card(quantization_config: dict, report: dict, resolved_spec: di
     ]
     metrics = report.get("metrics", {})
     if metrics:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        evaluation = report.get("eval", {})
+        lines += ["", "## Evaluation", ""]
+        if evaluation:
+            lines += [f"Perplexity on {evaluation['n_windows']} held-out windows of {evaluation['seq_len']} tokens "
+                      "(never used for calibration), measured in the quantization pass itself.", ""]
+        lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {key} | {_format_value(metrics[key])} |" for key in sorted(metrics)]
     lines += [
         "",
@@ -42,14 +47,18 @@ def render_model_card(quantization_config: dict, report: dict, resolved_spec: di
         "Layer loss is tr((W - Q) H (W - Q)^T) on the calibration activations; RTN is round-to-nearest "
         "on the same grid, the baseline GPTQ improves on.",
         "",
-        "| layer | GPTQ loss | RTN loss | GPTQ / RTN | damp_percent |",
-        "|---|---:|---:|---:|---:|",
+        "Tokens are the calibration tokens behind the layer's Hessian; kernel error is the largest relative "
+        "difference between the GPU kernel (or the CPU reference) on the packed tensors and the dequantized "
+        "weights.",
+        "",
+        "| layer | GPTQ loss | RTN loss | GPTQ / RTN | damp_percent | tokens | kernel error |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for layer in report["layers"]:
         ratio = layer["gptq_loss"] / layer["rtn_loss"] if layer["rtn_loss"] else float("nan")
         lines.append(
             f"| {layer['name']} | {layer['gptq_loss']:.6g} | {layer['rtn_loss']:.6g} | {ratio:.4f} "
-            f"| {layer['damp_percent']:.4g} |"
+            f"| {layer['damp_percent']:.4g} | {layer.get('n_tokens', '')} | {_format_value(layer.get('max_rel_err', ''))} |"
         )
     return "\n".join(lines) + "\n"
 
