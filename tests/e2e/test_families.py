@@ -15,7 +15,12 @@ from .models import SPEC, fp_model, logit_mse, logits, rtn_model, run_cli
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("family", ["mistral-tiny", "qwen2-tiny", "qwen3-tiny"])
+# quantized linears per block: separate q/k/v/o + gate/up/down; Phi-3 fuses qkv and gate_up; OPT has fc1/fc2
+LINEARS_PER_BLOCK = {"mistral-tiny": 7, "qwen2-tiny": 7, "qwen3-tiny": 7, "gemma2-tiny": 7, "gemma3-tiny": 7,
+                     "phi3-tiny": 4, "opt-tiny": 6}
+
+
+@pytest.mark.parametrize("family", list(LINEARS_PER_BLOCK))
 def test_family_quantizes_and_beats_rtn_through_transformers_gptq_path(family, tmp_path):
     from .gptq_loader import load_gptq_logits
 
@@ -24,7 +29,7 @@ def test_family_quantizes_and_beats_rtn_through_transformers_gptq_path(family, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     source = open_model_source(f"synthetic://{family}").path
     layers = json.loads((out / "report.json").read_text())["layers"]
-    assert len(layers) == 4 * 7 and all(x["gptq_loss"] < x["rtn_loss"] for x in layers)
+    assert len(layers) == 4 * LINEARS_PER_BLOCK[family] and all(x["gptq_loss"] < x["rtn_loss"] for x in layers)
     ids = load_calibration("builtin://text", source, 32, 256, 8, 0).eval_samples
     fp = logits(fp_model(source), ids)
     rtn = logits(rtn_model(source, GPTQConfig(bits=4, group_size=128, sym=True)), ids)
