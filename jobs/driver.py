@@ -24,6 +24,7 @@ from rayquant.storage import checkpoint
 from rayquant.storage.calibration import load_calibration
 from rayquant.storage.model_source import open_model_source
 from rayquant.workers.adapter import check_decoder_architecture
+from rayquant.workers.moe import MoEConfig
 from rayquant.workers.evaluation import perplexity
 from rayquant.workers.block_worker import BlockTask, BlockWorker, PeerFailed, WorkerSetup
 
@@ -169,6 +170,7 @@ def _start_workers(spec: JobSpec, job_id: str, model_path: str, samples: torch.T
             true_sequential=spec.quant.true_sequential, num_threads=c.cpus_per_worker,
             device="cuda" if c.gpus_per_worker else "cpu",
             eval_samples=None if eval_shard is None else eval_shard.clone(), eval_rtn=spec.calibration.eval_rtn,
+            moe=MoEConfig(min_tokens=spec.quant.moe.min_tokens, starved_experts=spec.quant.moe.starved_experts),
         )
         workers.append(remote_cls.remote(setup))
     return workers

@@ -11,9 +11,11 @@ from rayquant.storage.checkpoint import OutputConflict
 from rayquant.storage.model_source import InvalidModelFiles, ModelNotFound, TensorNotFound, UnsupportedModelSource
 from rayquant.storage.safetensors_reader import CorruptSafetensors, NonFiniteWeights
 from rayquant.workers.adapter import UnsupportedArchitecture
+from rayquant.workers.moe import StarvedExpert
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (
     SpecError, ModelNotFound, InvalidModelFiles, UnsupportedModelSource, TensorNotFound, CorruptSafetensors,
     NonFiniteWeights, UnsupportedArchitecture, OutputConflict, CalibrationTooShort, UnsupportedDataset,
     TokenizerNotFound, HessianNotPositiveDefinite,
+    StarvedExpert,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,13 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False  # never run model code from the checkpoint unless asked
 
 
+class MoESpec(_Strict):
+    min_tokens: int = Field(1, ge=1)  # calibration tokens an expert must be routed; fewer = starved
+    # what a starved expert gets: error (stop, exit 2), calibrate_all (GPTQ on the all-token Hessian
+    # every expert is calibrated with), rtn (round-to-nearest); recorded per expert in report.json
+    starved_experts: Literal["error", "calibrate_all", "rtn"] = "calibrate_all"
+
+
 class QuantSpec(_Strict):
     bits: int = 4  # 2, 3, 4 or 8; fewer bits = smaller model, larger error
     group_size: int = 128  # columns per scale/zero; -1 = one group per row (smallest, least exact)
@@ -38,6 +45,7 @@ class QuantSpec(_Strict):
     damp_auto_increment: float = 0.01  # added to damp_percent each time Cholesky fails
     true_sequential: bool = True  # re-collect Hessians after each sub-stage (qkv → o → gate/up → down)
     lm_head: bool = False  # quantize the output head too (not supported yet)
+    moe: MoESpec = MoESpec()  # MoE models only: what to do with experts the router starves
 
     @field_validator("bits")
     @classmethod

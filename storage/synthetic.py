@@ -20,11 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -34,6 +38,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
@@ -43,9 +49,14 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
+from transformers.core_model_loading import revert_weight_conversion
 
 from rayquant.storage.calibration import BUILTIN_TEXT_PATH
 from rayquant.storage.safetensors_reader import INDEX_FILE
@@ -137,6 +148,59 @@ def build_opt_tiny(out_dir: Path) -> None:
                         tie_word_embeddings=True, pad_token_id=1)
 
 
+# MoE: 8 routed experts of 128 x 128 (top-2); 4 blocks like the dense presets
+_MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 128}
+# DeepSeek MLA attention (q/kv low-rank projections, decoupled rope dims), one shared expert, block 0 dense
+_DEEPSEEK = _MOE | {"n_routed_experts": 8, "n_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 64,
+                    "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32}
+_MLA_SHAPES = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 4}  # MLA: one latent kv shared by all heads, no GQA
+
+
+def build_mixtral_tiny(out_dir: Path) -> None:
+    """Mixtral: every block sparse, 8 experts (block_sparse_moe.experts.{e}.w1/w2/w3 on disk)."""
+    _build_tiny_decoder(out_dir, MixtralConfig, MixtralForCausalLM, num_local_experts=8, num_experts_per_tok=2)
+
+
+def build_qwen2_moe_tiny(out_dir: Path) -> None:
+    """Qwen2-MoE: 8 experts + a shared expert behind a sigmoid shared_expert_gate, q/k/v biases."""
+    _build_tiny_decoder(out_dir, Qwen2MoeConfig, Qwen2MoeForCausalLM, num_experts=8,
+                        shared_expert_intermediate_size=256, **_MOE)
+
+
+def build_qwen3_moe_tiny(out_dir: Path) -> None:
+    """Qwen3-MoE: 8 experts (transformers' Qwen3-MoE has no shared expert), q/k norms."""
+    _build_tiny_decoder(out_dir, Qwen3MoeConfig, Qwen3MoeForCausalLM, num_experts=8, head_dim=32, **_MOE)
+
+
+def build_deepseek_v2_tiny(out_dir: Path) -> None:
+    """DeepSeek-V2(-Lite): MLA without a q low-rank (q_proj), softmax greedy routing, dense block 0."""
+    _build_tiny_decoder(out_dir, DeepseekV2Config, DeepseekV2ForCausalLM, shapes=_MLA_SHAPES, q_lora_rank=None,
+                        topk_method="greedy", **_DEEPSEEK)
+
+
+def build_deepseek_v3_tiny(out_dir: Path) -> None:
+    """DeepSeek-V3: MLA with q_a/q_b, sigmoid group-limited routing with a score-correction bias, dense block 0."""
+    _build_tiny_decoder(out_dir, DeepseekV3Config, DeepseekV3ForCausalLM, shapes=_MLA_SHAPES, q_lora_rank=64,
+                        n_group=2, topk_group=1, **_DEEPSEEK)
+
+
+STARVED_EXPERTS = (6, 7)  # deepseek-v3-starved-tiny: the router never picks these experts
+
+
+def build_deepseek_v3_starved_tiny(out_dir: Path) -> None:
+    """deepseek-v3-tiny whose routers never pick STARVED_EXPERTS: their score-correction bias is -1e4, which
+    only the choice of experts reads (the gating weights use the raw scores), so no token reaches them."""
+    build_deepseek_v3_tiny(out_dir)
+    for shard in sorted(out_dir.glob("*.safetensors")):
+        tensors = load_file(shard)
+        biases = [name for name in tensors if name.endswith(".mlp.gate.e_score_correction_bias")]
+        for name in biases:
+            tensors[name][list(STARVED_EXPERTS)] = -1e4
+        if biases:
+            save_file(tensors, shard, {"format": "pt"})
+
+
 # Llama-style sizes; families with other field names pass their own
 _TINY_SHAPES = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
                 "num_key_value_heads": 2}
@@ -193,7 +257,10 @@ def _seeded_state_dict(
         torch.manual_seed(SEED)
         model = model_class(config)
     model = model.to(config.dtype)
-    return {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    # the names and layout save_pretrained writes: transformers 5 fuses MoE experts into 3-D parameters
+    # in memory, checkpoints hold one linear per expert (a no-op for families without a conversion)
+    state = revert_weight_conversion(model, model.state_dict())
+    return {name: tensor.clone(memory_format=torch.contiguous_format) for name, tensor in state.items()}
 
 
 def _write_weights(state: dict[str, torch.Tensor], shards: list[list[str]], out_dir: Path) -> None:
@@ -247,5 +314,11 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "gemma3-tiny": build_gemma3_tiny,
     "phi3-tiny": build_phi3_tiny,
     "opt-tiny": build_opt_tiny,
+    "mixtral-tiny": build_mixtral_tiny,
+    "qwen2-moe-tiny": build_qwen2_moe_tiny,
+    "qwen3-moe-tiny": build_qwen3_moe_tiny,
+    "deepseek-v2-tiny": build_deepseek_v2_tiny,
+    "deepseek-v3-tiny": build_deepseek_v3_tiny,
+    "deepseek-v3-starved-tiny": build_deepseek_v3_starved_tiny,
     "bert-tiny": build_bert_tiny,
 }

@@ -48,6 +48,11 @@ class BlockInput:
         return BlockInput(hidden, self.block_kwargs, min(self.block_idx + 1, len(self.block_kwargs) - 1))
 
 
+# MoE routers and gates stay in full precision: a rounded router picks other experts. In transformers 5
+# routers are parameters of a router module, but Qwen2-MoE's shared_expert_gate ([1, H]) is a linear.
+ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})
+
+
 @dataclass(frozen=True)
 class InputGroup:
     """Linears of one block that read the same input tensor, so they share one Hessian."""
@@ -263,7 +268,7 @@ def find_input_groups(block: nn.Module, inp: BlockInput) -> list[InputGroup]:
         return record
 
     for name, mod in block.named_modules():
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) and name.rpartition(".")[2] not in ROUTER_NAMES:
             hooks.append(mod.register_forward_pre_hook(hook(name)))
     try:
         forward_block(block, inp)

@@ -47,6 +47,16 @@ from rayquant.workers.adapter import (
     materialize_embedding_stage,
     move_buffers,
 )
+from rayquant.workers.moe import (
+    MoEConfig,
+    StarvedExpert,
+    expert_of,
+    local_routed_tokens,
+    reset_routed_tokens,
+    sequential_stages,
+    set_calibration,
+    unfuse_experts,
+)
 
 log = structlog.get_logger()
 
@@ -80,6 +90,7 @@ class WorkerSetup:
     validate_tolerance: float = 1e-2  # max relative error of kernel vs dequantized reference
     eval_samples: torch.Tensor | None = None  # [e_w, T] held-out windows: flow fp and quantized (in-pass eval)
     eval_rtn: bool = False  # also flow the eval windows through RTN blocks (a third stream)
+    moe: MoEConfig = MoEConfig()  # MoE models: what a starved expert gets
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,8 @@ class LayerReport:
     owner: int
     max_rel_err: float
     mean_rel_err: float
+    routed_tokens: int | None = None  # MoE experts: calibration tokens the router sent it (all ranks)
+    starved_policy: str | None = None  # MoE experts below quant.moe.min_tokens: the policy applied to it
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,7 @@ class BlockWorker:
         try:
             self.source = open_model_source(self.setup.model_path)
             self.model = build_skeleton(self.source.config, self.dtype)
+            unfuse_experts(self.model)  # MoE: one linear per expert, under the checkpoint's names
             self.layout = find_layout(self.model)
             self.blocks = self.model.get_submodule(self.layout.blocks_path)
             names = embedding_stage_names(self.model, self.layout)
@@ -240,13 +254,16 @@ class BlockWorker:
         prefix = self.layout.block_prefix(block_idx)
         local = {n[len(prefix):]: t for n, t in source.items()}
         block = materialize(self.blocks[block_idx], local, self.dtype)
+        set_calibration(block, True)  # MoE: every expert sees every token, so every expert is a group
         groups = find_input_groups(block, self.inputs[0])
         owners = _balance({g.name: g.in_features ** 2 for g in groups}, self.world)
-        stages = [[g] for g in groups] if self.setup.true_sequential else [groups]
+        stages = sequential_stages(block, groups) if self.setup.true_sequential else [groups]
         packed: dict[str, PackedLinear] = {}
         layers: list[LayerReport] = []
         for stage in stages:
+            reset_routed_tokens(block)
             sums, tokens, samples = self._collect(block, stage, seconds)
+            routed = self._routed_tokens(block_idx, block, stage)
             t = self._now()
             reduced = {g.name: self._reduce(sums[g.name], tokens[g.name], owners[g.name]) for g in stage}
             seconds["reduce"] = seconds.get("reduce", 0.0) + self._now() - t
@@ -256,7 +273,8 @@ class BlockWorker:
                 for g in stage:
                     if owners[g.name] == self.rank:
                         H, n = reduced[g.name]
-                        results, reports = self._solve(block_idx, block, g, H, n, samples[g.name], seconds)
+                        results, reports = self._solve(block_idx, block, g, H, n, samples[g.name], seconds,
+                                                       routed.get(g.name))
                         mine.update(results)
                         layers.extend(reports)
             except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
@@ -330,8 +348,11 @@ class BlockWorker:
         return total, int(sum(int(c.item()) for c in all_counts))
 
     def _solve(self, block_idx: int, block: nn.Module, group: InputGroup, H: torch.Tensor, n_tokens: int,
-               x_val: torch.Tensor, seconds: dict[str, float]) -> tuple[dict[str, PackedLinear], list[LayerReport]]:
+               x_val: torch.Tensor, seconds: dict[str, float],
+               routed_tokens: int | None = None) -> tuple[dict[str, PackedLinear], list[LayerReport]]:
         cfg = self.setup.gptq
+        starved = routed_tokens is not None and routed_tokens < self.setup.moe.min_tokens
+        starved_policy = self.setup.moe.starved_experts if starved else None
         prefix = self.layout.block_prefix(block_idx)
         weights = [block.get_submodule(lin).weight.float() for lin in group.linears]  # [N_i, K]
         t = self._now()
@@ -340,6 +361,8 @@ class BlockWorker:
         except HessianNotPositiveDefinite as err:
             raise HessianNotPositiveDefinite(f"block {block_idx} input group {group.name}: {err}") from err
         rtn = [quantize_rtn(w, H, n_tokens, cfg) for w in weights]
+        if starved_policy == "rtn":
+            results = rtn  # a starved expert gets RTN's codes; both losses still use the all-token H
         seconds["solve"] = seconds.get("solve", 0.0) + self._now() - t
         t = self._now()
         packed, reports = {}, []
@@ -356,11 +379,36 @@ class BlockWorker:
                 name=prefix + lin, input_group=group.name, in_features=w.shape[1], out_features=w.shape[0],
                 gptq_loss=res.loss, rtn_loss=base.loss, damp_percent=res.damp_percent, n_tokens=n_tokens,
                 owner=self.rank, max_rel_err=check.max_rel_err, mean_rel_err=check.mean_rel_err,
+                routed_tokens=routed_tokens, starved_policy=starved_policy,
             ))
             log.debug("layer_solved", rank=self.rank, layer=prefix + lin, loss=res.loss, rtn_loss=base.loss,
                       damp_percent=res.damp_percent)
         seconds["validate"] = seconds.get("validate", 0.0) + self._now() - t
         return packed, reports
+
+    def _routed_tokens(self, block_idx: int, block: nn.Module, stage: list[InputGroup]) -> dict[str, int]:
+        """Calibration tokens the router sent to each expert input group of the stage, summed over ranks.
+
+        Raises:
+            StarvedExpert: an expert is below quant.moe.min_tokens and the policy is error (every rank alike).
+        """
+        experts = [g for g in stage if expert_of(block, g) is not None]
+        if not experts:
+            return {}
+        counts = torch.tensor([local_routed_tokens(block, g) for g in experts], dtype=torch.int64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(counts)
+        routed = {g.name: int(c) for g, c in zip(experts, counts.tolist())}
+        cfg = self.setup.moe
+        starved = {name: n for name, n in routed.items() if n < cfg.min_tokens}
+        if starved:
+            log.warning("experts_starved", experts=starved, min_tokens=cfg.min_tokens, policy=cfg.starved_experts)
+        if starved and cfg.starved_experts == "error":
+            raise StarvedExpert(
+                f"block {block_idx}: the router sent fewer than quant.moe.min_tokens={cfg.min_tokens} calibration "
+                f"tokens to {starved}; set quant.moe.starved_experts to calibrate_all or rtn, or raise "
+                "calibration.n_samples")
+        return routed
 
     def _pack(self, result: GPTQResult) -> PackedLinear:
         return pack_linear(result, self.setup.gptq.bits)

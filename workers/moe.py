@@ -1,0 +1,243 @@
+"""Mixture-of-experts blocks as plain per-expert linears, named as the checkpoint names them.
+
+transformers 5 keeps the routed experts of Mixtral, Qwen2/3-MoE and DeepSeek-V2/V3 as one module
+holding fused 3-D parameters (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]),
+while the checkpoints on the Hub, GPTQModel and vLLM name one linear per expert
+(`block_sparse_moe.experts.{e}.w1` for Mixtral, `mlp.experts.{e}.gate_proj` for the others).
+`unfuse_experts` replaces each fused module of the skeleton by `RoutedExperts`, an `nn.ModuleList`
+of per-expert linears with the same forward signature and result, and renames module paths so a
+block's state-dict names are the checkpoint's names. Both facts come from transformers' own
+checkpoint conversion (`revert_weight_conversion`, what `save_pretrained` writes), not from a table.
+
+Then each expert is an input group of its own (find_input_groups), its Hessian has an owner like any
+other group, and a 256-expert block spreads over the workers. In calibration mode every token runs
+through every expert for the Hessian hooks, while the block's output stays gated as the model
+computes it; the routed token counts decide which experts are starved (`MoEConfig`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.core_model_loading import revert_weight_conversion
+
+from rayquant.workers.adapter import InputGroup, UnsupportedArchitecture
+
+StarvedPolicy = Literal["error", "calibrate_all", "rtn"]
+ROLES = ("gate", "up", "down")  # gate_up_proj rows [0, I) are the gate, [I, 2I) the up projection
+
+
+class StarvedExpert(Exception):
+    """An expert was routed fewer calibration tokens than quant.moe.min_tokens, and the policy is error."""
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    min_tokens: int = 1  # an expert routed fewer calibration tokens than this is starved
+    starved_experts: StarvedPolicy = "calibrate_all"  # error: stop; calibrate_all: GPTQ on all tokens; rtn: RTN
+
+
+class _Expert(nn.Module):
+    """One expert: gate, up and down linears under the checkpoint's names (w1/w3/w2 or *_proj)."""
+
+    def __init__(self, names: tuple[str, str, str], hidden: int, intermediate: int, dtype: torch.dtype):
+        super().__init__()
+        self.names = names
+        shapes = ((hidden, intermediate), (hidden, intermediate), (intermediate, hidden))
+        for name, (k, n) in zip(names, shapes):
+            setattr(self, name, nn.Linear(k, n, bias=False, device="meta", dtype=dtype))
+
+
+class RoutedExperts(nn.ModuleList):
+    """Per-expert linears in place of a fused experts module; forward(hidden [T, H], top_k_index [T, k],
+    top_k_weights [T, k]) -> [T, H], the sum over each token's experts as transformers computes it."""
+
+    def __init__(self, experts: list[_Expert], act_fn: nn.Module):
+        super().__init__(experts)
+        object.__setattr__(self, "act_fn", act_fn)  # not a child: the list holds experts only
+        self.calibrate_all = False  # run every token through every expert (for the Hessian hooks only)
+        self.routed_tokens: torch.Tensor | None = None  # [E] int64, tokens routed per expert since reset
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        # index E marks a dropped slot in some routers; it counts for no expert
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=len(self) + 1)[: len(self)]
+        self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
+        for e, expert in enumerate(self):
+            token_idx, top_k_pos = torch.where(top_k_index == e)
+            if self.calibrate_all:
+                # view_as: a tensor object of its own, so each expert is its own input group
+                y = self._expert_forward(expert, hidden_states.view_as(hidden_states))[token_idx]
+            elif token_idx.numel() == 0:
+                continue
+            else:
+                y = self._expert_forward(expert, hidden_states[token_idx])
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
+        return out
+
+    def _expert_forward(self, expert: _Expert, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(expert, name) for name in expert.names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    params = dict(module.named_parameters(recurse=False))
+    return any(p.dim() == 3 for p in params.values())
+
+
+def unfuse_experts(model: nn.Module) -> int:
+    """Replace every fused experts module by RoutedExperts and align module paths with checkpoint names.
+
+    Works on the meta skeleton, before any block is materialised. Returns the number replaced.
+
+    Raises:
+        UnsupportedArchitecture: fused expert parameters other than gate_up_proj/down_proj, or
+            checkpoint names that are not one linear per expert (the checkpoint stores them fused).
+    """
+    fused = [(name, mod) for name, mod in model.named_modules() if _is_fused_experts(mod)]
+    if not fused:
+        return 0
+    for name, mod in fused:
+        params = {n: tuple(p.shape) for n, p in mod.named_parameters(recurse=False)}
+        if set(params) != {"gate_up_proj", "down_proj"} or not hasattr(mod, "act_fn"):
+            raise UnsupportedArchitecture(
+                f"{name} ({type(mod).__name__}) holds fused expert parameters {params}; rayquant quantizes "
+                "experts stored as gate_up_proj [E, 2I, H] + down_proj [E, H, I] only")
+    checkpoint_names = _checkpoint_names(model, fused)
+    for name, mod in fused:
+        E, two_i, hidden = mod.gate_up_proj.shape
+        leaves = tuple(checkpoint_names[(name, 0, role)].rsplit(".", 2)[1] for role in ROLES)
+        experts = [_Expert(leaves, hidden, two_i // 2, mod.gate_up_proj.dtype) for _ in range(E)]
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, RoutedExperts(experts, mod.act_fn))
+    renames: dict[str, str] = {}
+    for key, checkpoint_name in checkpoint_names.items():
+        module_name = (f"{key[0]}.{key[1]}.{checkpoint_name.rsplit('.', 2)[1]}.weight" if isinstance(key, tuple)
+                       else key)
+        _collect_path_renames(module_name, checkpoint_name, renames)
+    for path, new in sorted(renames.items(), key=lambda kv: -kv[0].count(".")):  # deepest first
+        _rename_module(model, path, new)
+    return len(fused)
+
+
+def _checkpoint_names(model: nn.Module, fused: list[tuple[str, nn.Module]]) -> dict:
+    """Checkpoint name of every parameter under a fused module's parent, from transformers' save conversion.
+
+    Keys: a state-dict name, or (experts module path, expert, role) for the fused parameters. Each
+    source is a marker tensor of distinct integers (exact in float32), so each name the conversion
+    writes says by its value which parameter, expert and role it came from.
+    """
+    scopes = tuple(name.rpartition(".")[0] + "." for name, _ in fused)
+    plain = [n for n in model.state_dict() if n.startswith(scopes) and not n.startswith(tuple(
+        name + "." for name, _ in fused))]
+    markers: dict[str, torch.Tensor] = {}
+    origin: dict[int, object] = {}
+    for name in plain:
+        origin[len(origin)] = name
+        markers[name] = torch.tensor([float(len(origin) - 1)])
+    for name, mod in fused:
+        E = mod.gate_up_proj.shape[0]
+        base = len(origin)
+        for e in range(E):
+            for j, role in enumerate(ROLES):
+                origin[base + 3 * e + j] = (name, e, role)
+        values = torch.arange(base, base + 3 * E, dtype=torch.float32).reshape(E, 3)
+        markers[f"{name}.gate_up_proj"] = values[:, :2].reshape(E, 2, 1).contiguous()
+        markers[f"{name}.down_proj"] = values[:, 2].reshape(E, 1, 1).contiguous()
+    if len(origin) >= 2**24:
+        raise UnsupportedArchitecture(f"{len(origin)} parameters in MoE blocks: too many to trace by marker")
+    out: dict = {}
+    for checkpoint_name, tensor in revert_weight_conversion(model, markers).items():
+        if tensor.numel() != 1:
+            raise UnsupportedArchitecture(
+                f"the checkpoint format of {type(model).__name__} stores {checkpoint_name} with "
+                f"{tensor.numel()} parts of the fused experts; rayquant writes one linear per expert only")
+        out[origin[int(tensor.item())]] = checkpoint_name
+    missing = [k for k in origin.values() if k not in out]
+    if missing:
+        raise UnsupportedArchitecture(f"transformers' checkpoint conversion dropped {missing[:3]}; cannot name them")
+    for (path, e, role), checkpoint_name in ((k, v) for k, v in out.items() if isinstance(k, tuple)):
+        if checkpoint_name.rsplit(".", 3)[1] != str(e) or not checkpoint_name.endswith(".weight"):
+            raise UnsupportedArchitecture(
+                f"{path} expert {e} {role} is saved as {checkpoint_name}, not as <experts>.{e}.<linear>.weight")
+    return out
+
+
+def _collect_path_renames(module_name: str, checkpoint_name: str, renames: dict[str, str]) -> None:
+    """Module path → new last component wherever the names differ (e.g. layers.0.mlp → block_sparse_moe)."""
+    if module_name == checkpoint_name:
+        return
+    a, b = module_name.split("."), checkpoint_name.split(".")
+    if len(a) != len(b) or a[-1] != b[-1]:
+        raise UnsupportedArchitecture(
+            f"checkpoint name {checkpoint_name} is not a renamed path of module {module_name}; "
+            "this MoE layout is not supported")
+    for i, (x, y) in enumerate(zip(a[:-1], b[:-1])):
+        if x != y:
+            path = ".".join(a[: i + 1])
+            if renames.setdefault(path, y) != y:
+                raise UnsupportedArchitecture(f"module {path} has two checkpoint names: {renames[path]}, {y}")
+
+
+def _rename_module(model: nn.Module, path: str, new: str) -> None:
+    """Register the child at `path` under `new` (state-dict names), keep `old` as a plain attribute for forward."""
+    parent_path, _, old = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    child = parent._modules[old]
+    parent._modules = OrderedDict((new if k == old else k, v) for k, v in parent._modules.items())
+    parent.__dict__[old] = child  # forward still reads self.<old>; one object under both names
+
+
+def routed_experts(block: nn.Module) -> list[RoutedExperts]:
+    return [m for m in block.modules() if isinstance(m, RoutedExperts)]
+
+
+def set_calibration(block: nn.Module, on: bool) -> None:
+    """Calibration mode: every token through every expert for the hooks; outputs stay gated."""
+    for m in routed_experts(block):
+        m.calibrate_all = on
+
+
+def reset_routed_tokens(block: nn.Module) -> None:
+    for m in routed_experts(block):
+        m.routed_tokens = None
+
+
+def expert_of(block: nn.Module, group: InputGroup) -> tuple[str, int, str] | None:
+    """(experts module path, expert index, role) of an input group inside RoutedExperts, else None."""
+    path, _, leaf = group.linears[0].rpartition(".")
+    experts_path, _, index = path.rpartition(".")
+    if not index.isdigit() or not experts_path or not isinstance(block.get_submodule(experts_path), RoutedExperts):
+        return None
+    expert = block.get_submodule(path)
+    return experts_path, int(index), ROLES[expert.names.index(leaf)]
+
+
+def local_routed_tokens(block: nn.Module, group: InputGroup) -> int:
+    """Tokens this rank's shard routed to the group's expert since the last reset (0 if none ran)."""
+    experts_path, e, _ = expert_of(block, group)
+    counts = block.get_submodule(experts_path).routed_tokens
+    return 0 if counts is None else int(counts[e].item())
+
+
+def sequential_stages(block: nn.Module, groups: list[InputGroup]) -> list[list[InputGroup]]:
+    """true_sequential sub-stages: one per input group, except that the same projection of every expert
+    of one RoutedExperts forms a single stage (the experts never read each other's outputs)."""
+    stages: list[list[InputGroup]] = []
+    by_key: dict[tuple[str, str], list[InputGroup]] = {}
+    for g in groups:
+        where = expert_of(block, g)
+        if where is None:
+            stages.append([g])
+            continue
+        key = (where[0], "down" if where[2] == "down" else "gate_up")
+        if key not in by_key:
+            by_key[key] = []
+            stages.append(by_key[key])
+        by_key[key].append(g)
+    return stages
