@@ -40,6 +40,8 @@ python -m pip install --disable-pip-version-check --progress-bar off "torch==${T
 pip_install -e '.[test]'
 pip_install "${GPTQMODEL_RUNTIME_DEPS[@]}"
 pip_install --no-deps "gptqmodel==${GPTQMODEL_VERSION}"
+# the second consumer, vLLM (CPU), in a venv of its own (~1.5 min, 3.4 GB); tests/e2e/test_vllm.py
+bash .ci/vllm-venv.sh
 
 # fail here, not in the middle of the test run, if the stack is not what the tests expect
 python - "$TORCH_VERSION" "$GPTQMODEL_VERSION" <<'EOF'
