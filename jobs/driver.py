@@ -21,7 +21,7 @@ from rayquant.jobs.input_errors import INPUT_ERRORS
 from rayquant.jobs.spec import JobSpec
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage import checkpoint
-from rayquant.storage.calibration import load_calibration
+from rayquant.storage.calibration import CalibrationSet, load_calibration, vocab_size_of
 from rayquant.storage.model_source import open_model_source
 from rayquant.workers.adapter import check_decoder_architecture
 from rayquant.workers.moe import MoEConfig
@@ -71,8 +71,10 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     # Preflight: everything that reads no weights, before anything is written.
     source = open_model_source(spec.model.source)
     check_decoder_architecture(source.config)
-    calib = load_calibration(spec.calibration.dataset, source.path, spec.calibration.n_samples,
-                             spec.calibration.seq_len, spec.calibration.eval_samples, spec.calibration.seed)
+    c = spec.calibration
+    calib = load_calibration(c.dataset, source.path, c.n_samples, c.seq_len, c.eval_samples, c.seed,
+                             packing=c.packing, min_length=c.min_length, text_field=c.text_field, split=c.split,
+                             vocab_size=vocab_size_of(source.config))
     fingerprint = spec.fingerprint(source.revision)
     resolved = spec.resolved()
     state = checkpoint.inspect_output(out_dir, fingerprint)
@@ -129,7 +131,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
         evaluation = _evaluation(spec, streams, calib)
         log.info("eval_done", seconds=round(time.perf_counter() - t, 2),
                  **{k: v for k, v in evaluation.items() if k.endswith("_ppl")})
-        report = _report(spec, source.revision, calib.window_sha256, layers, evaluation)
+        report = _report(spec, source.revision, calib, layers, evaluation)
         stats = {"job_id": job_id, "workers": spec.cluster.num_workers, "blocks": run_stats,
                  "eval_seconds": round(time.perf_counter() - t, 3)}
         checkpoint.assemble_checkpoint(out_dir, source, n_blocks, quantization_config(spec), report, resolved,
@@ -190,11 +192,13 @@ def _gather(refs: list) -> list:
     return [results[i] for i in range(len(refs))]
 
 
-def _report(spec: JobSpec, revision: str, window_sha256: str, layers: list[dict], evaluation: dict) -> dict:
+def _report(spec: JobSpec, revision: str, calib: CalibrationSet, layers: list[dict], evaluation: dict) -> dict:
     report = {
         "job": spec.name,
         "source_revision": revision,
-        "calibration_windows_sha256": window_sha256,
+        "calibration_dataset": asdict(calib.description),
+        "calibration_windows_sha256": calib.window_sha256,
+        "calibration_window_sha256s": list(calib.window_sha256s),  # one per window, in sample order
         "quantization": quantization_config(spec),
         "layers": sorted(layers, key=lambda layer: layer["name"]),
     }

@@ -6,10 +6,14 @@ and the fixed input is a different job.
 
 from rayquant.jobs.spec import SpecError
 from rayquant.solver.gptq import HessianNotPositiveDefinite
-from rayquant.storage.calibration import CalibrationTooShort, TokenizerNotFound, UnsupportedDataset
+from rayquant.storage.calibration import (
+    CalibrationTooShort, RecordsShorterThanSeqLen, TokenizerMismatch, TokenizerNotFound, UnsupportedDataset,
+)
 from rayquant.storage.checkpoint import OutputConflict
 from rayquant.storage.model_source import InvalidModelFiles, ModelNotFound, TensorNotFound, UnsupportedModelSource
+from rayquant.storage.s3_files import S3AccessDenied, S3ObjectNotFound, S3Unreachable
 from rayquant.storage.safetensors_reader import CorruptSafetensors, NonFiniteWeights
+from rayquant.storage.text_sources import DatasetNotCached, DatasetNotFound, EmptyDataset, UnreadableDataset
 from rayquant.workers.adapter import UnsupportedArchitecture
 from rayquant.workers.moe import StarvedExpert
 
@@ -18,4 +22,6 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (
     NonFiniteWeights, UnsupportedArchitecture, OutputConflict, CalibrationTooShort, UnsupportedDataset,
     TokenizerNotFound, HessianNotPositiveDefinite,
     StarvedExpert,
+    DatasetNotFound, DatasetNotCached, UnreadableDataset, EmptyDataset, RecordsShorterThanSeqLen, TokenizerMismatch,
+    S3ObjectNotFound, S3AccessDenied, S3Unreachable,
 )

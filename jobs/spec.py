@@ -84,7 +84,14 @@ class QuantSpec(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    dataset: str = "builtin://text"  # builtin://text (shipped Python docs, PSF licence)
+    # builtin://text (shipped Python docs, PSF licence) | path or s3://bucket/key to .txt/.jsonl/.parquet
+    # | hf://<dataset>[/<config>] from the local Hugging Face datasets cache (never downloaded)
+    dataset: str = "builtin://text"
+    text_field: str = "text"  # .jsonl field / .parquet or hf:// column holding the text
+    split: str = "train"  # hf:// only: which cached split
+    # concat: records joined with EOS, seeded random windows (GPTQ's); per_sample: each record's first seq_len
+    packing: Literal["concat", "per_sample"] = "concat"
+    min_length: int = Field(0, ge=0)  # records with fewer tokens are dropped before packing
     n_samples: int = Field(128, ge=1)  # calibration windows; more = better Hessians, slower
     seq_len: int = Field(2048, ge=8)  # tokens per window
     eval_samples: int = Field(16, ge=0)  # held-out windows, never used for calibration; 0 = no in-pass eval
