@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 
 from rayquant.jobs.input_errors import INPUT_ERRORS
-from rayquant.jobs.spec import load_spec
+from rayquant.jobs.spec import CalibrationSpec, SpecError, load_spec
 from rayquant.kernels.validation import KernelMismatch
 
 
@@ -43,6 +43,36 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import hashlib
+    import json
+    import time
+
+    from rayquant.storage.calibration import load_calibration
+    from rayquant.storage.gptq_checkpoint import open_gptq_checkpoint
+    from rayquant.workers.checkpoint_eval import evaluate_perplexity, load_dequantized_model
+
+    for flag, value, least in (("--seq-len", args.seq_len, 8), ("--eval-samples", args.eval_samples, 1),
+                               ("--micro-batch", args.micro_batch, 1)):
+        if value < least:
+            raise SpecError(f"{flag}={value}: use at least {least}")
+    start = time.perf_counter()
+    checkpoint = open_gptq_checkpoint(args.uri)
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else checkpoint.source.path
+    # the job's own call: same dataset, windows and seed give the same held-out eval windows
+    calib = load_calibration(args.data, tokenizer_dir, CalibrationSpec().n_samples, args.seq_len,
+                             args.eval_samples, args.seed)
+    model = load_dequantized_model(checkpoint, device=args.device)
+    result = evaluate_perplexity(model, calib.eval_samples, args.micro_batch)
+    print(json.dumps({
+        "uri": args.uri, "ppl": result.ppl, "n_tokens": result.n_tokens,
+        "windows_sha256": hashlib.sha256(calib.eval_samples.numpy().tobytes()).hexdigest(),
+        "eval_samples": len(calib.eval_samples), "seq_len": args.seq_len, "dataset": args.data,
+        "quantized_linears": len(checkpoint.linears), "seconds": round(time.perf_counter() - start, 3),
+    }, sort_keys=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rayquant", description="Distributed GPTQ quantization on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="per-layer debug logs")
@@ -50,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("quantize", help="run a job here (embedded Ray) or on cluster.address")
     q.add_argument("spec", help="job spec YAML, e.g. jobs/specs/tiny-llama.yaml")
     q.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field")
+    e = sub.add_parser("eval", help="perplexity of a GPTQ v1 checkpoint (any tool's) or an unquantized model")
+    e.add_argument("uri", help="checkpoint or model directory, or synthetic://<preset>")
+    calibration = CalibrationSpec()  # defaults of the job spec: the same eval windows as a default job
+    e.add_argument("--data", default=calibration.dataset, help="dataset, as calibration.dataset")
+    e.add_argument("--seq-len", type=int, default=calibration.seq_len, help="tokens per window")
+    e.add_argument("--eval-samples", type=int, default=calibration.eval_samples, help="held-out windows")
+    e.add_argument("--seed", type=int, default=calibration.seed, help="as calibration.seed")
+    e.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's own)")
+    e.add_argument("--device", default="cpu", help="cpu or cuda; the forward runs in float32")
+    e.add_argument("--micro-batch", type=int, default=1, help="windows per forward")
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     if args.verbose:
@@ -57,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     # Embedded Ray binds to loopback only, so nothing listens on a routable address.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
-        return _quantize(args)
+        return _eval(args) if args.command == "eval" else _quantize(args)
     except INPUT_ERRORS as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

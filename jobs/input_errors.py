@@ -10,18 +10,20 @@ from rayquant.storage.calibration import (
     CalibrationTooShort, RecordsShorterThanSeqLen, TokenizerMismatch, TokenizerNotFound, UnsupportedDataset,
 )
 from rayquant.storage.checkpoint import OutputConflict
+from rayquant.storage.gptq_checkpoint import InvalidGPTQCheckpoint, UnsupportedCheckpointFormat
 from rayquant.storage.model_source import InvalidModelFiles, ModelNotFound, TensorNotFound, UnsupportedModelSource
 from rayquant.storage.s3_files import S3AccessDenied, S3ObjectNotFound, S3Unreachable
 from rayquant.storage.safetensors_reader import CorruptSafetensors, NonFiniteWeights
 from rayquant.storage.text_sources import DatasetNotCached, DatasetNotFound, EmptyDataset, UnreadableDataset
 from rayquant.workers.adapter import UnsupportedArchitecture
+from rayquant.workers.layer_overrides import OverrideMatchesNothing
 from rayquant.workers.moe import StarvedExpert
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (
     SpecError, ModelNotFound, InvalidModelFiles, UnsupportedModelSource, TensorNotFound, CorruptSafetensors,
     NonFiniteWeights, UnsupportedArchitecture, OutputConflict, CalibrationTooShort, UnsupportedDataset,
-    TokenizerNotFound, HessianNotPositiveDefinite,
-    StarvedExpert,
+    TokenizerNotFound, HessianNotPositiveDefinite, UnsupportedCheckpointFormat, InvalidGPTQCheckpoint,
+    StarvedExpert, OverrideMatchesNothing,
     DatasetNotFound, DatasetNotCached, UnreadableDataset, EmptyDataset, RecordsShorterThanSeqLen, TokenizerMismatch,
     S3ObjectNotFound, S3AccessDenied, S3Unreachable,
 )
