@@ -23,10 +23,12 @@ from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage import checkpoint
 from rayquant.storage.calibration import CalibrationSet, load_calibration, vocab_size_of
 from rayquant.storage.model_source import open_model_source
-from rayquant.workers.adapter import check_decoder_architecture
+from rayquant.workers.adapter import build_skeleton, check_decoder_architecture, find_layout
 from rayquant.workers.moe import MoEConfig
 from rayquant.workers.evaluation import perplexity
 from rayquant.workers.block_worker import BlockTask, BlockWorker, PeerFailed, WorkerSetup
+from rayquant.workers.layer_overrides import (LayerOverride, block_linear_names, check_overrides_match,
+                                             gptq_dynamic)
 
 log = structlog.get_logger()
 
@@ -55,7 +57,12 @@ def quantization_config(spec: JobSpec) -> dict:
     q = spec.quant
     return checkpoint.gptq_quantization_config(
         bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym, damp_percent=q.damp_percent,
-        true_sequential=q.true_sequential, static_groups=q.static_groups)
+        true_sequential=q.true_sequential, static_groups=q.static_groups, dynamic=gptq_dynamic(layer_overrides(spec)))
+
+
+def layer_overrides(spec: JobSpec) -> tuple[LayerOverride, ...]:
+    return tuple(LayerOverride(pattern=o.pattern, bits=o.bits, group_size=o.group_size, skip=o.skip)
+                 for o in spec.quant.overrides)
 
 
 def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = BlockWorker) -> JobOutcome:
@@ -71,6 +78,9 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     # Preflight: everything that reads no weights, before anything is written.
     source = open_model_source(spec.model.source)
     check_decoder_architecture(source.config)
+    if spec.quant.overrides:  # the skeleton is on the meta device: listing its linears reads no weights
+        skeleton = build_skeleton(source.config, torch.bfloat16)
+        check_overrides_match(layer_overrides(spec), block_linear_names(skeleton, find_layout(skeleton)))
     c = spec.calibration
     calib = load_calibration(c.dataset, source.path, c.n_samples, c.seq_len, c.eval_samples, c.seed,
                              packing=c.packing, min_length=c.min_length, text_field=c.text_field, split=c.split,
@@ -168,7 +178,7 @@ def _start_workers(spec: JobSpec, job_id: str, model_path: str, samples: torch.T
     for rank, (shard, eval_shard) in enumerate(zip(shards, eval_shards, strict=True)):
         setup = WorkerSetup(
             job_id=job_id, rank=rank, world_size=c.num_workers, loopback=c.address is None,
-            model_path=model_path, samples=shard.clone(), gptq=gptq_config(spec),
+            model_path=model_path, samples=shard.clone(), gptq=gptq_config(spec), overrides=layer_overrides(spec),
             true_sequential=spec.quant.true_sequential, num_threads=c.cpus_per_worker,
             device="cuda" if c.gpus_per_worker else "cpu",
             eval_samples=None if eval_shard is None else eval_shard.clone(), eval_rtn=spec.calibration.eval_rtn,

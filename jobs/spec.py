@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,48 @@ class MoESpec(_Strict):
     starved_experts: Literal["error", "calibrate_all", "rtn"] = "calibrate_all"
 
 
+class OverrideSpec(_Strict):
+    """One quant.overrides rule; the first rule whose pattern matches a linear's full name wins."""
+
+    pattern: str  # regex, matched from the start of the full module name (as GPTQModel and vLLM match)
+    bits: int | None = None  # this module's bits instead of quant.bits
+    group_size: int | None = None  # this module's group size instead of quant.group_size
+    skip: bool = False  # leave the module unquantized (e.g. a sensitive o_proj)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as err:
+            raise ValueError(f"pattern {v!r} is not a valid regular expression ({err}); fix it, "
+                             r"e.g. '.*\.mlp\.down_proj'") from err
+        return v
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int | None) -> int | None:
+        if v is not None and v not in (2, 3, 4, 8):
+            raise ValueError(f"bits={v} is not supported; use 2, 3, 4 or 8")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int | None) -> int | None:
+        if v is not None and (v == 0 or v < -1):
+            raise ValueError(f"group_size={v}; use -1 (one group per row) or a positive size such as 128")
+        return v
+
+    @model_validator(mode="after")
+    def _does_something(self) -> OverrideSpec:
+        if self.skip and (self.bits is not None or self.group_size is not None):
+            raise ValueError(f"override {self.pattern!r} sets skip together with bits/group_size; "
+                             "a skipped module is not quantized: drop one of them")
+        if not self.skip and self.bits is None and self.group_size is None:
+            raise ValueError(f"override {self.pattern!r} changes nothing; set bits, group_size or skip: true")
+        return self
+
+
 class QuantSpec(_Strict):
     bits: int = 4  # 2, 3, 4 or 8; fewer bits = smaller model, larger error
     group_size: int = 128  # columns per scale/zero; -1 = one group per row (smallest, least exact)
@@ -46,6 +89,9 @@ class QuantSpec(_Strict):
     true_sequential: bool = True  # re-collect Hessians after each sub-stage (qkv → o → gate/up → down)
     lm_head: bool = False  # quantize the output head too (not supported yet)
     moe: MoESpec = MoESpec()  # MoE models only: what to do with experts the router starves
+    # per-module rules (regex on the full module name → bits / group_size / skip), first match wins;
+    # written into config.json's quantization_config.dynamic for GPTQModel and vLLM
+    overrides: tuple[OverrideSpec, ...] = ()
 
     @field_validator("bits")
     @classmethod

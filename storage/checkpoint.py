@@ -93,9 +93,14 @@ def gptq_quantization_config(
     damp_percent: float,
     true_sequential: bool,
     static_groups: bool,
+    dynamic: dict[str, dict] | None = None,
 ) -> dict:
-    """config.json's quantization_config for a GPTQ v1 checkpoint written by this rayquant."""
-    return {
+    """config.json's quantization_config for a GPTQ v1 checkpoint written by this rayquant.
+
+    `dynamic` is GPTQModel's per-module map ("+:regex" → fields, "-:regex" → not quantized), kept
+    only when non-empty, so checkpoints without overrides keep exactly the base keys.
+    """
+    config = {
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
@@ -107,6 +112,9 @@ def gptq_quantization_config(
         "checkpoint_format": "gptq",
         "meta": {"quantizer": [_quantizer_tag()]},
     }
+    if dynamic:
+        config["dynamic"] = dynamic
+    return config
 
 
 def inspect_output(out_dir: Path, job_fingerprint: str) -> OutputState:
@@ -445,7 +453,7 @@ def _checkpoint_config(source: ModelSource, quantization_config: dict) -> dict:
 
 
 def _check_quantization_config(quantization_config: dict) -> None:
-    keys = set(quantization_config)
+    keys = set(quantization_config) - {"dynamic"}  # the only optional key
     if keys != QUANTIZATION_CONFIG_KEYS or quantization_config["checkpoint_format"] != "gptq":
         raise ValueError(
             f"quantization_config must have exactly the keys {sorted(QUANTIZATION_CONFIG_KEYS)} with "

@@ -47,6 +47,7 @@ from rayquant.workers.adapter import (
     materialize_embedding_stage,
     move_buffers,
 )
+from rayquant.workers.layer_overrides import LayerOverride, layer_config
 from rayquant.workers.moe import (
     MoEConfig,
     StarvedExpert,
@@ -91,6 +92,7 @@ class WorkerSetup:
     eval_samples: torch.Tensor | None = None  # [e_w, T] held-out windows: flow fp and quantized (in-pass eval)
     eval_rtn: bool = False  # also flow the eval windows through RTN blocks (a third stream)
     moe: MoEConfig = MoEConfig()  # MoE models: what a starved expert gets
+    overrides: tuple[LayerOverride, ...] = ()  # quant.overrides: per-linear bits / group_size / skip
 
 
 @dataclass(frozen=True)
@@ -273,18 +275,23 @@ class BlockWorker:
                 for g in stage:
                     if owners[g.name] == self.rank:
                         H, n = reduced[g.name]
-                        results, reports = self._solve(block_idx, block, g, H, n, samples[g.name], seconds,
-                                                       routed.get(g.name))
-                        mine.update(results)
-                        layers.extend(reports)
+                        for linears, cfg in self._configs_of(block_idx, g):
+                            part_of_g = InputGroup(name=g.name, linears=linears, in_features=g.in_features)
+                            results, reports = self._solve(block_idx, block, part_of_g, H, n, samples[g.name],
+                                                           seconds, routed.get(g.name), cfg)
+                            mine.update(results)
+                            layers.extend(reports)
             except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
                 err = e
             self._agree(err)
             t = self._now()
             for g in stage:
                 for lin in g.linears:
-                    packed[lin] = self._share(block.get_submodule(lin), mine.get(lin), owners[g.name])
-                    _install(block.get_submodule(lin), packed[lin], self.setup.gptq.bits, self.dtype)
+                    cfg = self._layer_config(block_idx, lin)
+                    if cfg is None:
+                        continue  # skipped by quant.overrides: the part keeps its `.weight`
+                    packed[lin] = self._share(block.get_submodule(lin), mine.get(lin), owners[g.name], cfg)
+                    _install(block.get_submodule(lin), packed[lin], cfg.bits, self.dtype)
             seconds["share"] = seconds.get("share", 0.0) + self._now() - t
         part = {}
         for name, tensor in source.items():
@@ -349,8 +356,10 @@ class BlockWorker:
 
     def _solve(self, block_idx: int, block: nn.Module, group: InputGroup, H: torch.Tensor, n_tokens: int,
                x_val: torch.Tensor, seconds: dict[str, float],
-               routed_tokens: int | None = None) -> tuple[dict[str, PackedLinear], list[LayerReport]]:
-        cfg = self.setup.gptq
+               routed_tokens: int | None = None,
+               cfg: GPTQConfig | None = None) -> tuple[dict[str, PackedLinear], list[LayerReport]]:
+        """GPTQ on the group's linears, which must all take `cfg` (default: the job's base config)."""
+        cfg = cfg or self.setup.gptq
         starved = routed_tokens is not None and routed_tokens < self.setup.moe.min_tokens
         starved_policy = self.setup.moe.starved_experts if starved else None
         prefix = self.layout.block_prefix(block_idx)
@@ -367,7 +376,7 @@ class BlockWorker:
         t = self._now()
         packed, reports = {}, []
         for lin, w, res, base in zip(group.linears, weights, results, rtn):
-            p = self._pack(res)
+            p = self._pack(res, cfg.bits)
             expected = dequantize(res.codes, res.scales, res.zeros, res.g_idx)
             try:
                 check = validate_packed_layer(x_val, p, cfg.bits, expected, self.setup.validate_tolerance,
@@ -410,19 +419,32 @@ class BlockWorker:
                 "calibration.n_samples")
         return routed
 
-    def _pack(self, result: GPTQResult) -> PackedLinear:
-        return pack_linear(result, self.setup.gptq.bits)
+    def _pack(self, result: GPTQResult, bits: int) -> PackedLinear:
+        return pack_linear(result, bits)
 
-    def _share(self, linear: nn.Linear, mine: PackedLinear | None, owner: int) -> PackedLinear:
-        """Broadcast one linear's packed tensors from its owner; shapes follow from the layer."""
+    def _layer_config(self, block_idx: int, linear: str) -> GPTQConfig | None:
+        """The linear's GPTQConfig after quant.overrides; None when it stays unquantized."""
+        return layer_config(self.layout.block_prefix(block_idx) + linear, self.setup.gptq, self.setup.overrides)
+
+    def _configs_of(self, block_idx: int, group: InputGroup) -> list[tuple[tuple[str, ...], GPTQConfig]]:
+        """The group's quantized linears by config, in forward order: linears stacked into one solve share
+        a config, and all share the group's Hessian; skipped linears are left out."""
+        by_config: dict[GPTQConfig, list[str]] = {}
+        for lin in group.linears:
+            cfg = self._layer_config(block_idx, lin)
+            if cfg is not None:
+                by_config.setdefault(cfg, []).append(lin)
+        return [(tuple(linears), cfg) for cfg, linears in by_config.items()]
+
+    def _share(self, linear: nn.Linear, mine: PackedLinear | None, owner: int, cfg: GPTQConfig) -> PackedLinear:
+        """Broadcast one linear's packed tensors from its owner; shapes follow from the layer and its config."""
         if mine is None:
-            mine = _empty_packed(linear.out_features, linear.in_features, self.setup.gptq)
+            mine = _empty_packed(linear.out_features, linear.in_features, cfg)
         return PackedLinear(**{f: self._broadcast(getattr(mine, f), src=owner, stage="share") for f in PACKED_FIELDS})
 
     def _advance(self, block_idx: int, part: dict[str, torch.Tensor]) -> nn.Module:
         """Forward the shard through the quantized block, built from its part file as a reader would."""
         prefix = self.layout.block_prefix(block_idx)
-        bits = self.setup.gptq.bits
         part = {k: v.to(self.device) for k, v in part.items()}  # unpack on the GPU, not the host
         state = {}
         for name, tensor in part.items():
@@ -431,6 +453,7 @@ class BlockWorker:
             if suffix in PACKED_FIELDS:
                 if suffix == "qweight":
                     p = PackedLinear(**{f: part[f"{prefix}{stem}.{f}"] for f in PACKED_FIELDS})
+                    bits = p.qweight.shape[0] * 32 // p.g_idx.shape[0]  # per layer: overrides may differ
                     state[f"{stem}.weight"] = dequantize_packed(p, bits)
             else:
                 state[rel] = tensor

@@ -35,6 +35,18 @@ def load_gptq_logits(checkpoint_dir: Path, input_ids: Tensor, bits: int) -> Tens
         ValueError: the checkpoint's quantization_config says another bit width than `bits`.
         RuntimeError: the load produced no GPTQ linear (the checkpoint was read as a plain model).
     """
+    model = load_gptq_model(checkpoint_dir, bits)
+    with torch.compiler.set_stance("force_eager"), torch.no_grad():
+        return model(input_ids=input_ids).logits.float()
+
+
+def load_gptq_model(checkpoint_dir: Path, bits: int) -> torch.nn.Module:
+    """The GPTQ checkpoint as transformers loads it (CPU, float32 activations); run it under force_eager.
+
+    Raises:
+        ValueError: the checkpoint's quantization_config says another bit width than `bits`.
+        RuntimeError: the load produced no GPTQ linear (the checkpoint was read as a plain model).
+    """
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -54,5 +66,25 @@ def load_gptq_logits(checkpoint_dir: Path, input_ids: Tensor, bits: int) -> Tens
     n_quantized = sum(1 for module in model.modules() if hasattr(module, "qweight"))
     if n_quantized == 0:
         raise RuntimeError(f"transformers loaded {checkpoint_dir} without any GPTQ linear")
+    return model
+
+
+def load_gptqmodel(checkpoint_dir: Path) -> torch.nn.Module:
+    """The checkpoint as GPTQModel's own loader builds it (CPU, torch kernel), with float32 activations.
+
+    Unlike transformers' GPTQ path (optimum: one bits / group_size for every block linear), GPTQModel
+    reads quantization_config["dynamic"]: per-module bits and group sizes, and "-:" modules left as
+    plain nn.Linear. Its TorchLinear accepts only half-precision at load; the loaded model is then
+    cast to float32 (scales included: the dequantized weights are exact, not float16-rounded).
+    """
+    from gptqmodel import BACKEND, GPTQModel
+
+    for name, value in CPU_WORKERS_ENV.items():
+        os.environ.setdefault(name, value)
+    return GPTQModel.load(str(checkpoint_dir), backend=BACKEND.TORCH, device="cpu",
+                          dtype=torch.bfloat16).model.to(torch.float32).eval()
+
+
+def gptqmodel_logits(model: torch.nn.Module, input_ids: Tensor) -> Tensor:
     with torch.compiler.set_stance("force_eager"), torch.no_grad():
         return model(input_ids=input_ids).logits.float()

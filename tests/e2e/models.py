@@ -34,7 +34,6 @@ def fp_model(source_dir: Path) -> torch.nn.Module:
 def dequantized_model(source_dir: Path, checkpoint_dir: Path) -> torch.nn.Module:
     """The fp model with every quantized linear replaced by the checkpoint's dequantized weight."""
     model = fp_model(source_dir)
-    bits = json.loads((checkpoint_dir / "config.json").read_text())["quantization_config"]["bits"]
     index = json.loads((checkpoint_dir / "model.safetensors.index.json").read_text())["weight_map"]
     tensors = {}
     for shard in sorted(set(index.values())):
@@ -44,8 +43,13 @@ def dequantized_model(source_dir: Path, checkpoint_dir: Path) -> torch.nn.Module
     for name in [k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")]:
         packed = PackedLinear(**{f: tensors[f"{name}.{f}"] for f in ("qweight", "qzeros", "scales", "g_idx")})
         with torch.no_grad():
-            params[f"{name}.weight"].copy_(dequantize_packed(packed, bits))
+            params[f"{name}.weight"].copy_(dequantize_packed(packed, packed_bits(packed)))
     return model
+
+
+def packed_bits(packed: PackedLinear) -> int:
+    """A packed layer's bit width from its own shapes (quant.overrides may give layers other bits)."""
+    return packed.qweight.shape[0] * 32 // packed.g_idx.shape[0]
 
 
 def rtn_model(source_dir: Path, cfg: GPTQConfig) -> torch.nn.Module:

@@ -29,8 +29,8 @@ def _free_address() -> str:
 class CorruptScaleWorker(BlockWorker):
     """Packs one layer with a doubled scale, as a buggy packer or kernel would."""
 
-    def _pack(self, result: GPTQResult) -> PackedLinear:
-        packed = super()._pack(result)
+    def _pack(self, result: GPTQResult, bits: int) -> PackedLinear:
+        packed = super()._pack(result, bits)
         if result.codes.shape == (256, 128):  # gate_proj / up_proj
             scales = packed.scales.clone()
             scales[0, :4] *= 2
