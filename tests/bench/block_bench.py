@@ -25,7 +25,7 @@ from rayquant.solver.gptq import GPTQConfig
 from tests.bench.algorithm1 import layer_loss, plain_gptq
 from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
 
-STAGES = ("load", "collect", "reduce", "solve", "validate", "share", "advance")
+STAGES = ("load", "collect", "reduce", "solve", "baseline", "validate", "share", "advance", "eval")
 
 
 class BaselineTimedWorker(BlockWorker):
@@ -36,8 +36,8 @@ class BaselineTimedWorker(BlockWorker):
         self.run_baseline = run_baseline
         self.baseline: dict[str, tuple[float, float]] = {}  # linear -> (seconds, loss)
 
-    def _solve(self, block_idx, block, group, H, n_tokens, x_val, seconds):
-        out = super()._solve(block_idx, block, group, H, n_tokens, x_val, seconds)
+    def _solve(self, block_idx, block, group, H, n_tokens, *args, **kwargs):
+        out = super()._solve(block_idx, block, group, H, n_tokens, *args, **kwargs)
         if self.run_baseline:
             cfg = self.setup.gptq
             for lin in group.linears:
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--desc-act", action="store_true")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the last block's top GPU kernels")
     args = parser.parse_args()
     os.environ.setdefault("RAYQUANT_CACHE", "/tmp/rayquant-cache")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
@@ -80,10 +81,17 @@ def main() -> None:
         worker.run_baseline = not args.no_baseline and b == args.blocks - 1
         torch.cuda.synchronize()
         t = time.perf_counter()
-        r = worker.run_block(BlockTask("bench", b))
+        last_block = b == args.blocks - 1
+        if args.profile and last_block:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                r = worker.run_block(BlockTask("bench", b))
+        else:
+            r = worker.run_block(BlockTask("bench", b))
         torch.cuda.synchronize()
         results.append((r, time.perf_counter() - t))
     worker.stop()
+    if args.profile:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 
     last, wall = results[-1]
     block_s = sum(last.seconds.get(s, 0.0) for s in STAGES)
