@@ -27,8 +27,8 @@ from rayquant.workers.adapter import build_skeleton, check_decoder_architecture,
 from rayquant.workers.moe import MoEConfig
 from rayquant.workers.evaluation import perplexity
 from rayquant.workers.block_worker import BlockTask, BlockWorker, PeerFailed, WorkerSetup
-from rayquant.workers.layer_overrides import (LayerOverride, block_linear_names, check_overrides_match,
-                                             gptq_dynamic)
+from rayquant.workers.layer_overrides import (LayerOverride, block_linear_names, check_fused_units,
+                                             check_overrides_match, gptq_dynamic)
 
 log = structlog.get_logger()
 
@@ -80,7 +80,9 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     check_decoder_architecture(source.config)
     if spec.quant.overrides:  # the skeleton is on the meta device: listing its linears reads no weights
         skeleton = build_skeleton(source.config, torch.bfloat16)
-        check_overrides_match(layer_overrides(spec), block_linear_names(skeleton, find_layout(skeleton)))
+        linear_names = block_linear_names(skeleton, find_layout(skeleton))
+        check_overrides_match(layer_overrides(spec), linear_names)
+        check_fused_units(layer_overrides(spec), gptq_config(spec), linear_names)
     c = spec.calibration
     calib = load_calibration(c.dataset, source.path, c.n_samples, c.seq_len, c.eval_samples, c.seed,
                              packing=c.packing, min_length=c.min_length, text_field=c.text_field, split=c.split,

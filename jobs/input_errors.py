@@ -16,14 +16,14 @@ from rayquant.storage.s3_files import S3AccessDenied, S3ObjectNotFound, S3Unreac
 from rayquant.storage.safetensors_reader import CorruptSafetensors, NonFiniteWeights
 from rayquant.storage.text_sources import DatasetNotCached, DatasetNotFound, EmptyDataset, UnreadableDataset
 from rayquant.workers.adapter import UnsupportedArchitecture
-from rayquant.workers.layer_overrides import OverrideMatchesNothing
+from rayquant.workers.layer_overrides import OverrideMatchesNothing, OverridesSplitFusedLayer
 from rayquant.workers.moe import StarvedExpert
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (
     SpecError, ModelNotFound, InvalidModelFiles, UnsupportedModelSource, TensorNotFound, CorruptSafetensors,
     NonFiniteWeights, UnsupportedArchitecture, OutputConflict, CalibrationTooShort, UnsupportedDataset,
     TokenizerNotFound, HessianNotPositiveDefinite, UnsupportedCheckpointFormat, InvalidGPTQCheckpoint,
-    StarvedExpert, OverrideMatchesNothing,
+    StarvedExpert, OverrideMatchesNothing, OverridesSplitFusedLayer,
     DatasetNotFound, DatasetNotCached, UnreadableDataset, EmptyDataset, RecordsShorterThanSeqLen, TokenizerMismatch,
     S3ObjectNotFound, S3AccessDenied, S3Unreachable,
 )

@@ -22,6 +22,16 @@ class OverrideMatchesNothing(Exception):
     """A quant.overrides pattern matches no quantizable linear of the model."""
 
 
+class OverridesSplitFusedLayer(Exception):
+    """quant.overrides treat the parts of a layer vLLM fuses (q/k/v, gate/up) differently."""
+
+
+# Dense projections that vLLM (and SGLang) load as one merged layer; they resolve the `dynamic` rule
+# for the merged name (e.g. model.layers.0.self_attn.qkv_proj), so every part and the merged name must
+# resolve to the same settings (GPTQModel's FUSED_PROJECTION_UNITS, which it only warns about)
+FUSED_UNITS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 @dataclass(frozen=True)
 class LayerOverride:
     pattern: str  # regex on the full module name, matched from its start
@@ -78,3 +88,33 @@ def block_linear_names(model: nn.Module, layout: DecoderLayout) -> list[str]:
     blocks = model.get_submodule(layout.blocks_path)
     return [f"{layout.block_prefix(b)}{name}" for b, block in enumerate(blocks)
             for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+
+
+def check_fused_units(overrides: tuple[LayerOverride, ...], base: GPTQConfig, linear_names: list[str]) -> None:
+    """Layers a serving engine merges must get one config, under their own and under the merged name.
+
+    Raises:
+        OverridesSplitFusedLayer: the rules differ between the parts, or between the parts and the
+            merged name; the message names both and a pattern that covers them.
+    """
+    names = set(linear_names)
+    for name in linear_names:
+        prefix, _, leaf = name.rpartition(".")
+        for fused, parts in FUSED_UNITS.items():
+            members = [f"{prefix}.{p}" for p in parts]
+            if leaf != parts[0] or not all(m in names for m in members):
+                continue
+            merged = f"{prefix}.{fused}"
+            configs = {m: layer_config(m, base, overrides) for m in [*members, merged]}
+            if len(set(configs.values())) > 1:
+                shown = {m.rsplit(".", 1)[1]: _describe(c) for m, c in configs.items()}
+                raise OverridesSplitFusedLayer(
+                    f"quant.overrides resolve {prefix}.{{{','.join(parts)}}} and the merged name {merged} to "
+                    f"different settings {shown}; vLLM loads them as one layer and looks the rule up by the "
+                    f"merged name: use one pattern covering all of them, e.g. "
+                    f"'.*\\.({'|'.join(parts)}|{fused})$'"
+                )
+
+
+def _describe(cfg: GPTQConfig | None) -> str:
+    return "skip" if cfg is None else f"bits={cfg.bits},group_size={cfg.group_size}"

@@ -32,6 +32,12 @@ def test_shipped_spec_loads_and_set_overrides_nested_fields():
         ("calibration.n_samples=1", "raise calibration.n_samples or lower cluster.num_workers"),
         ("output.uri=s3://bucket/x", "only local directories"),
         ("quant.lm_head=true", "quant.lm_head: false"),
+        ("quant.overrides=[{pattern: '(', bits: 8}]", "quant.overrides.0.pattern: pattern '(' is not a valid regular"),
+        ("quant.overrides=[{pattern: x, bits: 5}]", "quant.overrides.0.bits: bits=5 is not supported; use 2, 3, 4 or 8"),
+        ("quant.overrides=[{pattern: x, group_size: 0}]", "use -1 (one group per row)"),
+        ("quant.overrides=[{pattern: x}]", "changes nothing; set bits, group_size or skip: true"),
+        ("quant.overrides=[{pattern: x, skip: true, bits: 8}]", "a skipped module is not quantized"),
+        ("quant.overrides=[{pattern: x, colour: red}]", "quant.overrides.0.colour: unknown key"),
     ],
 )
 def test_invalid_spec_names_field_and_fix(override, fix):
