@@ -14,23 +14,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from rayquant.jobs.input_errors import INPUT_ERRORS
-from rayquant.storage.calibration import (
-    CalibrationTooShort,
-    RecordsShorterThanSeqLen,
-    TokenizerMismatch,
-    TokenizerNotFound,
-    load_calibration,
-)
+from rayquant.storage import calibration, s3_files, text_sources
+from rayquant.storage.calibration import load_calibration
 from rayquant.storage.model_source import open_model_source
-from rayquant.storage.s3_files import S3AccessDenied, S3ObjectNotFound, S3Unreachable
-from rayquant.storage.text_sources import (
-    BUILTIN_TEXT_PATH,
-    DatasetNotCached,
-    DatasetNotFound,
-    EmptyDataset,
-    UnreadableDataset,
-    UnsupportedDataset,
-)
+from rayquant.storage.text_sources import BUILTIN_TEXT_PATH
 
 from .models import SPEC, run_cli
 
@@ -114,9 +101,16 @@ def test_s3_missing_key_is_bad_input(s3_server, tmp_path):
                       f"{uri}: key not found", out)
 
 
-@pytest.mark.parametrize("error", [
-    DatasetNotFound, DatasetNotCached, UnreadableDataset, EmptyDataset, UnsupportedDataset, CalibrationTooShort,
-    RecordsShorterThanSeqLen, TokenizerMismatch, TokenizerNotFound, S3ObjectNotFound, S3AccessDenied, S3Unreachable,
-])
+CALIBRATION_ERRORS = sorted(
+    {v for m in (calibration, text_sources, s3_files) for v in vars(m).values()
+     if isinstance(v, type) and issubclass(v, Exception) and v.__module__.startswith("rayquant.")},
+    key=lambda e: e.__name__)
+
+
+def test_calibration_modules_define_the_expected_errors():
+    assert len(CALIBRATION_ERRORS) == 12, [e.__name__ for e in CALIBRATION_ERRORS]
+
+
+@pytest.mark.parametrize("error", CALIBRATION_ERRORS, ids=lambda e: e.__name__)
 def test_every_calibration_error_exits_with_code_2(error):
     assert issubclass(error, INPUT_ERRORS)  # the CLI maps INPUT_ERRORS to exit code 2 (jobs/cli.py)
