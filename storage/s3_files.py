@@ -89,7 +89,7 @@ def read_s3_object(uri: str) -> bytes:
                 raise S3Unreachable(
                     f"{uri}: the connection to {endpoint} dropped while reading the object, {ATTEMPTS} times "
                     f"({type(err).__name__}); check the network path to the endpoint and retry") from err
-            log.warning("s3_read_retry", uri=uri, attempt=attempt, error=type(err).__name__)
+            log.info("s3_read_retry", uri=uri, attempt=attempt, error=type(err).__name__)
             time.sleep(0.5 * attempt)
         except (BotoConnectionError, HTTPClientError) as err:
             raise S3Unreachable(
