@@ -33,7 +33,7 @@ from rayquant.workers.layer_overrides import (LayerOverride, block_linear_names,
 log = structlog.get_logger()
 
 WORKER_ENV = {"worker_process_setup_hook": "rayquant.jobs.cli.configure_worker_logging"}
-STAGES = ("load", "collect", "reduce", "solve", "validate", "share", "advance", "eval", "persist")
+STAGES = ("load", "plan", "collect", "reduce", "solve", "baseline", "validate", "share", "advance", "eval", "handoff", "persist")
 
 
 @dataclass(frozen=True)

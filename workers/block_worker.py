@@ -147,6 +147,7 @@ class BlockWorker:
         self.eval_ids: list[torch.Tensor] = []
         self.eval_streams: dict[str, list[BlockInput]] = {}
         self.received: dict[str, int] = {}  # bytes this rank received per stage, for the current block
+        self._groups_by_structure: dict[tuple, list[InputGroup]] = {}
 
     # ---- lifetime ---------------------------------------------------------------------------
 
@@ -213,6 +214,8 @@ class BlockWorker:
             layers: list[LayerReport] = []
         else:
             part, layers = self._quantize(task.block_idx, source_tensors, seconds)
+        # rank 0 hands the part back to the driver: its copy to host memory overlaps the advance
+        to_host = _HostCopy(part, self.device) if self.rank == 0 and task.replay is None else None
         t = self._now()
         quantized = self._advance(task.block_idx, part)
         seconds["advance"] = self._now() - t
@@ -224,8 +227,11 @@ class BlockWorker:
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # process peak RSS (KiB on Linux)
         log.info("block_stages_done", rank=self.rank, replay=task.replay is not None,
                  **{k: round(v, 3) for k, v in seconds.items()})
+        t = self._now()
+        host_part = to_host.result() if to_host is not None else None
+        seconds["handoff"] = self._now() - t
         return BlockResult(block_idx=task.block_idx, rank=self.rank, seconds=seconds, layers=layers,
-                           tensors=part if self.rank == 0 else None, peak_memory_bytes=peak,
+                           tensors=host_part, peak_memory_bytes=peak,
                            bytes_received=dict(self.received))
 
     def _load(self, block_idx: int) -> dict[str, torch.Tensor]:
@@ -253,16 +259,24 @@ class BlockWorker:
 
     def _quantize(self, block_idx: int, source: dict[str, torch.Tensor],
                   seconds: dict[str, float]) -> tuple[dict[str, torch.Tensor], list[LayerReport]]:
+        t = self._now()
         prefix = self.layout.block_prefix(block_idx)
         local = {n[len(prefix):]: t for n, t in source.items()}
         block = materialize(self.blocks[block_idx], local, self.dtype)
         set_calibration(block, True)  # MoE: every expert sees every token, so every expert is a group
-        groups = find_input_groups(block, self.inputs[0])
+        # blocks of one structure group their linears alike: one probe forward per structure, not per block
+        signature = _structure(block)
+        if signature not in self._groups_by_structure:
+            self._groups_by_structure[signature] = find_input_groups(block, self.inputs[0])
+        groups = self._groups_by_structure[signature]
+        seconds["plan"] = self._now() - t
         owners = _balance({g.name: g.in_features ** 2 for g in groups}, self.world)
         stages = sequential_stages(block, groups) if self.setup.true_sequential else [groups]
         packed: dict[str, PackedLinear] = {}
         layers: list[LayerReport] = []
         for stage in stages:
+            # all tokens through all experts only where an expert's Hessian is collected; the output is the same
+            set_calibration(block, any(expert_of(block, g) is not None for g in stage))
             reset_routed_tokens(block)
             sums, tokens, samples = self._collect(block, stage, seconds)
             routed = self._routed_tokens(block_idx, block, stage)
@@ -299,10 +313,10 @@ class BlockWorker:
             lin = rel.removesuffix(".weight")
             if rel.endswith(".weight") and lin in packed:
                 for f in PACKED_FIELDS:
-                    part[f"{prefix}{lin}.{f}"] = getattr(packed[lin], f).cpu()
+                    part[f"{prefix}{lin}.{f}"] = getattr(packed[lin], f)
             else:
-                part[name] = tensor.cpu()
-        return part, layers
+                part[name] = tensor
+        return part, layers  # on the worker's device
 
     def _collect(self, block: nn.Module, stage: list[InputGroup], seconds: dict[str, float]):
         """Forward the shard through the block, summing xᵀx at each input group's first linear.
@@ -369,10 +383,12 @@ class BlockWorker:
             results = solve_input_group(weights, H, n_tokens, cfg)
         except HessianNotPositiveDefinite as err:
             raise HessianNotPositiveDefinite(f"block {block_idx} input group {group.name}: {err}") from err
-        rtn = [quantize_rtn(w, H, n_tokens, cfg) for w in weights]
+        seconds["solve"] = seconds.get("solve", 0.0) + self._now() - t
+        t = self._now()
+        rtn = [quantize_rtn(w, H, n_tokens, cfg) for w in weights]  # the report's baseline loss
+        seconds["baseline"] = seconds.get("baseline", 0.0) + self._now() - t
         if starved_policy == "rtn":
             results = rtn  # a starved expert gets RTN's codes; both losses still use the all-token H
-        seconds["solve"] = seconds.get("solve", 0.0) + self._now() - t
         t = self._now()
         packed, reports = {}, []
         for lin, w, res, base in zip(group.linears, weights, results, rtn):
@@ -568,6 +584,27 @@ class BlockWorker:
         structlog.contextvars.bind_contextvars(job_id=self.setup.job_id, block=block, rank=self.rank)
 
 
+class _HostCopy:
+    """Tensors copied to host memory on a side CUDA stream (pinned, asynchronous); a plain dict on CPU."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], device: torch.device):
+        if device.type != "cuda":
+            self.tensors, self.stream = {k: v.cpu() for k, v in tensors.items()}, None
+            return
+        self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))  # the tensors are final
+        with torch.cuda.stream(self.stream):
+            self.tensors = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                            for k, v in tensors.items()}
+        for v in tensors.values():
+            v.record_stream(self.stream)  # not reused by the allocator before the copy is done
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.stream is not None:
+            self.stream.synchronize()
+        return self.tensors
+
+
 def _balance(sizes: dict[str, int], world: int) -> dict[str, int]:
     """Assign items to ranks, largest first to the least-loaded (ties: lowest rank). Deterministic."""
     load = [0] * world
@@ -577,6 +614,12 @@ def _balance(sizes: dict[str, int], world: int) -> dict[str, int]:
         out[name] = r
         load[r] += sizes[name]
     return out
+
+
+def _structure(block: nn.Module) -> tuple:
+    """What decides a block's input groups: its modules' names and classes and its parameters' shapes."""
+    return (tuple((name, type(mod).__name__) for name, mod in block.named_modules()),
+            tuple((name, tuple(p.shape)) for name, p in block.named_parameters()))
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -25,7 +25,7 @@ from rayquant.solver.gptq import GPTQConfig
 from tests.bench.algorithm1 import layer_loss, plain_gptq
 from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
 
-STAGES = ("load", "collect", "reduce", "solve", "baseline", "validate", "share", "advance", "eval")
+STAGES = ("load", "plan", "collect", "reduce", "solve", "baseline", "validate", "share", "advance", "eval", "handoff")
 
 
 class BaselineTimedWorker(BlockWorker):
@@ -103,8 +103,8 @@ def main() -> None:
         print(f"block {r.block_idx:<4} " + " ".join(f"{r.seconds.get(s, 0.0):9.3f}" for s in STAGES)
               + f" {sum(r.seconds.get(s, 0.0) for s in STAGES):8.3f}")
     print(f"peak GPU memory {last.peak_memory_bytes / 2**30:.1f} GiB; block wall {wall:.2f} s")
-    print(f"projected model: {n_blocks} blocks x {block_s:.2f} s + embed = "
-          f"{(n_blocks * block_s + embed_s) / 60:.1f} min on one GPU")
+    print(f"projected model: {n_blocks} blocks x {wall:.2f} s (block wall; stages sum {block_s:.2f} s) + embed = "
+          f"{(n_blocks * wall + embed_s) / 60:.1f} min on one GPU")
     if worker.baseline:
         ours = {x.name.rsplit(".", 2)[-2] + "." + x.name.rsplit(".", 1)[-1]: x for x in last.layers}
         base_total = sum(s for s, _ in worker.baseline.values())
