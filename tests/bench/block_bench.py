@@ -13,6 +13,7 @@ Cholesky of H⁻¹) solves the same 7 linears from the same Hessians, timed in t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--desc-act", action="store_true")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--eval-samples", type=int, default=0, help="held-out windows flowing fp and quantized")
     parser.add_argument("--profile", action="store_true", help="print the last block's top GPU kernels")
     args = parser.parse_args()
     os.environ.setdefault("RAYQUANT_CACHE", "/tmp/rayquant-cache")
@@ -70,7 +72,9 @@ def main() -> None:
     cfg = GPTQConfig(bits=4, group_size=128, desc_act=args.desc_act)
     setup = WorkerSetup(job_id="bench", rank=0, world_size=1, model_path=f"synthetic://{args.preset}",
                         samples=samples, gptq=cfg, true_sequential=True, micro_batch=args.micro_batch,
-                        num_threads=8, device="cuda")
+                        num_threads=8, device="cuda",
+                        eval_samples=torch.randint(2, 1024, (args.eval_samples, args.seq_len), generator=gen)
+                        if args.eval_samples else None)
     worker = BaselineTimedWorker(setup, run_baseline=False)
     t = time.perf_counter()
     n_blocks = worker.start(worker.rendezvous_address())
@@ -88,7 +92,7 @@ def main() -> None:
         else:
             r = worker.run_block(BlockTask("bench", b))
         torch.cuda.synchronize()
-        results.append((r, time.perf_counter() - t))
+        results.append((dataclasses.replace(r, tensors=None), time.perf_counter() - t))  # as the driver: freed
     worker.stop()
     if args.profile:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
