@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from rayquant.storage.safetensors_reader import TensorInfo
 
@@ -29,6 +31,16 @@ GENERATED_PRESETS: dict[str, dict] = {
                       num_attention_heads=64, num_key_value_heads=8),
     "llama-405b": dict(_LLAMA3, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
                        num_attention_heads=128, num_key_value_heads=8),
+    # DeepSeek-V3 (671B): MLA, 3 dense blocks, then 256 routed experts of 7168 -> 2048 (top-8) + 1 shared
+    # expert per block. Without its YaRN rope scaling (same shapes and costs).
+    "deepseek-v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+                        n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+                        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4,
+                        num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True,
+                        max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=0,
+                        eos_token_id=1, tie_word_embeddings=False, dtype="bfloat16",
+                        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3"),
 }
 
 
@@ -48,12 +60,15 @@ def materialize_generated(preset: str, cache_dir: Path) -> Path:
 
 
 def generated_tensor_infos(config: dict, path: Path) -> dict[str, TensorInfo]:
-    """Name, dtype and shape of every weight, from the model class itself on the meta device."""
-    cfg = LlamaConfig.from_dict({k: v for k, v in config.items() if k != "model_type"})
+    """Name, dtype and shape of every weight, from the model class itself on the meta device.
+
+    Names and shapes are the checkpoint's, as save_pretrained writes them (MoE experts one linear each).
+    """
+    cfg = CONFIG_MAPPING[config["model_type"]].from_dict({k: v for k, v in config.items() if k != "model_type"})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     infos = {}
-    for name, t in model.state_dict().items():
+    for name, t in revert_weight_conversion(model, model.state_dict()).items():
         nbytes = t.numel() * t.element_size()
         infos[name] = TensorInfo(file=path / "generated", dtype="BF16", shape=tuple(t.shape), start=0, end=nbytes)
     return infos
