@@ -502,8 +502,9 @@ class BlockWorker:
             rtn_state = dict(fp_state)
             for name in part:
                 if name.endswith(".qweight"):
-                    weight = name[len(prefix):].removesuffix(".qweight") + ".weight"
-                    rtn_state[weight] = rtn_weight(fp_state[weight].to(self.device), self.setup.gptq)
+                    linear = name[len(prefix):].removesuffix(".qweight")
+                    cfg = self._layer_config(block_idx, linear)  # the same bits / groups as its GPTQ codes
+                    rtn_state[f"{linear}.weight"] = rtn_weight(fp_state[f"{linear}.weight"].to(self.device), cfg)
             blocks["rtn"] = materialize(self.blocks[block_idx], rtn_state, self.dtype)
         for name, stream in self.eval_streams.items():
             self.eval_streams[name] = [inp.advanced(forward_block(blocks[name], inp)) for inp in stream]

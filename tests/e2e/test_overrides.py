@@ -32,7 +32,8 @@ def test_overrides_give_down_proj_8_bits_and_keep_o_proj_of_block_1_read_back_by
     from .gptq_loader import gptqmodel_logits, load_gptqmodel
 
     out = tmp_path / "out"
-    proc = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}", "--set", f"quant.overrides={OVERRIDES}")
+    proc = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}", "--set", f"quant.overrides={OVERRIDES}",
+                   "--set", "calibration.eval_rtn=true")  # the in-pass RTN baseline follows the overrides too
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -51,7 +52,9 @@ def test_overrides_give_down_proj_8_bits_and_keep_o_proj_of_block_1_read_back_by
         assert written[f"model.layers.{b}.mlp.down_proj.qweight"].shape == (256 * 8 // 32, 128)
         assert written[f"model.layers.{b}.self_attn.q_proj.qweight"].shape == (128 * 4 // 32, 128)
 
-    layers = json.loads((out / "report.json").read_text())["layers"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval"]["gptq_ppl"] <= report["eval"]["rtn_ppl"]  # held-out windows, same per-layer settings
+    layers = report["layers"]
     names = {x["name"] for x in layers}
     assert len(layers) == 4 * 7 - 1 and "model.layers.1.self_attn.o_proj" not in names
     assert all(x["gptq_loss"] < x["rtn_loss"] for x in layers)

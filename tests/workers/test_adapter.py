@@ -127,3 +127,11 @@ def test_block_needing_an_argument_the_model_does_not_pass_is_rejected(llama):
     skeleton.model.layers[0] = _NeedsSegmentIds(llama.config, 0)
     with pytest.raises(UnsupportedArchitecture, match=r"requires \['segment_ids'\].*not supported"):
         capture_block_inputs(skeleton, layout, torch.arange(8).reshape(1, 8))
+
+
+def test_model_without_a_list_of_its_decoder_blocks_is_rejected(llama):
+    """A config whose num_hidden_layers matches no ModuleList of the model: no blocks to split."""
+    skeleton = build_skeleton(llama.config.to_dict(), torch.float32)
+    skeleton.config.num_hidden_layers = 5  # the model holds 3 blocks
+    with pytest.raises(UnsupportedArchitecture, match="has no list of 5 decoder blocks; this architecture is not"):
+        find_layout(skeleton)
