@@ -161,25 +161,32 @@ class _PassedLastBlock(Exception):
     """Raised by the last block's catcher: the head's work is not needed."""
 
 
-class _Catcher(nn.Module):
-    """Stands in for one block during capture: records the call, returns the hidden states unchanged.
+class _StandIn(nn.Module):
+    """Takes a block's place in the model's own forward; other attributes read through to the real
+    block (some models read e.g. `attention_type` from their layers)."""
 
-    The kwargs a model hands its blocks (masks, rotary embeddings) depend on the positions and the
-    block's layer type, never on the hidden states, so passing them through unchanged is enough.
-    Other attributes read through to the real block (some models read e.g. `attention_type`).
-    """
-
-    def __init__(self, inner: nn.Module, calls: list[tuple[tuple, dict]], last: bool):
+    def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
-        self.calls = calls
-        self.last = last
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("inner"), name)
+
+
+class _Catcher(_StandIn):
+    """Stands in for one block during capture: records the call, returns the hidden states unchanged.
+
+    The kwargs a model hands its blocks (masks, rotary embeddings) depend on the positions and the
+    block's layer type, never on the hidden states, so passing them through unchanged is enough.
+    """
+
+    def __init__(self, inner: nn.Module, calls: list[tuple[tuple, dict]], last: bool):
+        super().__init__(inner)
+        self.calls = calls
+        self.last = last
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.calls.append((args, kwargs))
@@ -283,20 +290,13 @@ def find_input_groups(block: nn.Module, inp: BlockInput) -> list[InputGroup]:
     return groups
 
 
-class _Replay(nn.Module):
+class _Replay(_StandIn):
     """Stands in for a block when only the head is wanted: the first returns the given final hidden
-    states, the others pass them through; other attributes read through to the real block."""
+    states, the others pass them through."""
 
     def __init__(self, inner: nn.Module, hidden: torch.Tensor | None):
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.hidden = hidden
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("inner"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.hidden is not None:
