@@ -78,14 +78,14 @@ def evaluate_perplexity(model: nn.Module, windows: torch.Tensor, micro_batch: in
 
 
 def _tie_output_head(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Tied-embedding checkpoints store the shared matrix once; every name of it gets that tensor."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or head.weight is not embed.weight:
+    """Tied-embedding checkpoints store the shared matrix once, under the input embedding's name."""
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         return
-    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is embed.weight]
-    stored = [n for n in names if n in state]
-    for name in names if stored else ():
-        state.setdefault(name, state[stored[0]])
+    module_names = {module: name for name, module in model.named_modules()}
+    head = module_names[model.get_output_embeddings()] + ".weight"
+    embed = module_names[model.get_input_embeddings()] + ".weight"
+    if head not in state and embed in state:
+        state[head] = state[embed]
 
 
 def _check_names(model: nn.Module, state: dict[str, torch.Tensor], path: object) -> None:
