@@ -56,6 +56,7 @@ from rayquant.workers.moe import (
     reset_routed_tokens,
     sequential_stages,
     set_calibration,
+    shared_hessians,
     unfuse_experts,
 )
 
@@ -278,10 +279,16 @@ class BlockWorker:
             # all tokens through all experts only where an expert's Hessian is collected; the output is the same
             set_calibration(block, any(expert_of(block, g) is not None for g in stage))
             reset_routed_tokens(block)
-            sums, tokens, samples = self._collect(block, stage, seconds)
+            aliases = shared_hessians(block, stage)  # MoE: one all-token Hessian for every expert's gate/up
+            collected = [g for g in stage if g.name not in aliases]
+            sums, tokens, samples = self._collect(block, collected, seconds)
             routed = self._routed_tokens(block_idx, block, stage)
             t = self._now()
-            reduced = {g.name: self._reduce(sums[g.name], tokens[g.name], owners[g.name]) for g in stage}
+            reduced = {g.name: self._reduce(sums[g.name], tokens[g.name], owners[g.name]) for g in collected}
+            for first in sorted(set(aliases.values())):  # the same order on every rank
+                reduced[first] = self._share_hessian(reduced[first], owners[first], sums[first])
+            for name, first in aliases.items():
+                reduced[name], samples[name] = reduced[first], samples[first]
             seconds["reduce"] = seconds.get("reduce", 0.0) + self._now() - t
             err = None
             mine: dict[str, PackedLinear] = {}
@@ -410,6 +417,13 @@ class BlockWorker:
                       damp_percent=res.damp_percent)
         seconds["validate"] = seconds.get("validate", 0.0) + self._now() - t
         return packed, reports
+
+    def _share_hessian(self, reduced: tuple[torch.Tensor, int] | None, owner: int,
+                       template: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The owner's reduced Hessian sum and token count on every rank, for input groups that share it."""
+        H, n = reduced if reduced is not None else (torch.empty_like(template), 0)
+        count = self._broadcast(torch.tensor([n], dtype=torch.int64, device=self.device), src=owner, stage="reduce")
+        return self._broadcast(H, src=owner, stage="reduce"), int(count.item())
 
     def _routed_tokens(self, block_idx: int, block: nn.Module, stage: list[InputGroup]) -> dict[str, int]:
         """Calibration tokens the router sent to each expert input group of the stage, summed over ranks.

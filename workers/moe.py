@@ -225,6 +225,23 @@ def local_routed_tokens(block: nn.Module, group: InputGroup) -> int:
     return 0 if counts is None else int(counts[e].item())
 
 
+def shared_hessians(block: nn.Module, stage: list[InputGroup]) -> dict[str, str]:
+    """Expert gate/up groups of the stage whose Hessian is another group's: in calibration mode every
+    expert reads all tokens, so all gate/up inputs of one RoutedExperts are the same matrix and one
+    Hessian (expert 0's) serves every expert — 1/E of the accumulation and memory. {group: source}."""
+    first: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    for g in stage:
+        where = expert_of(block, g)
+        if where is None or where[2] == "down" or not block.get_submodule(where[0]).calibrate_all:
+            continue
+        if where[0] in first:
+            aliases[g.name] = first[where[0]]
+        else:
+            first[where[0]] = g.name
+    return aliases
+
+
 def sequential_stages(block: nn.Module, groups: list[InputGroup]) -> list[list[InputGroup]]:
     """true_sequential sub-stages: one per input group, except that the same projection of every expert
     of one RoutedExperts forms a single stage (the experts never read each other's outputs)."""
