@@ -62,7 +62,7 @@ from rayquant.storage.calibration import BUILTIN_TEXT_PATH
 from rayquant.storage.safetensors_reader import INDEX_FILE
 
 # bump when a builder's output changes, so caches built by older code are not reused
-SYNTHETIC_FORMAT = 1
+SYNTHETIC_FORMAT = 2
 SEED = 0
 BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"  # ids 0 and 1 in the trained vocabulary
 
@@ -114,7 +114,10 @@ def build_mistral_tiny(out_dir: Path) -> None:
 
 def build_qwen2_tiny(out_dir: Path) -> None:
     """Qwen2: biases on q/k/v."""
-    _build_tiny_decoder(out_dir, Qwen2Config, Qwen2ForCausalLM)
+    # AutoTokenizer loads a qwen2 model's tokenizer as Qwen2Tokenizer, which adds its default
+    # unk/pad token <|endoftext|> (id 1024, past vocab_size) unless the config names them
+    _build_tiny_decoder(out_dir, Qwen2Config, Qwen2ForCausalLM,
+                        special_tokens={"unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN})
 
 
 def build_qwen3_tiny(out_dir: Path) -> None:
@@ -208,7 +211,8 @@ _BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
 def _build_tiny_decoder(out_dir: Path, config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel],
-                        shapes: dict[str, int] = _TINY_SHAPES, **extra: object) -> None:
+                        shapes: dict[str, int] = _TINY_SHAPES, special_tokens: dict[str, str] | None = None,
+                        **extra: object) -> None:
     """A 4-block dense decoder of the given family, bf16, two shards + index, generation config, tokenizer."""
     settings = {"vocab_size": 1024, "max_position_embeddings": 2048, "tie_word_embeddings": False,
                 "dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1} | extra
@@ -227,7 +231,7 @@ def _build_tiny_decoder(out_dir: Path, config_class: type[PreTrainedConfig], mod
     _write_weights(state, [first, second], out_dir)
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
-    write_tokenizer(out_dir, vocab_size=config.vocab_size, model_max_length=2048)
+    write_tokenizer(out_dir, vocab_size=config.vocab_size, model_max_length=2048, **(special_tokens or {}))
 
 
 def build_bert_tiny(out_dir: Path) -> None:
@@ -278,7 +282,7 @@ def _write_weights(state: dict[str, torch.Tensor], shards: list[list[str]], out_
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int) -> None:
+def write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int, **special_tokens: str) -> None:
     """Byte-level BPE trained on the builtin text; tokenizer.json + tokenizer_config.json."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -302,6 +306,7 @@ def write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int) -> No
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         model_max_length=model_max_length,
+        **special_tokens,  # e.g. unk_token / pad_token, so a family's tokenizer class adds no token of its own
     ).save_pretrained(out_dir)
 
 
