@@ -9,7 +9,11 @@ transformers forward over prompt + vLLM's tokens), so every step is compared on 
 - the log-probabilities vLLM reports for its top-k tokens equal transformers' within the tolerance.
 The tolerance is measured, not picked: TOLERANCE_FACTOR x the largest change of those same
 log-probabilities when rayquant's own dequantized fp32 model is merely cast to bfloat16 — the
-error vLLM's precision makes on its own — plus LOGPROB_FLOOR for kernels that sum in another order.
+error vLLM's precision makes on its own — plus LOGPROB_FLOOR. Measured (3 prompts x 8 tokens, top-5):
+tiny Llama: vLLM vs transformers 0.0066 nats, bf16 cast 0.0041, greedy tokens equal at 24/24 steps;
+Gemma-3-270M w4g128 (two calibrations): 0.55 and 0.68 nats vs casts of 0.72 and 0.48 (its low-ranked
+top-5 tokens sit far down the distribution, where bf16 hits hardest), greedy tokens equal at 24/24
+and 23/24 steps, the one difference a near-tie of 0.03 nats.
 """
 
 from __future__ import annotations
@@ -33,10 +37,10 @@ pytestmark = pytest.mark.slow
 VLLM_PYTHON = Path(os.environ.get("RAYQUANT_VLLM_VENV") or REPO / ".venv-vllm") / "bin" / "python"
 RUNNER = Path(__file__).parent / "vllm_runner.py"
 N_PROMPTS, PROMPT_LEN, MAX_TOKENS, TOP_K = 3, 16, 8, 5
-# vLLM's CPU dtype; bf16 is Gemma 3's own dtype (its activations overflow float16)
+# vLLM's CPU dtype (its GPTQ path takes fp16 or bf16): bf16 is Gemma 3's own dtype
 VLLM_DTYPE = torch.bfloat16
-TOLERANCE_FACTOR = 4.0
-LOGPROB_FLOOR = 0.02  # nats; the tiny random models' bf16 error alone is ~1e-3 and would leave no room
+TOLERANCE_FACTOR = 2.0  # headroom: vLLM's kernels also round and sum in their own order (measured ratio: 0.7-1.6)
+LOGPROB_FLOOR = 0.02  # nats; a tiny random model's cast error (~4e-3) alone would leave no room
 
 
 @dataclass(frozen=True)
@@ -127,4 +131,10 @@ def test_vllm_generates_what_transformers_generates_on_tiny_llama_output(tmp_pat
     proc = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}", "--set", "calibration.eval_samples=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     source = open_model_source("synthetic://llama-tiny").path
+    check_vllm_matches_transformers(source, out, 4, tmp_path)
+
+
+def test_vllm_generates_what_transformers_generates_on_gemma3_270m_output(gemma3_270m_w4, tmp_path):
+    require_vllm()
+    source, out = gemma3_270m_w4
     check_vllm_matches_transformers(source, out, 4, tmp_path)
