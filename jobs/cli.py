@@ -48,7 +48,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from rayquant.storage.calibration import load_calibration
+    from rayquant.storage.calibration import TokenizerNotFound, load_calibration
     from rayquant.storage.gptq_checkpoint import open_gptq_checkpoint
     from rayquant.workers.checkpoint_eval import evaluate_perplexity, load_dequantized_model
 
@@ -60,8 +60,11 @@ def _eval(args: argparse.Namespace) -> int:
     checkpoint = open_gptq_checkpoint(args.uri)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else checkpoint.source.path
     # the job's own call: same dataset, windows and seed give the same held-out eval windows
-    calib = load_calibration(args.data, tokenizer_dir, CalibrationSpec().n_samples, args.seq_len,
-                             args.eval_samples, args.seed)
+    try:
+        calib = load_calibration(args.data, tokenizer_dir, CalibrationSpec().n_samples, args.seq_len,
+                                 args.eval_samples, args.seed)
+    except TokenizerNotFound as err:
+        raise TokenizerNotFound(f"{err}; or pass --tokenizer DIR (the source model's directory)") from err
     model = load_dequantized_model(checkpoint, device=args.device)
     result = evaluate_perplexity(model, calib.eval_samples, args.micro_batch)
     print(json.dumps({

@@ -20,7 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from rayquant.jobs.cli import configure_logging
 from rayquant.solver.gptq import GPTQConfig
+from rayquant.solver.pack import PackedLinear, dequantize_packed
 from rayquant.storage.calibration import load_calibration
 from rayquant.storage.model_source import open_model_source
 from rayquant.workers.checkpoint_eval import evaluate_perplexity
@@ -39,6 +44,31 @@ def rayquant_eval(uri: Path, seq_len: int, eval_samples: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def first_block_qkv_losses(source: Path, samples: torch.Tensor, checkpoint: Path) -> list[float]:
+    """tr((W − Q) H (W − Q)ᵀ) of block 0's q/k/v with H from the fp model's inputs: the only layers
+    whose inputs both tools share exactly, so their losses compare the solvers themselves."""
+    model = fp_model(source)
+    inputs = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda _mod, args: inputs.append(args[0].reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(input_ids=samples)
+    hook.remove()
+    X = torch.cat(inputs)  # [tokens, K]
+    H = X.T @ X
+    tensors = {}
+    for shard in checkpoint.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    losses = []
+    for linear in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{linear}"
+        W = model.get_parameter(f"{name}.weight").double()
+        packed = PackedLinear(**{f: tensors[f"{name}.{f}"] for f in ("qweight", "qzeros", "scales", "g_idx")})
+        E = W - dequantize_packed(packed, 4).double()
+        losses.append(float(torch.trace(E @ H @ E.T)))
+    return losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--random-init", action="store_true", help="the untrained synthetic model")
@@ -46,14 +76,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=8)
     args = parser.parse_args()
+    configure_logging(False)  # progress to stderr, the table alone on stdout
 
     source = open_model_source("synthetic://llama-tiny").path if args.random_init else trained_llama_tiny()
     calib = load_calibration("builtin://text", source, args.samples, args.seq_len, args.eval_samples, 0)
     ids = calib.eval_samples
-    rows, walls = {}, {}
+    rows, walls, losses = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        outs = {"GPTQModel 7.7.0": Path(tmp) / "gptqmodel", "rayquant": Path(tmp) / "rayquant"}
-        walls["GPTQModel 7.7.0"] = quantize_with_gptqmodel(source, calib.samples, outs["GPTQModel 7.7.0"])
+        outs = {"GPTQModel": Path(tmp) / "gptqmodel", "GPTQModel no GAR": Path(tmp) / "gptqmodel-no-gar",
+                "rayquant": Path(tmp) / "rayquant"}
+        walls["GPTQModel"] = quantize_with_gptqmodel(source, calib.samples, outs["GPTQModel"])
+        walls["GPTQModel no GAR"] = quantize_with_gptqmodel(source, calib.samples, outs["GPTQModel no GAR"],
+                                                            act_group_aware=False)
 
         start = time.perf_counter()
         proc = run_cli("quantize", str(SPEC), "--set", f"model.source={source}",
@@ -75,6 +109,7 @@ def main() -> None:
                 raise RuntimeError(f"{tool}: rayquant eval cut other eval windows than for the fp model")
             loader = perplexity(*window_nll(load_gptq_logits(out, ids, bits=4), ids))
             rows[tool] = (ours["ppl"], loader)
+            losses[tool] = first_block_qkv_losses(source, calib.samples, out)
         rtn = evaluate_perplexity(rtn_model(source, GPTQConfig(bits=4, group_size=128, sym=True)), ids).ppl
         in_pass = report.get("eval", {})
 
@@ -90,8 +125,13 @@ def main() -> None:
     print(f"{'RTN (reference)':18} {rtn:14.4f} {rtn - fp_ours['ppl']:+9.4f}")
     if in_pass:
         print(f"rayquant in-pass eval (report.json): fp {in_pass['fp_ppl']:.4f}, gptq {in_pass['gptq_ppl']:.4f}")
-    better = rows["rayquant"][0] <= rows["GPTQModel 7.7.0"][0]
-    print(f"rayquant's delta is {'no worse than' if better else 'WORSE than'} GPTQModel's (rayquant eval)")
+    print("block 0 q/k/v layer loss tr((W-Q) H (W-Q)^T) on the shared fp inputs: " + "; ".join(
+        f"{tool} " + "/".join(f"{x:.4g}" for x in values) for tool, values in losses.items()))
+    print("GPTQModel 7.7.0 with its defaults (act_group_aware=True) and with act_group_aware=False (the "
+          "paper's column order, as rayquant's desc_act=false)")
+    for other in ("GPTQModel", "GPTQModel no GAR"):
+        better = rows["rayquant"][0] <= rows[other][0]
+        print(f"rayquant's delta is {'no worse than' if better else 'WORSE than'} {other}'s (rayquant eval)")
 
 
 if __name__ == "__main__":

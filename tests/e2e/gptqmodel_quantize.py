@@ -3,8 +3,10 @@
 GPTQModel 7.7.0 (installed by .ci/install-test-deps.sh with --no-deps) quantizes on torch 2.13 CPU
 with only its load-path requirements: given pre-tokenized windows it never imports `datasets`.
 Settings follow the rayquant spec where GPTQModel has one (damp_percent 0.01 instead of its 0.05,
-true_sequential, no act-order); its other defaults (e.g. act_group_aware) are left as they are,
-so the comparison is with GPTQModel as its users run it.
+true_sequential, no act-order). GPTQModel's default `act_group_aware` (group-aware reordering, Gafni
+et al. 2025: with desc_act off it still solves the columns in diag(H) order inside each group and the
+groups by importance, so groups and g_idx stay plain) is not in the GPTQ paper; act_group_aware=False
+gives the paper's column order, as rayquant's desc_act=false does.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .gptq_loader import CPU_WORKERS_ENV
 
 
 def quantize_with_gptqmodel(source_dir: Path, samples: Tensor, out: Path, bits: int = 4, group_size: int = 128,
-                            damp_percent: float = 0.01) -> float:
+                            damp_percent: float = 0.01, act_group_aware: bool = True) -> float:
     """Quantize source_dir on [n, seq_len] int64 calibration windows and save a GPTQ v1 checkpoint to `out`.
 
     Returns the wall seconds of load + quantize + save.
@@ -30,7 +32,7 @@ def quantize_with_gptqmodel(source_dir: Path, samples: Tensor, out: Path, bits: 
 
     start = time.perf_counter()
     config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=True, true_sequential=True,
-                            damp_percent=damp_percent, offload_to_disk=False)
+                            damp_percent=damp_percent, act_group_aware=act_group_aware, offload_to_disk=False)
     model = GPTQModel.load(str(source_dir), config, device="cpu")
     windows = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in samples]
     model.quantize(windows, batch_size=4)

@@ -238,6 +238,14 @@ def test_missing_or_truncated_shard_is_refused(quantized, tmp_path, capsys):
     _expect_bad_input([str(truncated)], capsys, "CorruptSafetensors", "the file is truncated")
 
 
+def test_checkpoint_without_tokenizer_names_the_tokenizer_flag(quantized, trained_dir, tmp_path, capsys):
+    bare = shutil.copytree(quantized, tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    _expect_bad_input([str(bare)], capsys, "TokenizerNotFound", "pass --tokenizer DIR")
+    assert main(["eval", str(bare), "--tokenizer", str(trained_dir), *EVAL_ARGS]) == 0
+
+
 def test_eval_needs_at_least_one_window(quantized, capsys):
     assert main(["eval", str(quantized), "--eval-samples", "0"]) == 2
     assert "--eval-samples=0: use at least 1" in capsys.readouterr().err
