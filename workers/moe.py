@@ -107,7 +107,8 @@ def unfuse_experts(model: nn.Module) -> int:
         if set(params) != {"gate_up_proj", "down_proj"} or not hasattr(mod, "act_fn"):
             raise UnsupportedArchitecture(
                 f"{name} ({type(mod).__name__}) holds fused expert parameters {params}; rayquant quantizes "
-                "experts stored as gate_up_proj [E, 2I, H] + down_proj [E, H, I] only")
+                "experts stored as gate_up_proj [E, 2I, H] + down_proj [E, H, I] (Mixtral, Qwen-MoE, DeepSeek "
+                "layouts); this one is not supported: choose another model.source")
     checkpoint_names = _checkpoint_names(model, fused)
     for name, mod in fused:
         E, two_i, hidden = mod.gate_up_proj.shape

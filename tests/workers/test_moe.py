@@ -5,10 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GptOssConfig
 
 from rayquant.storage.model_source import open_model_source
-from rayquant.workers.adapter import BlockInput, build_skeleton, find_input_groups, find_layout, materialize
+from rayquant.workers.adapter import (
+    BlockInput,
+    UnsupportedArchitecture,
+    build_skeleton,
+    find_input_groups,
+    find_layout,
+    materialize,
+)
 from rayquant.workers.moe import (
     RoutedExperts,
     expert_of,
@@ -117,3 +124,13 @@ def test_generated_deepseek_v3_names_are_the_unfused_skeletons():
         assert set(block_state) == set(listed)
         assert all(tuple(block_state[n].shape) == listed[n].shape for n in listed)
     assert source.tensors["model.layers.3.mlp.experts.255.down_proj.weight"].shape == (7168, 2048)
+
+
+def test_other_fused_expert_layouts_are_refused_with_the_fix():
+    """GPT-OSS fuses experts too, but interleaved [E, H, 2I] with biases: refused, not misread."""
+    config = GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
+                          head_dim=16, architectures=["GptOssForCausalLM"])
+    skeleton = build_skeleton(config.to_dict(), torch.float32)
+    with pytest.raises(UnsupportedArchitecture, match=r"gate_up_proj_bias.*choose another model.source"):
+        unfuse_experts(skeleton)
