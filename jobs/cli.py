@@ -48,7 +48,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from rayquant.storage.calibration import TokenizerNotFound, load_calibration
+    from rayquant.storage.calibration import TokenizerNotFound, load_calibration, vocab_size_of
     from rayquant.storage.gptq_checkpoint import open_gptq_checkpoint
     from rayquant.workers.checkpoint_eval import evaluate_perplexity, load_dequantized_model
 
@@ -59,10 +59,12 @@ def _eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     checkpoint = open_gptq_checkpoint(args.uri)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else checkpoint.source.path
-    # the job's own call: same dataset, windows and seed give the same held-out eval windows
+    # the job's own call: the same data settings give the same held-out eval windows (they do not
+    # depend on n_samples or the seed, which only place calibration windows: one is cut, unused)
     try:
-        calib = load_calibration(args.data, tokenizer_dir, CalibrationSpec().n_samples, args.seq_len,
-                                 args.eval_samples, args.seed)
+        calib = load_calibration(args.data, tokenizer_dir, 1, args.seq_len, args.eval_samples, args.seed,
+                                 packing=args.packing, min_length=args.min_length, text_field=args.text_field,
+                                 split=args.split, vocab_size=vocab_size_of(checkpoint.source.config))
     except TokenizerNotFound as err:
         raise TokenizerNotFound(f"{err}; or pass --tokenizer DIR (the source model's directory)") from err
     model = load_dequantized_model(checkpoint, device=args.device)
@@ -90,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seq-len", type=int, default=calibration.seq_len, help="tokens per window")
     e.add_argument("--eval-samples", type=int, default=calibration.eval_samples, help="held-out windows")
     e.add_argument("--seed", type=int, default=calibration.seed, help="as calibration.seed")
+    e.add_argument("--text-field", default=calibration.text_field, help="as calibration.text_field")
+    e.add_argument("--split", default=calibration.split, help="as calibration.split")
+    e.add_argument("--packing", default=calibration.packing, choices=("concat", "per_sample"),
+                   help="as calibration.packing")
+    e.add_argument("--min-length", type=int, default=calibration.min_length, help="as calibration.min_length")
     e.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's own)")
     e.add_argument("--device", default="cpu", help="cpu or cuda; the forward runs in float32")
     e.add_argument("--micro-batch", type=int, default=1, help="windows per forward")
