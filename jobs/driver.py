@@ -24,7 +24,7 @@ from rayquant.storage import checkpoint
 from rayquant.storage.calibration import CalibrationSet, load_calibration, vocab_size_of
 from rayquant.storage.model_source import open_model_source
 from rayquant.workers.adapter import build_skeleton, check_decoder_architecture, find_layout
-from rayquant.workers.moe import MoEConfig
+from rayquant.workers.moe import MoEConfig, unfuse_experts
 from rayquant.workers.evaluation import perplexity
 from rayquant.workers.block_worker import BlockTask, BlockWorker, PeerFailed, WorkerSetup
 from rayquant.workers.layer_overrides import (LayerOverride, block_linear_names, check_fused_units,
@@ -80,6 +80,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     check_decoder_architecture(source.config)
     if spec.quant.overrides:  # the skeleton is on the meta device: listing its linears reads no weights
         skeleton = build_skeleton(source.config, torch.bfloat16)
+        unfuse_experts(skeleton)  # MoE: rules see the per-expert linears the workers quantize
         linear_names = block_linear_names(skeleton, find_layout(skeleton))
         check_overrides_match(layer_overrides(spec), linear_names)
         check_fused_units(layer_overrides(spec), gptq_config(spec), linear_names)
