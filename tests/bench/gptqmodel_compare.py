@@ -1,52 +1,78 @@
-"""rayquant vs GPTQModel on the same tiny model and the same calibration windows, two evaluators.
+"""rayquant vs GPTQModel on the same tiny model and the same calibration windows, over several seeds.
 
-    python -m tests.bench.gptqmodel_compare [--random-init] [--samples 32 --seq-len 256 --eval-samples 8]
+    python -m tests.bench.gptqmodel_compare [--seeds 0,1,2,3,4] [--random-init]
+        [--samples 32 --seq-len 256 --eval-samples 8]
 
-Both tools quantize the tiny Llama (after a short training run, tests/e2e/trained_model.py; with
---random-init the raw synthetic://llama-tiny, whose perplexity deltas are noise) to 4-bit g128, sym,
-no act-order, true_sequential, damp 0.01, on the windows `load_calibration` cuts for the job
-(GPTQModel on CPU, in this process; rayquant through its CLI with 2 CPU workers on an embedded Ray).
-Each checkpoint is then evaluated twice on the held-out windows: by `rayquant eval` (rayquant's own
-reader, float32) and by the independent loader (transformers + optimum + GPTQModel's torch kernel).
-Prints fp ppl, each tool's ppl and delta by each evaluator, an RTN row for scale, and wall times.
-Needs the test extras (.ci/install-test-deps.sh): GPTQModel's quantize runs with them, nothing more.
+Three quantizers run on the tiny Llama (after a short training run, tests/e2e/trained_model.py; with
+--random-init the raw synthetic://llama-tiny, whose perplexity deltas are noise): rayquant and
+GPTQModel 7.7.0 (CPU, in this process) with its default act_group_aware=True and with False (the
+paper's column order, as rayquant's desc_act=false). All: 4-bit g128, sym, no act-order,
+true_sequential, damp 0.01. Per seed, all three get the same calibration windows, the ones
+`load_calibration` cuts for a job with `calibration.seed` = that seed; the held-out eval windows do
+not depend on the seed, so every checkpoint of every seed is scored on the same windows.
+
+rayquant runs in this process through `jobs.driver.run_job` (the CLI's own call) inside one embedded
+Ray session: run_job leaves a Ray it did not start running, so Ray starts once, not per job.
+Each checkpoint is scored by `rayquant eval`'s in-process reader (float32 dequantized) and by the
+independent loader (transformers + optimum + GPTQModel's torch kernel); their disagreement is printed.
+
+A single seed's deltas reorder with the calibration data (differences of ~0.05 ppl between
+equivalent solvers are usual at 32 × 256), so the verdict rests on the paired difference
+rayquant − other over seeds: its mean, standard error and a 95 % t interval. Needs the test extras
+(.ci/install-test-deps.sh): GPTQModel's quantize runs with them, nothing more.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from rayquant.jobs.cli import configure_logging
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.solver.pack import PackedLinear, dequantize_packed
 from rayquant.storage.calibration import load_calibration
+from rayquant.storage.gptq_checkpoint import open_gptq_checkpoint
 from rayquant.storage.model_source import open_model_source
-from rayquant.workers.checkpoint_eval import evaluate_perplexity
+from rayquant.workers.checkpoint_eval import evaluate_perplexity, load_dequantized_model
 from rayquant.workers.evaluation import perplexity, window_nll
+from safetensors.torch import load_file
 
 from tests.e2e.gptq_loader import load_gptq_logits
 from tests.e2e.gptqmodel_quantize import quantize_with_gptqmodel
-from tests.e2e.models import SPEC, fp_model, logits, rtn_model, run_cli
+from tests.e2e.models import SPEC, fp_model, logits, rtn_model
 from tests.e2e.trained_model import trained_llama_tiny
 
-
-def rayquant_eval(uri: Path, seq_len: int, eval_samples: int) -> dict:
-    proc = run_cli("eval", str(uri), "--seq-len", str(seq_len), "--eval-samples", str(eval_samples))
-    if proc.returncode != 0:
-        raise RuntimeError(f"rayquant eval {uri} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+TOOLS = ("rayquant", "GPTQModel", "GPTQModel no GAR")
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def first_block_qkv_losses(source: Path, samples: torch.Tensor, checkpoint: Path) -> list[float]:
-    """tr((W − Q) H (W − Q)ᵀ) of block 0's q/k/v with H from the fp model's inputs: the only layers
-    whose inputs both tools share exactly, so their losses compare the solvers themselves."""
+@dataclass
+class SeedRun:
+    seed: int
+    calib_sha256: str
+    ppl: dict[str, float] = field(default_factory=dict)  # tool -> rayquant eval's perplexity
+    loader_ppl: dict[str, float] = field(default_factory=dict)  # tool -> the independent loader's
+    in_pass_ppl: float = math.nan  # rayquant's report.json eval.gptq_ppl
+    walls: dict[str, float] = field(default_factory=dict)
+    qkv_losses: dict[str, list[float]] = field(default_factory=dict)
+
+
+def rayquant_eval(path: Path, ids: torch.Tensor) -> float:
+    """`rayquant eval`'s perplexity, in process: the checkpoint's dequantized float32 model."""
+    return evaluate_perplexity(load_dequantized_model(open_gptq_checkpoint(str(path))), ids).ppl
+
+
+def first_block_qkv_hessian(source: Path, samples: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Block 0's fp q/k/v weights and H = XᵀX of their inputs: the only layers whose inputs both
+    tools share exactly, so tr((W − Q) H (W − Q)ᵀ) there compares the solvers themselves."""
     model = fp_model(source)
     inputs = []
     hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
@@ -55,83 +81,143 @@ def first_block_qkv_losses(source: Path, samples: torch.Tensor, checkpoint: Path
         model(input_ids=samples)
     hook.remove()
     X = torch.cat(inputs)  # [tokens, K]
-    H = X.T @ X
+    weights = {name: model.get_parameter(f"model.layers.0.self_attn.{name}.weight").double() for name in QKV}
+    return weights, X.T @ X
+
+
+def qkv_losses(weights: dict[str, torch.Tensor], H: torch.Tensor, checkpoint: Path) -> list[float]:
     tensors = {}
     for shard in checkpoint.glob("*.safetensors"):
         tensors.update(load_file(shard))
     losses = []
-    for linear in ("q_proj", "k_proj", "v_proj"):
+    for linear in QKV:
         name = f"model.layers.0.self_attn.{linear}"
-        W = model.get_parameter(f"{name}.weight").double()
         packed = PackedLinear(**{f: tensors[f"{name}.{f}"] for f in ("qweight", "qzeros", "scales", "g_idx")})
-        E = W - dequantize_packed(packed, 4).double()
+        E = weights[linear] - dequantize_packed(packed, 4).double()
         losses.append(float(torch.trace(E @ H @ E.T)))
     return losses
+
+
+def quantize_with_rayquant(source: Path, out: Path, args: argparse.Namespace, seed: int) -> dict:
+    """One rayquant job on the already running Ray; returns its report.json."""
+    from rayquant.jobs.driver import run_job
+    from rayquant.jobs.spec import load_spec
+
+    spec = load_spec(SPEC, [f"model.source={source}", f"output.uri={out}", f"calibration.n_samples={args.samples}",
+                            f"calibration.seq_len={args.seq_len}", f"calibration.eval_samples={args.eval_samples}",
+                            f"calibration.seed={seed}"])
+    run_job(spec)
+    return json.loads((out / "report.json").read_text())
+
+
+def run_seed(source: Path, args: argparse.Namespace, seed: int, eval_ids: torch.Tensor) -> SeedRun:
+    calib = load_calibration("builtin://text", source, args.samples, args.seq_len, args.eval_samples, seed)
+    if not torch.equal(calib.eval_samples, eval_ids):
+        raise RuntimeError(f"seed {seed}: load_calibration cut other eval windows than for seed {args.seeds[0]}")
+    run = SeedRun(seed, calib.window_sha256)
+    weights, H = first_block_qkv_hessian(source, calib.samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = {tool: Path(tmp) / tool.replace(" ", "-") for tool in TOOLS}
+        start = time.perf_counter()
+        report = quantize_with_rayquant(source, outs["rayquant"], args, seed)
+        run.walls["rayquant"] = time.perf_counter() - start
+        if report["calibration_windows_sha256"] != calib.window_sha256:
+            raise RuntimeError(f"seed {seed}: rayquant's job cut other calibration windows than GPTQModel is given")
+        run.in_pass_ppl = report["eval"]["gptq_ppl"]
+        run.walls["GPTQModel"] = quantize_with_gptqmodel(source, calib.samples, outs["GPTQModel"])
+        run.walls["GPTQModel no GAR"] = quantize_with_gptqmodel(source, calib.samples, outs["GPTQModel no GAR"],
+                                                                act_group_aware=False)
+        for tool, out in outs.items():
+            run.ppl[tool] = rayquant_eval(out, eval_ids)
+            run.loader_ppl[tool] = perplexity(*window_nll(load_gptq_logits(out, eval_ids, bits=4), eval_ids))
+            run.qkv_losses[tool] = qkv_losses(weights, H, out)
+    return run
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (p > 0.5) from its density integrated on a fine grid (no scipy needed)."""
+    x = torch.linspace(0, 200, 2_000_001, dtype=torch.float64)
+    pdf = torch.distributions.StudentT(df).log_prob(x).exp()
+    cdf = 0.5 + torch.cumulative_trapezoid(pdf, x)
+    return float(x[1:][torch.searchsorted(cdf, p)])
+
+
+def paired_verdict(diffs: list[float]) -> str:
+    """rayquant − other per seed → mean ± standard error, 95 % t interval, and what it rules out."""
+    n, mean = len(diffs), statistics.mean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    half = t_quantile(0.975, n - 1) * se
+    lo, hi = mean - half, mean + half
+    if lo > 0:
+        verdict = f"rayquant WORSE beyond noise, by {mean:+.4f} ppl (at least {lo:+.4f})"
+    elif hi < 0:
+        verdict = f"rayquant better beyond noise, by {-mean:.4f} ppl"
+    else:
+        verdict = f"no difference beyond noise: rayquant is at most {hi:+.4f} ppl worse"
+    return f"{mean:+9.4f} ± {se:.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]  {verdict}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--random-init", action="store_true", help="the untrained synthetic model")
+    parser.add_argument("--seeds", default="0", help="comma-separated calibration seeds, e.g. 0,1,2,3,4")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=8)
     args = parser.parse_args()
-    configure_logging(False)  # progress to stderr, the table alone on stdout
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    configure_logging(False)  # progress to stderr, the tables alone on stdout
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # as the CLI: Ray on loopback only
+
+    import ray
+    from rayquant.jobs.driver import WORKER_ENV
 
     source = open_model_source("synthetic://llama-tiny").path if args.random_init else trained_llama_tiny()
-    calib = load_calibration("builtin://text", source, args.samples, args.seq_len, args.eval_samples, 0)
-    ids = calib.eval_samples
-    rows, walls, losses = {}, {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        outs = {"GPTQModel": Path(tmp) / "gptqmodel", "GPTQModel no GAR": Path(tmp) / "gptqmodel-no-gar",
-                "rayquant": Path(tmp) / "rayquant"}
-        walls["GPTQModel"] = quantize_with_gptqmodel(source, calib.samples, outs["GPTQModel"])
-        walls["GPTQModel no GAR"] = quantize_with_gptqmodel(source, calib.samples, outs["GPTQModel no GAR"],
-                                                            act_group_aware=False)
+    eval_ids = load_calibration("builtin://text", source, 1, args.seq_len, args.eval_samples, args.seeds[0]).eval_samples
+    fp = rayquant_eval(source, eval_ids)
+    fp_loader = perplexity(*window_nll(logits(fp_model(source), eval_ids), eval_ids))
+    rtn = evaluate_perplexity(rtn_model(source, GPTQConfig(bits=4, group_size=128, sym=True)), eval_ids).ppl
 
-        start = time.perf_counter()
-        proc = run_cli("quantize", str(SPEC), "--set", f"model.source={source}",
-                       "--set", f"output.uri={outs['rayquant']}", "--set", f"calibration.n_samples={args.samples}",
-                       "--set", f"calibration.seq_len={args.seq_len}",
-                       "--set", f"calibration.eval_samples={args.eval_samples}")
-        walls["rayquant"] = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"rayquant quantize failed:\n{proc.stderr[-3000:]}")
-        report = json.loads((outs["rayquant"] / "report.json").read_text())
-        if report["calibration_windows_sha256"] != calib.window_sha256:
-            raise RuntimeError("rayquant's job cut other calibration windows than GPTQModel was given")
-
-        fp_ours = rayquant_eval(source, args.seq_len, args.eval_samples)
-        fp_loader = perplexity(*window_nll(logits(fp_model(source), ids), ids))
-        for tool, out in outs.items():
-            ours = rayquant_eval(out, args.seq_len, args.eval_samples)
-            if ours["windows_sha256"] != fp_ours["windows_sha256"]:
-                raise RuntimeError(f"{tool}: rayquant eval cut other eval windows than for the fp model")
-            loader = perplexity(*window_nll(load_gptq_logits(out, ids, bits=4), ids))
-            rows[tool] = (ours["ppl"], loader)
-            losses[tool] = first_block_qkv_losses(source, calib.samples, out)
-        rtn = evaluate_perplexity(rtn_model(source, GPTQConfig(bits=4, group_size=128, sym=True)), ids).ppl
-        in_pass = report.get("eval", {})
+    start = time.perf_counter()
+    # the spec's 2 workers × 1 CPU, as run_job's own embedded Ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", runtime_env=WORKER_ENV)
+    ray_start = time.perf_counter() - start
+    try:
+        runs = [run_seed(source, args, seed, eval_ids) for seed in args.seeds]
+    finally:
+        ray.shutdown()
 
     model = "synthetic://llama-tiny (random init)" if args.random_init else f"{source.name} (trained tiny Llama)"
-    print(f"\n{model}; 4-bit g128 sym, calibration {args.samples} x {args.seq_len} tokens "
-          f"(sha256 {calib.window_sha256[:12]}), eval {len(ids)} x {args.seq_len} (sha256 "
-          f"{fp_ours['windows_sha256'][:12]}), {fp_ours['n_tokens']} predicted tokens")
-    print(f"{'':18} {'rayquant eval':>14} {'delta':>9} {'indep. loader':>14} {'delta':>9} {'wall s':>8}")
-    print(f"{'fp (bf16 weights)':18} {fp_ours['ppl']:14.4f} {'':9} {fp_loader:14.4f} {'':9} {'':>8}")
-    for tool, (ours, loader) in rows.items():
-        print(f"{tool:18} {ours:14.4f} {ours - fp_ours['ppl']:+9.4f} {loader:14.4f} {loader - fp_loader:+9.4f} "
-              f"{walls[tool]:8.1f}")
-    print(f"{'RTN (reference)':18} {rtn:14.4f} {rtn - fp_ours['ppl']:+9.4f}")
-    if in_pass:
-        print(f"rayquant in-pass eval (report.json): fp {in_pass['fp_ppl']:.4f}, gptq {in_pass['gptq_ppl']:.4f}")
-    print("block 0 q/k/v layer loss tr((W-Q) H (W-Q)^T) on the shared fp inputs: " + "; ".join(
-        f"{tool} " + "/".join(f"{x:.4g}" for x in values) for tool, values in losses.items()))
-    print("GPTQModel 7.7.0 with its defaults (act_group_aware=True) and with act_group_aware=False (the "
-          "paper's column order, as rayquant's desc_act=false)")
-    for other in ("GPTQModel", "GPTQModel no GAR"):
-        better = rows["rayquant"][0] <= rows[other][0]
-        print(f"rayquant's delta is {'no worse than' if better else 'WORSE than'} {other}'s (rayquant eval)")
+    print(f"\n{model}; 4-bit g128 sym, damp 0.01, calibration {args.samples} x {args.seq_len} tokens per seed, "
+          f"eval {len(eval_ids)} x {args.seq_len} held-out windows, the same for every seed")
+    print(f"fp (bf16 weights) ppl {fp:.4f} (independent loader {fp_loader:.4f}); RTN {rtn:.4f} ({rtn - fp:+.4f})")
+    print("\nppl delta vs fp, rayquant eval:")
+    print(f"{'seed':>4} {'calib sha256':>13} " + " ".join(f"{tool:>16}" for tool in TOOLS))
+    for run in runs:
+        print(f"{run.seed:4d} {run.calib_sha256[:12]:>13} " + " ".join(f"{run.ppl[t] - fp:+16.4f}" for t in TOOLS))
+    if len(runs) > 1:
+        print(f"{'mean ± std':>18} " + " ".join(
+            f"{statistics.mean(d):+9.4f} ± {statistics.stdev(d):.4f}".rjust(16)
+            for d in ([run.ppl[t] - fp for run in runs] for t in TOOLS)))
+        print(f"\npaired difference of deltas over {len(runs)} seeds, rayquant − other (mean ± std error):")
+        for other in TOOLS[1:]:
+            print(f"  vs {other:17} {paired_verdict([run.ppl['rayquant'] - run.ppl[other] for run in runs])}")
+    else:
+        for other in TOOLS[1:]:
+            better = runs[0].ppl["rayquant"] <= runs[0].ppl[other]
+            print(f"rayquant's delta is {'no worse than' if better else 'WORSE than'} {other}'s on this one seed "
+                  "(noise-dominated: pass --seeds 0,1,2,3,4)")
+
+    loader_gap = max(abs(run.ppl[t] - run.loader_ppl[t]) for run in runs for t in TOOLS)
+    in_pass_gap = max(abs(run.ppl["rayquant"] - run.in_pass_ppl) for run in runs)
+    print(f"\nevaluators: rayquant eval vs independent loader max |ppl diff| {loader_gap:.2g} (fp {abs(fp - fp_loader):.2g}); "
+          f"vs rayquant's in-pass eval {in_pass_gap:.2g}")
+    print("block 0 q/k/v layer loss on the shared fp inputs, rayquant / GPTQModel no GAR, per seed: " + "; ".join(
+        "/".join(f"{a / b:.4f}" for a, b in zip(run.qkv_losses["rayquant"], run.qkv_losses["GPTQModel no GAR"]))
+        for run in runs))
+    print(f"wall s: Ray start {ray_start:.1f} once; per seed (mean) " + ", ".join(
+        f"{t} {statistics.mean(run.walls[t] for run in runs):.1f}" for t in TOOLS)
+        + " (rayquant: a job with 2 CPU workers, Ray already up)")
 
 
 if __name__ == "__main__":
