@@ -122,12 +122,22 @@ def _float16_scale(scale: Tensor, bits: int) -> Tensor:
 def find_group_grids(W: Tensor, g_idx: Tensor, n_groups: int, bits: int, sym: bool) -> GroupGrid:
     """Grids of all groups at once from one W [N, K]: scale, zero [G, N].
 
-    One scatter-reduce per bound instead of a masked gather per group (which syncs the GPU G times).
+    Consecutive groups (no act-order) reduce over a [N, G, width] view; any other g_idx by one
+    scatter-reduce per bound. Either way no per-group gather (which synced the GPU G times).
     """
-    index = g_idx.long().to(W.device).expand_as(W)
-    shape = (W.shape[0], n_groups)
-    wmin = torch.full(shape, torch.inf, dtype=W.dtype, device=W.device).scatter_reduce(1, index, W, "amin")
-    wmax = torch.full(shape, -torch.inf, dtype=W.dtype, device=W.device).scatter_reduce(1, index, W, "amax")
+    N, K = W.shape
+    width = -(-K // n_groups)
+    index = g_idx.long().to(W.device)
+    if bool((index == torch.arange(K, device=W.device) // width).all()):
+        full = K // width * width  # the last group may be partial
+        bounds = [(W[:, :full].view(N, -1, width).amin(-1), W[:, :full].view(N, -1, width).amax(-1))]
+        if full < K:
+            bounds.append((W[:, full:].amin(-1, keepdim=True), W[:, full:].amax(-1, keepdim=True)))
+        wmin, wmax = (torch.cat(b, dim=1) for b in zip(*bounds))
+    else:
+        index = index.expand_as(W)
+        wmin = torch.full((N, n_groups), torch.inf, dtype=W.dtype, device=W.device).scatter_reduce(1, index, W, "amin")
+        wmax = torch.full((N, n_groups), -torch.inf, dtype=W.dtype, device=W.device).scatter_reduce(1, index, W, "amax")
     grid = grid_from_range(wmin, wmax, bits, sym)
     return GroupGrid(scale=grid.scale.T.contiguous(), zero=grid.zero.T.contiguous())
 

@@ -216,7 +216,9 @@ class BlockWorker:
         else:
             part, layers = self._quantize(task.block_idx, source_tensors, seconds)
         # rank 0 hands the part back to the driver: its copy to host memory overlaps the advance
+        t = self._now()
         to_host = _HostCopy(part, self.device) if self.rank == 0 and task.replay is None else None
+        seconds["handoff"] = self._now() - t
         t = self._now()
         quantized = self._advance(task.block_idx, part)
         seconds["advance"] = self._now() - t
@@ -230,7 +232,7 @@ class BlockWorker:
                  **{k: round(v, 3) for k, v in seconds.items()})
         t = self._now()
         host_part = to_host.result() if to_host is not None else None
-        seconds["handoff"] = self._now() - t
+        seconds["handoff"] += self._now() - t
         return BlockResult(block_idx=task.block_idx, rank=self.rank, seconds=seconds, layers=layers,
                            tensors=host_part, peak_memory_bytes=peak,
                            bytes_received=dict(self.received))

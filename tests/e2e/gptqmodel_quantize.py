@@ -12,6 +12,7 @@ gives the paper's column order, as rayquant's desc_act=false does.
 from __future__ import annotations
 
 import os
+import contextlib
 import time
 from pathlib import Path
 
@@ -33,8 +34,11 @@ def quantize_with_gptqmodel(source_dir: Path, samples: Tensor, out: Path, bits: 
     start = time.perf_counter()
     config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=True, true_sequential=True,
                             damp_percent=damp_percent, act_group_aware=act_group_aware, offload_to_disk=False)
-    model = GPTQModel.load(str(source_dir), config, device="cpu")
-    windows = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in samples]
-    model.quantize(windows, batch_size=4)
-    model.save(str(out))
+    source_dir, out = Path(source_dir).resolve(), Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(out.parent):  # GPTQModel writes a logs/ folder into the working directory
+        model = GPTQModel.load(str(source_dir), config, device="cpu")
+        windows = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in samples]
+        model.quantize(windows, batch_size=4)
+        model.save(str(out))
     return time.perf_counter() - start
