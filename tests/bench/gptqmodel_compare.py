@@ -15,6 +15,7 @@ rayquant runs in this process through `jobs.driver.run_job` (the CLI's own call)
 Ray session: run_job leaves a Ray it did not start running, so Ray starts once, not per job.
 Each checkpoint is scored by `rayquant eval`'s in-process reader (float32 dequantized) and by the
 independent loader (transformers + optimum + GPTQModel's torch kernel); their disagreement is printed.
+The tables go to stdout, every log (GPTQModel's too) to stderr.
 
 A single seed's deltas reorder with the calibration data (differences of ~0.05 ppl between
 equivalent solvers are usual at 32 × 256), so the verdict rests on the paired difference
@@ -25,10 +26,12 @@ rayquant − other over seeds: its mean, standard error and a 95 % t interval. N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -183,7 +186,8 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", runtime_env=WORKER_ENV)
     ray_start = time.perf_counter() - start
     try:
-        runs = [run_seed(source, args, seed, eval_ids) for seed in args.seeds]
+        with contextlib.redirect_stdout(sys.stderr):  # GPTQModel's logbar prints to sys.stdout as it is then
+            runs = [run_seed(source, args, seed, eval_ids) for seed in args.seeds]
     finally:
         ray.shutdown()
 
@@ -212,9 +216,9 @@ def main() -> None:
     in_pass_gap = max(abs(run.ppl["rayquant"] - run.in_pass_ppl) for run in runs)
     print(f"\nevaluators: rayquant eval vs independent loader max |ppl diff| {loader_gap:.2g} (fp {abs(fp - fp_loader):.2g}); "
           f"vs rayquant's in-pass eval {in_pass_gap:.2g}")
-    print("block 0 q/k/v layer loss on the shared fp inputs, rayquant / GPTQModel no GAR, per seed: " + "; ".join(
-        "/".join(f"{a / b:.4f}" for a, b in zip(run.qkv_losses["rayquant"], run.qkv_losses["GPTQModel no GAR"]))
-        for run in runs))
+    ratios = [a / b for run in runs for a, b in zip(run.qkv_losses["rayquant"], run.qkv_losses["GPTQModel no GAR"])]
+    print(f"block 0 q/k/v layer loss on the shared fp inputs, rayquant / GPTQModel no GAR: {min(ratios):.4f} .. "
+          f"{max(ratios):.4f} over {len(runs)} seeds x 3 layers")
     print(f"wall s: Ray start {ray_start:.1f} once; per seed (mean) " + ", ".join(
         f"{t} {statistics.mean(run.walls[t] for run in runs):.1f}" for t in TOOLS)
         + " (rayquant: a job with 2 CPU workers, Ray already up)")
