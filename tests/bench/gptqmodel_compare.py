@@ -163,7 +163,7 @@ def paired_verdict(diffs: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--random-init", action="store_true", help="the untrained synthetic model")
-    parser.add_argument("--seeds", default="0", help="comma-separated calibration seeds, e.g. 0,1,2,3,4")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated calibration seeds")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=8)
@@ -210,7 +210,7 @@ def main() -> None:
         for other in TOOLS[1:]:
             better = runs[0].ppl["rayquant"] <= runs[0].ppl[other]
             print(f"rayquant's delta is {'no worse than' if better else 'WORSE than'} {other}'s on this one seed "
-                  "(noise-dominated: pass --seeds 0,1,2,3,4)")
+                  "(noise-dominated: give several --seeds)")
 
     loader_gap = max(abs(run.ppl[t] - run.loader_ppl[t]) for run in runs for t in TOOLS)
     in_pass_gap = max(abs(run.ppl["rayquant"] - run.in_pass_ppl) for run in runs)
