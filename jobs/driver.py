@@ -50,14 +50,15 @@ def gptq_config(spec: JobSpec) -> GPTQConfig:
     q = spec.quant
     return GPTQConfig(bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym,
                       static_groups=q.static_groups, damp_percent=q.damp_percent,
-                      damp_auto_increment=q.damp_auto_increment)
+                      damp_auto_increment=q.damp_auto_increment, act_group_aware=q.act_group_aware and not q.desc_act)
 
 
 def quantization_config(spec: JobSpec) -> dict:
     q = spec.quant
     return checkpoint.gptq_quantization_config(
         bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym, damp_percent=q.damp_percent,
-        true_sequential=q.true_sequential, static_groups=q.static_groups, dynamic=gptq_dynamic(layer_overrides(spec)))
+        true_sequential=q.true_sequential, static_groups=q.static_groups, dynamic=gptq_dynamic(layer_overrides(spec)),
+        act_group_aware=q.act_group_aware and not q.desc_act)
 
 
 def layer_overrides(spec: JobSpec) -> tuple[LayerOverride, ...]:

@@ -84,6 +84,9 @@ class QuantSpec(_Strict):
     desc_act: bool = False  # act-order: better quality, g_idx gather at inference
     sym: bool = True  # symmetric grid (fixed zero point); asym fits skewed rows better
     static_groups: bool = False  # grids fixed before the solve; makes desc_act cheap at inference
+    # group-aware act-order (GAR): solve each 128-channel group's columns, and the groups, by activation
+    # size; g_idx stays sequential, so inference is as fast as without act-order. Ignored with desc_act.
+    act_group_aware: bool = True
     damp_percent: float = 0.01  # Hessian damping relative to mean(diag H)
     damp_auto_increment: float = 0.01  # added to damp_percent each time Cholesky fails
     true_sequential: bool = True  # re-collect Hessians after each sub-stage (qkv → o → gate/up → down)

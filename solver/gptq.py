@@ -30,6 +30,7 @@ Two implementations of the column loop, one algorithm: on CUDA with triton, `sol
 the scaled errors it sums, see there); elsewhere the torch loop below.
 """
 
+import dataclasses
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from rayquant.solver.grid import (SUPPORTED_BITS, act_order, count_groups, dequantize, find_grid,
-                                  find_group_grids, group_index, group_width, max_level, quantize_to_grid)
+                                  find_group_grids, group_aware_order, group_index, group_width, max_level, quantize_to_grid)
 from rayquant.solver.hessian import InvalidSolverInput, layer_loss, layer_objective
 
 __all__ = ["GPTQConfig", "GPTQResult", "HessianNotPositiveDefinite", "InvalidGPTQConfig", "dequantize",
@@ -65,6 +66,7 @@ class GPTQConfig:
     desc_act: bool = False        # act-order: columns by descending diag(H); lower error, g_idx permuted
     sym: bool = True              # symmetric grid, zero = (maxq+1)//2; asym fits skewed groups better
     static_groups: bool = False   # group grids fixed from the unquantized W before the solve
+    act_group_aware: bool = False  # GAR: act-order inside each group and across groups, g_idx stays sequential
     damp_percent: float = 0.01    # relative to mean(diag(H)); more damping: stabler, less exact
     damp_auto_increment: float = 0.01  # added to damp_percent while Cholesky fails (0 = never)
     damp_cap: float = 1.0         # give up (HessianNotPositiveDefinite) past this damp_percent
@@ -84,6 +86,8 @@ class GPTQConfig:
             problems.append(f"damp_cap={self.damp_cap} must be >= quant.damp_percent={self.damp_percent}")
         if self.column_batch < 1:
             problems.append(f"column_batch={self.column_batch} must be positive")
+        if self.act_group_aware and self.desc_act:
+            problems.append("quant.act_group_aware and quant.desc_act are two solve orders; choose one")
         if problems:
             raise InvalidGPTQConfig("; ".join(problems))
 
@@ -163,7 +167,13 @@ def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
     """Algorithm 1 on the objective's W [N, K], H [K, K]; W and H are not modified."""
     N, K = W.shape
     n_groups = count_groups(cfg.group_size, K)
-    perm = act_order(H) if cfg.desc_act else torch.arange(K, device=W.device)
+    if cfg.desc_act:
+        perm = act_order(H)
+    elif cfg.act_group_aware:
+        perm = group_aware_order(H, group_width(cfg.group_size, K))
+    else:
+        perm = torch.arange(K, device=W.device)
+    reordered = cfg.desc_act or cfg.act_group_aware
     g_idx = group_index(perm, cfg.group_size, cfg.static_groups)
     if cfg.static_groups:
         grids = find_group_grids(W, g_idx, n_groups, cfg.bits, cfg.sym)
@@ -174,7 +184,7 @@ def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
     group_of = g_idx[perm]  # group of each column in solve order
 
     fused = _runs_fused(W)
-    if cfg.desc_act:  # advanced indexing copies: the objective's W and H stay intact
+    if reordered:  # advanced indexing copies: the objective's W and H stay intact
         W, H = W[:, perm], H[perm][:, perm]
     elif not fused:
         W = W.clone()  # the torch loop moves W in place; the objective's W stays intact for the loss
@@ -188,13 +198,27 @@ def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
         del factor
         result = quantize_column_batches(W, R, damping, scales, zeros, group_of, cfg.bits,
                                          cfg.group_size, cfg.sym, cfg.static_groups, cfg.column_batch)
-        codes = result.codes[:, invperm] if cfg.desc_act else result.codes
-        return _Solution(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, damp_percent=damp_percent,
-                         Q=None, row_loss=result.row_loss)
-    U = _invert_lower(factor.L).flip(0, 1).contiguous()  # row-major: the loop reads rows of U
-    codes, Q = _quantize_columns(W, U, scales, zeros, group_of.tolist(), cfg)
-    return _Solution(codes=codes[:, invperm], scales=scales, zeros=zeros, g_idx=g_idx,
-                     damp_percent=factor.damp_percent, Q=Q[:, invperm], row_loss=None)
+        codes = result.codes[:, invperm] if reordered else result.codes
+        solution = _Solution(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, damp_percent=damp_percent,
+                             Q=None, row_loss=result.row_loss)
+    else:
+        U = _invert_lower(factor.L).flip(0, 1).contiguous()  # row-major: the loop reads rows of U
+        codes, Q = _quantize_columns(W, U, scales, zeros, group_of.tolist(), cfg)
+        solution = _Solution(codes=codes[:, invperm], scales=scales, zeros=zeros, g_idx=g_idx,
+                             damp_percent=factor.damp_percent, Q=Q[:, invperm], row_loss=None)
+    if cfg.act_group_aware and not cfg.static_groups:
+        solution = _groups_in_channel_order(solution, perm, group_width(cfg.group_size, K))
+    return solution
+
+
+def _groups_in_channel_order(solution: _Solution, perm: Tensor, width: int) -> _Solution:
+    """GAR's groups were numbered in solve order; renumber them by channel so g_idx = channel // width
+    (what a desc_act=false checkpoint means) with the scale/zero rows moved to match."""
+    channel_group = perm[::width] // width  # the channel block solved r-th
+    scales, zeros = torch.empty_like(solution.scales), torch.empty_like(solution.zeros)
+    scales[channel_group], zeros[channel_group] = solution.scales, solution.zeros
+    g_idx = torch.arange(perm.numel(), device=perm.device) // width
+    return dataclasses.replace(solution, scales=scales, zeros=zeros, g_idx=g_idx)
 
 
 def _runs_fused(W: Tensor) -> bool:

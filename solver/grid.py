@@ -152,6 +152,23 @@ def act_order(H: Tensor) -> Tensor:
     return torch.argsort(torch.diagonal(H), descending=True, stable=True)
 
 
+def group_aware_order(H: Tensor, width: int) -> Tensor:
+    """Solve order of group-aware act-order (GAR): groups stay blocks of `width` consecutive channels,
+    the columns of each group by descending diag(H), groups by their largest diag(H) (both stable).
+
+    A partial last group stays last, so every group starts at a multiple of `width` in solve order.
+    """
+    diag = torch.diagonal(H)
+    K = diag.numel()
+    full = K // width * width
+    local = torch.argsort(diag[:full].view(-1, width), dim=1, descending=True, stable=True)
+    starts = torch.arange(0, full, width, device=diag.device)
+    columns = local + starts[:, None]  # [G_full, width] original columns, each group in its own order
+    order = torch.argsort(diag[columns[:, 0]], descending=True, stable=True)
+    tail = full + torch.argsort(diag[full:], descending=True, stable=True)
+    return torch.cat([columns[order].reshape(-1), tail])
+
+
 def group_index(perm: Tensor, group_size: int, static_groups: bool) -> Tensor:
     """g_idx [K] int64: the group of every original column.
 

@@ -55,7 +55,7 @@ PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 # exactly the quantization_config keys of DESIGN.md "The GPTQ checkpoint"
 QUANTIZATION_CONFIG_KEYS = frozenset(
     {"quant_method", "bits", "group_size", "desc_act", "sym", "damp_percent", "true_sequential",
-     "static_groups", "checkpoint_format", "meta"}
+     "static_groups", "act_group_aware", "checkpoint_format", "meta"}
 )
 # what the model card needs from each entry of report["layers"]
 REPORT_LAYER_KEYS = ("name", "gptq_loss", "rtn_loss", "damp_percent")
@@ -94,11 +94,14 @@ def gptq_quantization_config(
     true_sequential: bool,
     static_groups: bool,
     dynamic: dict[str, dict] | None = None,
+    act_group_aware: bool = False,
 ) -> dict:
     """config.json's quantization_config for a GPTQ v1 checkpoint written by this rayquant.
 
     `dynamic` is GPTQModel's per-module map ("+:regex" → fields, "-:regex" → not quantized), kept
     only when non-empty, so checkpoints without overrides keep exactly the base keys.
+    `act_group_aware` (GPTQModel's name for group-aware act-order) is recorded when used; it changes the
+    solve order only, not how the tensors are read.
     """
     config = {
         "quant_method": "gptq",
@@ -109,6 +112,7 @@ def gptq_quantization_config(
         "damp_percent": damp_percent,
         "true_sequential": true_sequential,
         "static_groups": static_groups,
+        "act_group_aware": act_group_aware,
         "checkpoint_format": "gptq",
         "meta": {"quantizer": [_quantizer_tag()]},
     }

@@ -108,7 +108,7 @@ def quantize_with_rayquant(source: Path, out: Path, args: argparse.Namespace, se
 
     spec = load_spec(SPEC, [f"model.source={source}", f"output.uri={out}", f"calibration.n_samples={args.samples}",
                             f"calibration.seq_len={args.seq_len}", f"calibration.eval_samples={args.eval_samples}",
-                            f"calibration.seed={seed}"])
+                            f"calibration.seed={seed}", f"quant.act_group_aware={not args.rayquant_no_gar}"])
     run_job(spec)
     return json.loads((out / "report.json").read_text())
 
@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--rayquant-no-gar", action="store_true",
+                        help="rayquant in the paper's column order (quant.act_group_aware=false) instead of its default GAR")
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     configure_logging(False)  # progress to stderr, the tables alone on stdout
@@ -192,7 +194,9 @@ def main() -> None:
         ray.shutdown()
 
     model = "synthetic://llama-tiny (random init)" if args.random_init else f"{source.name} (trained tiny Llama)"
-    print(f"\n{model}; 4-bit g128 sym, damp 0.01, calibration {args.samples} x {args.seq_len} tokens per seed, "
+    order = "paper column order" if args.rayquant_no_gar else "group-aware act-order (GAR, its default)"
+    print(f"\nrayquant: {order}")
+    print(f"{model}; 4-bit g128 sym, damp 0.01, calibration {args.samples} x {args.seq_len} tokens per seed, "
           f"eval {len(eval_ids)} x {args.seq_len} held-out windows, the same for every seed")
     print(f"fp (bf16 weights) ppl {fp:.4f} (independent loader {fp_loader:.4f}); RTN {rtn:.4f} ({rtn - fp:+.4f})")
     print("\nppl delta vs fp, rayquant eval:")

@@ -59,7 +59,7 @@ def test_quantize_prints_progress_and_output_last_and_checksums_every_file(run_w
         assert hashlib.sha256((out / path).read_bytes()).hexdigest() == entry["sha256"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
-                  "damp_percent": 0.01, "true_sequential": True, "static_groups": False,
+                  "damp_percent": 0.01, "true_sequential": True, "static_groups": False, "act_group_aware": True,
                   "checkpoint_format": "gptq", "meta": {"quantizer": ["rayquant:0.1.0"]}}
     assert not (out / ".rayquant-staging").exists()
 

@@ -34,7 +34,10 @@ CASES = ([dict(bits=b, group_size=128, desc_act=False, sym=True) for b in (2, 3,
          + [dict(bits=4, group_size=32, desc_act=True, sym=True, static_groups=True),
             dict(bits=3, group_size=128, desc_act=True, sym=False, static_groups=True),
             dict(bits=2, group_size=32, desc_act=False, sym=False, static_groups=True),
-            dict(bits=8, group_size=128, desc_act=True, sym=True, static_groups=True)])
+            dict(bits=8, group_size=128, desc_act=True, sym=True, static_groups=True),
+            dict(bits=4, group_size=128, act_group_aware=True, sym=True),  # GAR, as the job spec's default
+            dict(bits=3, group_size=96, act_group_aware=True, sym=False),  # GAR, partial last group
+            dict(bits=4, group_size=32, act_group_aware=True, sym=True, static_groups=True)])
 
 
 def _solve(cfg: GPTQConfig, dtype: torch.dtype) -> GPTQResult:

@@ -22,6 +22,9 @@ DYNAMIC = [dict(bits=b, group_size=g, desc_act=a, sym=s)
            for b, g, a, s in itertools.product(ALL_BITS, (-1, 32, 128), (False, True), (False, True))]
 STATIC = [dict(bits=b, group_size=g, desc_act=a, sym=s, static_groups=True)
           for b, g, a, s in itertools.product(ALL_BITS, (32, 128), (False, True), (False, True))]
+# group-aware act-order (GAR); group size 96 of 256 in_features leaves a partial group, which must stay last
+GAR = [dict(bits=b, group_size=g, act_group_aware=True, sym=s, static_groups=st)
+       for b, g, s, st in itertools.product(ALL_BITS, (-1, 32, 96), (False, True), (False, True)) if g != -1 or not st]
 
 
 def _id(params: dict) -> str:
@@ -64,12 +67,12 @@ def _assert_production_loss_near_textbook_and_below_rtn(cfg: GPTQConfig) -> None
     assert production.loss < rtn.loss
 
 
-@pytest.mark.parametrize("params", DYNAMIC + STATIC, ids=_id)
+@pytest.mark.parametrize("params", DYNAMIC + STATIC + GAR, ids=_id)
 def test_float64_codes_equal_textbook_gptq(params: dict) -> None:
     _assert_same_as_textbook_in_float64(GPTQConfig(**params))
 
 
-@pytest.mark.parametrize("params", DYNAMIC + STATIC, ids=_id)
+@pytest.mark.parametrize("params", DYNAMIC + STATIC + GAR, ids=_id)
 def test_float32_loss_within_0p1_percent_of_textbook_and_below_rtn(params: dict) -> None:
     _assert_production_loss_near_textbook_and_below_rtn(GPTQConfig(**params))
 

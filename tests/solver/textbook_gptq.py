@@ -63,12 +63,19 @@ def textbook_gptq(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQC
     g = K if cfg.group_size == -1 else cfg.group_size
     n_groups = (K + g - 1) // g
 
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.desc_act else torch.arange(K)
+    if cfg.desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    elif cfg.act_group_aware:
+        perm = _group_aware_order(torch.diag(H).tolist(), g)
+    else:
+        perm = torch.arange(K)
     scales = torch.zeros(n_groups, N, dtype=torch.float64)
     zeros = torch.zeros(n_groups, N, dtype=torch.float64)
     if cfg.static_groups:
         for k in range(n_groups):
             scales[k], zeros[k] = textbook_grid(W[:, k * g:(k + 1) * g], cfg.bits, cfg.sym)
+        group_of = [int(perm[j]) // g for j in range(K)]
+    elif cfg.act_group_aware:  # whole channel blocks, one after another in solve order
         group_of = [int(perm[j]) // g for j in range(K)]
     else:
         group_of = [j // g for j in range(K)]
@@ -80,7 +87,7 @@ def textbook_gptq(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQC
     Q = torch.zeros(N, K, dtype=torch.float64)
     for j in range(K):
         if not cfg.static_groups and j % g == 0:
-            scales[j // g], zeros[j // g] = textbook_grid(W[:, j:j + g], cfg.bits, cfg.sym)
+            scales[group_of[j]], zeros[group_of[j]] = textbook_grid(W[:, j:j + g], cfg.bits, cfg.sym)
         s, z = scales[group_of[j]], zeros[group_of[j]]
         codes[:, j] = torch.clamp(torch.round(W[:, j] / s) + z, 0, maxq)
         Q[:, j] = s * (codes[:, j] - z)
@@ -95,3 +102,13 @@ def textbook_gptq(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQC
     E = W_orig - Q
     return TextbookResult(codes=codes.long(), scales=scales, zeros=zeros, g_idx=g_idx,
                           loss=float(torch.trace(E @ H @ E.T)))
+
+
+def _group_aware_order(diag: list[float], g: int) -> Tensor:
+    """GAR: channel blocks of g, each block's channels by descending diag(H), full blocks by their
+    largest diag(H), a partial last block last (ties: lower index first)."""
+    K = len(diag)
+    blocks = [sorted(range(s, min(s + g, K)), key=lambda c: (-diag[c], c)) for s in range(0, K, g)]
+    full = sorted((b for b in blocks if len(b) == g), key=lambda b: (-diag[b[0]], b[0]))
+    return torch.tensor([c for b in full + [b for b in blocks if len(b) < g] for c in b])
+

@@ -331,7 +331,7 @@ def test_config_aux_files_report_and_model_card(tmp_path: Path, source):
     assert config["dtype"] == "bfloat16"
     assert config["quantization_config"] == {
         "quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": False, "sym": True,
-        "damp_percent": 0.01, "true_sequential": True, "static_groups": False,
+        "damp_percent": 0.01, "true_sequential": True, "static_groups": False, "act_group_aware": False,
         "checkpoint_format": "gptq", "meta": {"quantizer": ["rayquant:0.1.0"]},
     }
     for name, data in AUX.items():
