@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--desc-act", action="store_true")
+    parser.add_argument("--no-gar", action="store_true", help="paper column order instead of the spec's default GAR")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--eval-samples", type=int, default=0, help="held-out windows flowing fp and quantized")
     parser.add_argument("--profile", action="store_true", help="print the last block's top GPU kernels")
@@ -69,7 +70,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 where the solver asks for fp32
     gen = torch.Generator().manual_seed(0)
     samples = torch.randint(2, 1024, (args.samples, args.seq_len), generator=gen)
-    cfg = GPTQConfig(bits=4, group_size=128, desc_act=args.desc_act)
+    cfg = GPTQConfig(bits=4, group_size=128, desc_act=args.desc_act, act_group_aware=not (args.desc_act or args.no_gar))
     setup = WorkerSetup(job_id="bench", rank=0, world_size=1, model_path=f"synthetic://{args.preset}",
                         samples=samples, gptq=cfg, true_sequential=True, micro_batch=args.micro_batch,
                         num_threads=8, device="cuda",
@@ -100,7 +101,7 @@ def main() -> None:
 
     last, wall = results[-1]
     block_s = sum(last.seconds.get(s, 0.0) for s in STAGES)
-    print(f"\n{args.preset}: {args.samples} x {args.seq_len} tokens, 4-bit g128, desc_act={args.desc_act}, "
+    print(f"\n{args.preset}: {args.samples} x {args.seq_len} tokens, 4-bit g128, desc_act={args.desc_act}, act_group_aware={cfg.act_group_aware}, "
           f"{torch.cuda.get_device_name()}")
     print(f"embed (start) {embed_s:.2f} s; blocks run {args.blocks}, reporting block {last.block_idx}")
     print("stage      " + " ".join(f"{s:>9}" for s in STAGES) + "      sum")
