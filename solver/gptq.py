@@ -184,11 +184,11 @@ def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
     group_of = g_idx[perm]  # group of each column in solve order
 
     fused = _runs_fused(W)
-    if reordered:  # advanced indexing copies: the objective's W and H stay intact
-        W, H = W[:, perm], H[perm][:, perm]
+    if reordered:  # an indexing copy: the objective's W stays intact (H is permuted inside the factor)
+        W = W[:, perm]
     elif not fused:
         W = W.clone()  # the torch loop moves W in place; the objective's W stays intact for the loss
-    factor = _cholesky_factor(H, n_tokens, cfg)
+    factor = _cholesky_factor(H, n_tokens, cfg, perm if reordered else None)
     invperm = torch.argsort(perm)
     if fused:
         from rayquant.solver.gptq_fused import quantize_column_batches
@@ -273,8 +273,9 @@ def _current_group(W: Tensor, E1: Tensor, U: Tensor, i1: int, i2: int, j: int, w
     return torch.cat([W[:, j:i2], beyond], dim=1)
 
 
-def _cholesky_factor(H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _HessianFactor:
-    """Cholesky factor of the damped H in reversed order, growing damp_percent on failure.
+def _cholesky_factor(H: Tensor, n_tokens: int, cfg: GPTQConfig, perm: Tensor | None = None) -> _HessianFactor:
+    """Cholesky factor of the damped H (in solve order `perm`, if given) reversed, growing damp_percent
+    on failure. The permuted, reversed copy is the only K×K copy made besides L (11 GB each at K = 53248).
 
     With J the reversal of rows and columns, J (H + λI) J = L Lᵀ gives (H + λI)⁻¹ = Uᵀ U for
     U = J L⁻¹ J (upper, positive diagonal): the upper Cholesky factor of the inverse that Section 3
@@ -290,7 +291,7 @@ def _cholesky_factor(H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _HessianFacto
     for damp_percent in _damping_schedule(cfg):
         tried.append(damp_percent)
         damping = damp_percent * mean_diag
-        damped = H.flip(0, 1)  # a copy
+        damped = H.flip(0, 1) if perm is None else _permuted_copy(H, perm.flip(0))
         damped.diagonal().add_(damping)
         L, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0 and bool(torch.isfinite(torch.diagonal(L)).all()):
@@ -302,6 +303,15 @@ def _cholesky_factor(H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _HessianFacto
         n_tokens=n_tokens, damp_tried=tuple(tried))
 
 
+def _permuted_copy(H: Tensor, index: Tensor) -> Tensor:
+    """H[index][:, index], gathered in row chunks: no second full-size temporary."""
+    out = torch.empty_like(H)
+    for i in range(0, index.numel(), PERMUTE_ROWS):
+        out[i:i + PERMUTE_ROWS] = H[index[i:i + PERMUTE_ROWS]][:, index]
+    return out
+
+
+PERMUTE_ROWS = 4096  # rows gathered at a time by _permuted_copy
 TRIANGULAR_SOLVE_MAX = 2048  # below this a triangular solve against I; above, halves joined by products
 
 

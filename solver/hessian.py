@@ -31,8 +31,11 @@ class LayerObjective:
     H: Tensor  # [K, K] compute dtype, hessian_sum / n_tokens, dead diagonal entries set to 1
 
 
-def accumulate_hessian(hessian_sum: Tensor, x: Tensor) -> int:
+def accumulate_hessian(hessian_sum: Tensor, x: Tensor, mirror: bool = True) -> int:
     """Add xᵀx of activations x [..., K] into hessian_sum [K, K] in place; return the tokens added.
+
+    mirror=False leaves the blocks below the diagonal of the tensor-core path stale: a caller adding
+    many micro-batches calls `mirror_upper` once after the last, instead of copying them every time.
 
     bf16/fp16 activations into an fp32 sum on CUDA multiply as they are, on the tensor cores with fp32
     accumulation (`_accumulate_on_tensor_cores`): their products are exact in fp32, so this is the fp32
@@ -50,6 +53,8 @@ def accumulate_hessian(hessian_sum: Tensor, x: Tensor) -> int:
     rows = x.reshape(-1, K)
     if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and hessian_sum.dtype == torch.float32:
         _accumulate_on_tensor_cores(hessian_sum, rows)
+        if mirror:
+            mirror_upper(hessian_sum)
     else:
         rows = rows.to(hessian_sum.dtype)
         hessian_sum.addmm_(rows.T, rows)
@@ -64,7 +69,8 @@ HESSIAN_BLOCK = 4096
 
 
 def _accumulate_on_tensor_cores(hessian_sum: Tensor, rows: Tensor) -> None:
-    """hessian_sum [K, K] fp32 += rowsᵀ rows for bf16/fp16 rows [T, K] on CUDA, upper blocks mirrored."""
+    """hessian_sum [K, K] fp32 += rowsᵀ rows for bf16/fp16 rows [T, K] on CUDA, blocks on and above the
+    diagonal only (mirror_upper completes it)."""
     K = rows.shape[1]
     starts = list(range(0, K, HESSIAN_BLOCK))
     for t in range(0, rows.shape[0], TENSOR_CORE_TOKENS):
@@ -74,6 +80,14 @@ def _accumulate_on_tensor_cores(hessian_sum: Tensor, rows: Tensor) -> None:
                 block = hessian_sum[a:a + HESSIAN_BLOCK, b:b + HESSIAN_BLOCK]
                 torch.addmm(block, x[:, a:a + HESSIAN_BLOCK].T, x[:, b:b + HESSIAN_BLOCK],
                             out_dtype=torch.float32, out=block)
+
+
+def mirror_upper(hessian_sum: Tensor) -> None:
+    """Copy the blocks above the diagonal below it: what the tensor-core path skipped. Only on CUDA
+    (elsewhere every product was full, and the sum is already complete)."""
+    if not hessian_sum.is_cuda:
+        return
+    starts = list(range(0, hessian_sum.shape[0], HESSIAN_BLOCK))
     for i, a in enumerate(starts):
         for b in starts[i + 1:]:
             upper = hessian_sum[a:a + HESSIAN_BLOCK, b:b + HESSIAN_BLOCK]

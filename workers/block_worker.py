@@ -25,7 +25,7 @@ from torch import nn
 from rayquant.kernels.dequant_gemm import dequant_gemm
 from rayquant.kernels.validation import KernelMismatch, validate_packed_layer
 from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefinite, dequantize, solve_input_group
-from rayquant.solver.hessian import accumulate_hessian
+from rayquant.solver.hessian import accumulate_hessian, mirror_upper
 from rayquant.solver.grid import count_groups
 from rayquant.solver.pack import PackedLinear, dequantize_packed, pack_linear
 from rayquant.solver.rtn import quantize_rtn, rtn_weight
@@ -341,7 +341,7 @@ class BlockWorker:
         for g in stage:
             def record(_mod, args, g=g):
                 x = args[0]
-                tokens[g.name] += accumulate_hessian(sums[g.name], x)
+                tokens[g.name] += accumulate_hessian(sums[g.name], x, mirror=False)  # mirrored once below
                 if g.name not in samples:
                     samples[g.name] = x.reshape(-1, x.shape[-1])[: self.setup.validate_tokens].clone()
                 if g is stage[-1]:
@@ -356,6 +356,8 @@ class BlockWorker:
         finally:
             for h in hooks:
                 h.remove()
+        for hessian_sum in sums.values():
+            mirror_upper(hessian_sum)
         seconds["collect"] = seconds.get("collect", 0.0) + self._now() - t
         return sums, tokens, samples
 
