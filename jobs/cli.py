@@ -53,11 +53,10 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import hashlib
     import json
     import time
 
-    from rayquant.storage.calibration import TokenizerNotFound, load_calibration, vocab_size_of
+    from rayquant.storage.calibration import TokenizerNotFound, load_calibration, vocab_size_of, windows_sha256
     from rayquant.storage.gptq_checkpoint import open_gptq_checkpoint
     from rayquant.workers.checkpoint_eval import evaluate_perplexity, load_dequantized_model
 
@@ -80,7 +79,7 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate_perplexity(model, calib.eval_samples, args.micro_batch)
     print(json.dumps({
         "uri": args.uri, "ppl": result.ppl, "n_tokens": result.n_tokens,
-        "windows_sha256": hashlib.sha256(calib.eval_samples.numpy().tobytes()).hexdigest(),
+        "windows_sha256": windows_sha256(calib.eval_samples),
         "eval_samples": len(calib.eval_samples), "seq_len": args.seq_len, "dataset": args.data,
         "quantized_linears": len(checkpoint.linears), "seconds": round(time.perf_counter() - start, 3),
     }, sort_keys=True))

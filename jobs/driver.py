@@ -7,7 +7,6 @@ which the driver persists as a part file and then marks done — the marker is t
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ from rayquant.jobs.input_errors import INPUT_ERRORS
 from rayquant.jobs.spec import JobSpec
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage import checkpoint
-from rayquant.storage.calibration import CalibrationSet, load_calibration, vocab_size_of
+from rayquant.storage.calibration import CalibrationSet, load_calibration, vocab_size_of, windows_sha256
 from rayquant.storage.model_source import open_model_source
 from rayquant.workers.adapter import build_skeleton, check_decoder_architecture, find_layout
 from rayquant.workers.moe import MoEConfig, unfuse_experts
@@ -54,11 +53,11 @@ def gptq_config(spec: JobSpec) -> GPTQConfig:
 
 
 def quantization_config(spec: JobSpec) -> dict:
-    q = spec.quant
+    cfg = gptq_config(spec)
     return checkpoint.gptq_quantization_config(
-        bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym, damp_percent=q.damp_percent,
-        true_sequential=q.true_sequential, static_groups=q.static_groups, dynamic=gptq_dynamic(layer_overrides(spec)),
-        act_group_aware=q.act_group_aware and not q.desc_act)
+        bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act, sym=cfg.sym, damp_percent=cfg.damp_percent,
+        true_sequential=spec.quant.true_sequential, static_groups=cfg.static_groups,
+        dynamic=gptq_dynamic(layer_overrides(spec)), act_group_aware=cfg.act_group_aware)
 
 
 def layer_overrides(spec: JobSpec) -> tuple[LayerOverride, ...]:
@@ -83,8 +82,9 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
         skeleton = build_skeleton(source.config, torch.bfloat16)
         unfuse_experts(skeleton)  # MoE: rules see the per-expert linears the workers quantize
         linear_names = block_linear_names(skeleton, find_layout(skeleton))
-        check_overrides_match(layer_overrides(spec), linear_names)
-        check_fused_units(layer_overrides(spec), gptq_config(spec), linear_names)
+        overrides = layer_overrides(spec)
+        check_overrides_match(overrides, linear_names)
+        check_fused_units(overrides, gptq_config(spec), linear_names)
     c = spec.calibration
     calib = load_calibration(c.dataset, source.path, c.n_samples, c.seq_len, c.eval_samples, c.seed,
                              packing=c.packing, min_length=c.min_length, text_field=c.text_field, split=c.split,
@@ -230,7 +230,7 @@ def _evaluation(spec: JobSpec, streams: dict[str, tuple[float, int]], calib) -> 
     out["ppl_delta"] = out["gptq_ppl"] - out["fp_ppl"]
     out.update(n_windows=len(calib.eval_samples), seq_len=spec.calibration.seq_len,
                n_tokens=streams["gptq"][1],
-               windows_sha256=hashlib.sha256(calib.eval_samples.numpy().tobytes()).hexdigest())
+               windows_sha256=windows_sha256(calib.eval_samples))
     return out
 
 

@@ -79,6 +79,11 @@ def unpack_linear(packed: PackedLinear, bits: int) -> UnpackedLinear:
     )
 
 
+def packed_bits(packed: PackedLinear) -> int:
+    """A packed layer's bit width from its own shapes: qweight holds K·bits/32 words per output column."""
+    return packed.qweight.shape[0] * 32 // packed.g_idx.numel()
+
+
 def dequantize_packed(packed: PackedLinear, bits: int) -> Tensor:
     """W [N, K] float32 exactly as a checkpoint reader rebuilds it from the packed tensors."""
     u = unpack_linear(packed, bits)

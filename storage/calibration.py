@@ -159,12 +159,17 @@ def load_calibration(
     return CalibrationSet(
         samples=samples,
         eval_samples=eval_windows,
-        window_sha256=hashlib.sha256(samples.numpy().tobytes()).hexdigest(),
-        window_sha256s=tuple(hashlib.sha256(row.numpy().tobytes()).hexdigest() for row in samples),
+        window_sha256=windows_sha256(samples),
+        window_sha256s=tuple(windows_sha256(row) for row in samples),
         n_calibration_tokens=n_calibration_tokens,
         n_eval_tokens=len(eval_tokens),
         description=description,
     )
+
+
+def windows_sha256(windows: Tensor) -> str:
+    """sha256 of token windows as contiguous int64 bytes (C order): how the report names exact tokens."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _load_tokenizer(tokenizer_dir: Path, vocab_size: int | None):

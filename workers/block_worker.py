@@ -27,7 +27,7 @@ from rayquant.kernels.validation import KernelMismatch, validate_packed_layer
 from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefinite, dequantize, solve_input_group
 from rayquant.solver.hessian import accumulate_hessian, mirror_upper
 from rayquant.solver.grid import count_groups
-from rayquant.solver.pack import PackedLinear, dequantize_packed, pack_linear
+from rayquant.solver.pack import PackedLinear, dequantize_packed, pack_linear, packed_bits
 from rayquant.solver.rtn import quantize_rtn, rtn_weight
 from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
 from rayquant.storage.safetensors_reader import DTYPES
@@ -487,8 +487,7 @@ class BlockWorker:
             if suffix in PACKED_FIELDS:
                 if suffix == "qweight":
                     p = PackedLinear(**{f: part[f"{prefix}{stem}.{f}"] for f in PACKED_FIELDS})
-                    bits = p.qweight.shape[0] * 32 // p.g_idx.shape[0]  # per layer: overrides may differ
-                    state[f"{stem}.weight"] = dequantize_packed(p, bits)
+                    state[f"{stem}.weight"] = dequantize_packed(p, packed_bits(p))  # overrides may differ per layer
             else:
                 state[rel] = tensor
         block = materialize(self.blocks[block_idx], state, self.dtype)
@@ -560,9 +559,9 @@ class BlockWorker:
         out = {}
         for name in sorted(totals):
             # every rank's totals, added in rank order: the same float result on every rank
-            mine = torch.tensor(totals[name], dtype=torch.float64, device=self.device)
-            parts = [torch.empty_like(mine) for _ in range(self.world)] if self.world > 1 else [mine]
+            parts = [torch.tensor(totals[name], dtype=torch.float64, device=self.device)]
             if self.world > 1:
+                mine, parts = parts[0], [torch.empty_like(parts[0]) for _ in range(self.world)]
                 dist.all_gather(parts, mine)
             out[name] = (sum(float(p[0]) for p in parts), sum(int(p[1]) for p in parts))
         return out

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from rayquant.solver.gptq import GPTQConfig, dequantize
-from rayquant.solver.pack import PackedLinear, dequantize_packed
+from rayquant.solver.pack import PackedLinear, dequantize_packed, packed_bits
 from rayquant.solver.rtn import quantize_rtn
 from rayquant.storage.checkpoint import RUN_STATS_FILE
 
@@ -45,11 +45,6 @@ def dequantized_model(source_dir: Path, checkpoint_dir: Path) -> torch.nn.Module
         with torch.no_grad():
             params[f"{name}.weight"].copy_(dequantize_packed(packed, packed_bits(packed)))
     return model
-
-
-def packed_bits(packed: PackedLinear) -> int:
-    """A packed layer's bit width from its own shapes (quant.overrides may give layers other bits)."""
-    return packed.qweight.shape[0] * 32 // packed.g_idx.shape[0]
 
 
 def rtn_model(source_dir: Path, cfg: GPTQConfig) -> torch.nn.Module:

@@ -25,14 +25,14 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from rayquant.solver.gptq import GPTQConfig
-from rayquant.solver.pack import PackedLinear, dequantize_packed
+from rayquant.solver.pack import PackedLinear, dequantize_packed, packed_bits
 from rayquant.solver.rtn import rtn_weight
 from rayquant.storage.calibration import load_calibration
 from rayquant.storage.model_source import open_model_source
 from rayquant.storage.synthetic import STARVED_EXPERTS
 from rayquant.workers.adapter import ROUTER_NAMES
 
-from .models import SPEC, fp_model, logit_mse, logits, packed_bits, run_cli
+from .models import SPEC, fp_model, logit_mse, logits, run_cli
 
 pytestmark = pytest.mark.slow
 
