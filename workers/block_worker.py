@@ -48,6 +48,7 @@ from rayquant.workers.adapter import (
     move_buffers,
 )
 from rayquant.workers.layer_overrides import LayerOverride, layer_config
+from rayquant.workers.stage_inputs import StageInputs, once_called_children
 from rayquant.workers.moe import (
     MoEConfig,
     StarvedExpert,
@@ -134,6 +135,10 @@ class BlockResult:
 class BlockWorker:
     """One rank of the job: a calibration shard, a process group, and the block stages."""
 
+    # true_sequential stages inside one child (attention's o, the MLP's down) run that child on its
+    # recorded input instead of the whole block (workers/stage_inputs.py); False: the block forward
+    stage_shortcut = True
+
     def __init__(self, setup: WorkerSetup):
         self.setup = setup
         self.rank, self.world = setup.rank, setup.world_size
@@ -149,6 +154,7 @@ class BlockWorker:
         self.eval_streams: dict[str, list[BlockInput]] = {}
         self.received: dict[str, int] = {}  # bytes this rank received per stage, for the current block
         self._groups_by_structure: dict[tuple, list[InputGroup]] = {}
+        self._once_called_by_structure: dict[tuple, frozenset[str]] = {}  # children one block forward calls once
 
     # ---- lifetime ---------------------------------------------------------------------------
 
@@ -271,19 +277,21 @@ class BlockWorker:
         signature = _structure(block)
         if signature not in self._groups_by_structure:
             self._groups_by_structure[signature] = find_input_groups(block, self.inputs[0])
+            self._once_called_by_structure[signature] = once_called_children(block, self.inputs[0])
         groups = self._groups_by_structure[signature]
         seconds["plan"] = self._now() - t
         owners = _balance({g.name: g.in_features ** 2 for g in groups}, self.world)
         stages = sequential_stages(block, groups) if self.setup.true_sequential else [groups]
         packed: dict[str, PackedLinear] = {}
         layers: list[LayerReport] = []
-        for stage in stages:
+        stage_inputs = StageInputs(block, stages, self._once_called_by_structure[signature], self.stage_shortcut)
+        for i, stage in enumerate(stages):
             # all tokens through all experts only where an expert's Hessian is collected; the output is the same
             set_calibration(block, any(expert_of(block, g) is not None for g in stage))
             reset_routed_tokens(block)
             aliases = shared_hessians(block, stage)  # MoE: one all-token Hessian for every expert's gate/up
             collected = [g for g in stage if g.name not in aliases]
-            sums, tokens, samples = self._collect(block, collected, seconds)
+            sums, tokens, samples = self._collect(block, collected, seconds, stage_inputs, i)
             routed = self._routed_tokens(block_idx, block, stage)
             t = self._now()
             reduced = {g.name: self._reduce(sums[g.name], tokens[g.name], owners[g.name]) for g in collected}
@@ -316,6 +324,8 @@ class BlockWorker:
                     packed[lin] = self._share(block.get_submodule(lin), mine.get(lin), owners[g.name], cfg)
                     _install(block.get_submodule(lin), packed[lin], cfg.bits, self.dtype)
             seconds["share"] = seconds.get("share", 0.0) + self._now() - t
+        log.debug("stages_on_recorded_inputs", rank=self.rank,
+                  stages={stages[i][0].name: stage_inputs.holders[i] for i in stage_inputs.replayed})
         part = {}
         for name, tensor in source.items():
             rel = name[len(prefix):]
@@ -327,10 +337,12 @@ class BlockWorker:
                 part[name] = tensor
         return part, layers  # on the worker's device
 
-    def _collect(self, block: nn.Module, stage: list[InputGroup], seconds: dict[str, float]):
+    def _collect(self, block: nn.Module, stage: list[InputGroup], seconds: dict[str, float],
+                 stage_inputs: StageInputs, stage_idx: int):
         """Forward the shard through the block, summing xᵀx at each input group's first linear.
 
-        The forward stops at the stage's last input group: what follows it is not needed yet.
+        The forward stops at the stage's last input group: what follows it is not needed yet. Where the
+        stage lies inside the child whose calls an earlier stage recorded, only that child runs.
         """
         t = self._now()
         sums = {g.name: torch.zeros(g.in_features, g.in_features, dtype=self.hessian_dtype, device=self.device)
@@ -347,15 +359,27 @@ class BlockWorker:
                 if g is stage[-1]:
                     raise _StageCollected
             hooks.append(block.get_submodule(g.linears[0]).register_forward_pre_hook(record))
+        replay = stage_inputs.recorded(stage_idx, len(self.inputs))
+        if replay is None:
+            hooks += stage_inputs.record(stage_idx)  # for the next stage, if it lies in the same child
         try:
-            for inp in self.inputs:
-                try:
-                    forward_block(block, inp)
-                except _StageCollected:
-                    pass
+            if replay is not None:
+                child, calls = replay
+                for call in calls:
+                    try:
+                        child(*call.args, **call.kwargs)
+                    except _StageCollected:
+                        pass
+            else:
+                for inp in self.inputs:
+                    try:
+                        forward_block(block, inp)
+                    except _StageCollected:
+                        pass
         finally:
             for h in hooks:
                 h.remove()
+        stage_inputs.done(stage_idx)
         for hessian_sum in sums.values():
             mirror_upper(hessian_sum)
         seconds["collect"] = seconds.get("collect", 0.0) + self._now() - t
