@@ -14,8 +14,12 @@ Otherwise (act-order) each element gathers its group's scale and zero point (slo
 
 Kernels: `_dequant_gemv_kernel` (CUDA-core FMAs, one activation row per program, loads one K step ahead:
 decode, M = 1), `_dequant_mm_kernel` (tl.dot, x·Wᵀ) and `_dequant_mm_swapped_kernel` (tl.dot, W·xᵀ).
-Split-K programs write fp32 partial sums that `_sum_splits_kernel` adds in a fixed order, so the output
-is deterministic (no atomics); tile configs come from a fixed table, not autotuning, for the same reason.
+Split-K programs write fp32 partial sums [split_k, M, N]. Fused reduction (default): each program then
+increments its output tile's arrival counter, and the program that arrives last adds the tile's partials in
+split order s = 0, 1, ... and writes the output; the two-kernel path (`fused_reduce=False`) leaves the same
+sum to `_sum_splits_kernel`. Both add in the same order, so the output is deterministic and bitwise the same
+either way (the atomic only elects who adds, never what is added first); tile configs come from a fixed table,
+not autotuning, for the same reason.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -47,6 +51,8 @@ class TileConfig:
     split_k: int     # programs along K; more parallelism for small M, one extra reduction launch
     num_warps: int
     num_stages: int  # software-pipelining depth of the K loop
+    fused_reduce: bool = True  # split_k > 1: the last program of a tile sums the partials (one launch, partials
+                               # L2-hot) instead of a second kernel re-reading [split_k, M, N] fp32 from HBM
 
 
 @triton.jit
@@ -74,11 +80,36 @@ def _step_group(qzeros_ptr, scales_ptr, w0, w_end, words_per_group, stride_zg, s
 
 
 @triton.jit
-def _dequant_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
+def _write_tile(acc, out_ptr, partial_ptr, counter_ptr, out_offs, partial_offs, ok, pid_s, tile, stride_ps,
+                SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr):
+    """Store a program's fp32 sums acc: the output in its dtype (SPLIT_K == 1), else split pid_s's partial; with
+    FUSED_REDUCE the tile's last-arriving program then adds all partials in split order and writes the output."""
+    if SPLIT_K == 1:
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(partial_ptr + pid_s * stride_ps + partial_offs, acc, mask=ok)
+        if FUSED_REDUCE:
+            # the counter update is one thread's atomic: the barrier orders every thread's partial stores before
+            # its release (gpu scope), and its acquire before the loads below
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                # the order of _sum_splits_kernel, whatever the arrival order; .cg: read L2, never a stale L1 line
+                total = tl.load(partial_ptr + partial_offs, mask=ok, other=0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT_K):
+                    total += tl.load(partial_ptr + s * stride_ps + partial_offs, mask=ok, other=0,
+                                     cache_modifier=".cg")
+                tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=ok)
+                tl.store(counter_ptr + tile, 0)  # ready for the next call: no memset per call
+
+
+@triton.jit
+def _dequant_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, partial_ptr, counter_ptr,
                          N, K_words, words_per_group, words_per_split,
-                         stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_os, stride_om,
+                         stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_ps, stride_om,
                          BITS: tl.constexpr, PACK: tl.constexpr, SEQUENTIAL: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
+                         FUSED_REDUCE: tl.constexpr):
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -131,15 +162,18 @@ def _dequant_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
                 acc += xj[:, None] * wj
         words = words_next
     y = tl.sum(acc, axis=0)
-    tl.store(out_ptr + pid_s * stride_os + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    # partials [SPLIT_K, M, N] contiguous; tiles numbered row-major over (m, pid_n)
+    _write_tile(y, out_ptr, partial_ptr, counter_ptr, m * stride_om + rn, m * N + rn, n_ok, pid_s,
+                m * tl.num_programs(0) + pid_n, stride_ps, SPLIT_K, FUSED_REDUCE)
 
 
 @triton.jit
-def _dequant_mm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
+def _dequant_mm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, partial_ptr, counter_ptr,
                        M, N, K_words, words_per_group, words_per_split,
-                       stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_os, stride_om,
+                       stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_ps, stride_om,
                        BITS: tl.constexpr, PACK: tl.constexpr, SEQUENTIAL: tl.constexpr, LEVEL: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                       SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr):
     MASK: tl.constexpr = (1 << BITS) - 1
     # M tiles vary fastest, so programs that share a weight tile run together and share it in L2
     pid_m = tl.program_id(0)
@@ -182,17 +216,18 @@ def _dequant_mm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, ou
                 wj = ((_levels((words >> (j * BITS)) & MASK, 2) - _levels(zero, 2)) * scale.to(tl.float32))
                 xj = tl.load(x_rows + j * stride_xj + rw[None, :] * stride_xw, mask=x_ok, other=0)
                 acc = tl.dot(xj, wj.to(dot_dtype), acc)
-    out = out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _write_tile(acc, out_ptr, partial_ptr, counter_ptr, rm[:, None] * stride_om + rn[None, :],
+                rm[:, None] * N + rn[None, :], m_ok[:, None] & n_ok[None, :], pid_s,
+                pid_n * tl.num_programs(0) + pid_m, stride_ps, SPLIT_K, FUSED_REDUCE)
 
 
 @triton.jit
-def _dequant_mm_swapped_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
-                               M, N, K_words, words_per_group, words_per_split,
-                               stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_os, stride_om,
+def _dequant_mm_swapped_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, partial_ptr,
+                               counter_ptr, M, N, K_words, words_per_group, words_per_split,
+                               stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_ps, stride_om,
                                BITS: tl.constexpr, PACK: tl.constexpr, SEQUENTIAL: tl.constexpr,
                                LEVEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_KW: tl.constexpr):
+                               BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr):
     """_dequant_mm_kernel with the operands swapped, outᵀ = W·xᵀ: for few rows the weights are the MMA's
     wide (M) side, so BLOCK_N >= 64 fills the tensor-core tile and few activation rows fill the narrow one."""
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -236,8 +271,9 @@ def _dequant_mm_swapped_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx
                 wj = ((_levels((words >> (j * BITS)) & MASK, 2) - _levels(zero, 2)) * scale.to(tl.float32))
                 xj = tl.load(x_cols + j * stride_xj + rw[:, None] * stride_xw, mask=x_ok, other=0)
                 acc = tl.dot(wj.to(dot_dtype), xj, acc)
-    out = out_ptr + pid_s * stride_os + rm[None, :] * stride_om + rn[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+    _write_tile(acc, out_ptr, partial_ptr, counter_ptr, rm[None, :] * stride_om + rn[:, None],
+                rm[None, :] * N + rn[:, None], n_ok[:, None] & m_ok[None, :], pid_s,
+                pid_m * tl.num_programs(0) + pid_n, stride_ps, SPLIT_K, FUSED_REDUCE)
 
 
 @triton.jit
@@ -268,6 +304,29 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":  # Triton's CPU interpreter (tests): any count works
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# device -> arrival-counter buffers of the fused split-K reduction, newest last. Kept for the process: a CUDA
+# graph captured with an older (smaller) buffer still points at it.
+_SPLIT_COUNTERS: dict[torch.device, list[Tensor]] = {}
+
+
+def _split_counters(device: torch.device, n_tiles: int) -> Tensor:
+    """Zeroed int32 arrival counters [>= n_tiles] for the fused split-K reduction, shared by the calls on one device.
+
+    Every call leaves them zero (each tile's last program resets its counter), so they are zeroed once, not per
+    call; calls on one device must therefore not overlap (one stream, as the workers run). Inside a CUDA-graph
+    capture a too-small buffer cannot be zeroed now, so that graph gets its own (zeroed in each replay).
+    """
+    buffers = _SPLIT_COUNTERS.setdefault(device, [])
+    if buffers and buffers[-1].numel() >= n_tiles:
+        return buffers[-1]
+    size = max(1024, triton.next_power_of_2(n_tiles))
+    counters = torch.zeros(size, device=device, dtype=torch.int32)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return counters
+    buffers.append(counters)
+    return counters
 
 
 def choose_tile_config(M: int, N: int, K: int, bits: int, sm_count: int) -> TileConfig:
@@ -359,35 +418,34 @@ def dequant_gemm_triton(x: Tensor, packed: PackedLinear, bits: int, g_idx_layout
         x_strides = (x2.stride(0), x2.stride(1), x2.stride(2))
     words_per_split = triton.cdiv(triton.cdiv(K_words, cfg.split_k), cfg.block_kw) * cfg.block_kw
     split_k = triton.cdiv(K_words, words_per_split)
-    if split_k > 1:
-        dest = torch.empty((split_k, M, out_features), device=x.device, dtype=torch.float32)
-        stride_os = dest.stride(0)
+    if cfg.kernel == "gemv":
+        grid = (triton.cdiv(out_features, cfg.block_n), split_k, M)
+    elif cfg.kernel == "mma_swapped":
+        grid = (triton.cdiv(out_features, cfg.block_n), split_k, triton.cdiv(M, cfg.block_m))
     else:
-        dest, stride_os = out, 0
-    args = (x2, packed.qweight, packed.qzeros, packed.scales, packed.g_idx, dest)
+        grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(out_features, cfg.block_n), split_k)
+    fused = split_k > 1 and cfg.fused_reduce
+    partial = out  # split_k == 1: unused
+    if split_k > 1:
+        partial = torch.empty((split_k, M, out_features), device=x.device, dtype=torch.float32)
+    counters = _split_counters(x.device, grid[0] * grid[1] * grid[2] // split_k) if fused else out
+    args = (x2, packed.qweight, packed.qzeros, packed.scales, packed.g_idx, out, partial, counters)
     strides = (*x_strides, packed.qweight.stride(0), packed.qzeros.stride(0), packed.scales.stride(0),
-               stride_os, dest.stride(-2))
+               partial.stride(0), out.stride(0))
+    meta = dict(BITS=bits, PACK=pack, SEQUENTIAL=sequential, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
+                SPLIT_K=split_k, FUSED_REDUCE=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if packed.qweight.stride(1) != 1 or packed.qzeros.stride(1) != 1 or packed.scales.stride(1) != 1:
         raise KernelUnsupported("qweight, qzeros and scales must be contiguous along out_features: pass "
                                 "tensors as stored in the checkpoint (or .contiguous() them)")
     if cfg.kernel == "gemv":
-        grid = (triton.cdiv(out_features, cfg.block_n), split_k, M)
-        _dequant_gemv_kernel[grid](*args, out_features, K_words, words_per_group, words_per_split, *strides,
-                                   BITS=bits, PACK=pack, SEQUENTIAL=sequential, BLOCK_N=cfg.block_n,
-                                   BLOCK_KW=cfg.block_kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _dequant_gemv_kernel[grid](*args, out_features, K_words, words_per_group, words_per_split, *strides, **meta)
     else:
         # exact integer levels in x's dtype: fp16 holds 1024 + code, bf16 128 + code (4-bit), else fp32
         level = 0 if x.dtype == torch.float16 else (1 if bits == 4 else 2)
-        if cfg.kernel == "mma_swapped":
-            grid = (triton.cdiv(out_features, cfg.block_n), split_k, triton.cdiv(M, cfg.block_m))
-            kernel = _dequant_mm_swapped_kernel
-        else:
-            grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(out_features, cfg.block_n), split_k)
-            kernel = _dequant_mm_kernel
-        kernel[grid](*args, M, out_features, K_words, words_per_group, words_per_split, *strides,
-                     BITS=bits, PACK=pack, SEQUENTIAL=sequential, LEVEL=level, BLOCK_M=cfg.block_m,
-                     BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split_k > 1:
+        kernel = _dequant_mm_swapped_kernel if cfg.kernel == "mma_swapped" else _dequant_mm_kernel
+        kernel[grid](*args, M, out_features, K_words, words_per_group, words_per_split, *strides, LEVEL=level,
+                     BLOCK_M=cfg.block_m, **meta)
+    if split_k > 1 and not fused:
         numel = M * out_features
-        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](dest, out, numel, SPLIT_K=split_k, BLOCK=1024)
+        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](partial, out, numel, SPLIT_K=split_k, BLOCK=1024)
     return out.reshape(*lead, out_features)

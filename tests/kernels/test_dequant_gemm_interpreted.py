@@ -1,0 +1,58 @@
+"""The Triton dequant-GEMM kernels run by Triton's CPU interpreter (no GPU) on small layers, K=512, N=256, g128:
+gemv, mma and mma_swapped at 4 and 8 bits, with and without act-order, split_k 1/2/4 summed by the fused
+reduction (the last program per tile) and by the two-kernel one, against the reference; the two reductions must
+agree bitwise. The interpreter runs a grid's programs one after another, so the arrival order is fixed here;
+test_dequant_gemm_gpu.py repeats the bitwise check on a GPU, where it is not."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayquant.kernels.dequant_gemm import dequant_gemm_reference
+from tests.kernels import interpreted_kernel_runs as runs
+from tests.kernels.test_dequant_gemm_gpu import TOLERANCE, relative_error
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    """Every case's output, from one interpreter process (TRITON_INTERPRET must be set before triton's import)."""
+    pytest.importorskip("triton")
+    out_path = tmp_path_factory.mktemp("interpreted") / "outputs.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.interpreted_kernel_runs", str(out_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out_path)
+
+
+@pytest.mark.parametrize("bits", runs.BITS)
+@pytest.mark.parametrize("act_order", runs.ACT_ORDER)
+@pytest.mark.parametrize("kernel,M", runs.KERNEL_M)
+def test_interpreted_kernel_matches_reference_with_either_reduction(
+        interpreted: dict, bits: int, act_order: bool, kernel: str, M: int) -> None:
+    packed, W, x = runs.case_inputs(bits, act_order, M)
+    exact = x.double() @ W.double().T
+    ref_err = relative_error(dequant_gemm_reference(x, packed, bits), exact)
+    for split_k in runs.SPLITS:
+        for fused in ((True, False) if split_k > 1 else (True,)):
+            out = interpreted["outputs"][(bits, act_order, kernel, M, split_k, fused)]
+            assert out.shape == (M, runs.N) and out.dtype == torch.float16
+            err = relative_error(out, exact)  # NaN (a tile never written) fails too
+            assert err <= TOLERANCE[torch.float16] and err <= 3 * ref_err + 1e-4, (split_k, fused, err, ref_err)
+        if split_k > 1:
+            fused_out = interpreted["outputs"][(bits, act_order, kernel, M, split_k, True)]
+            assert torch.equal(fused_out, interpreted["outputs"][(bits, act_order, kernel, M, split_k, False)])
+
+
+def test_fused_reduction_hands_its_counters_back_zero(interpreted: dict) -> None:
+    """The counters are zeroed once per device, so after every call (of any shape and split) they are zero."""
+    counters = interpreted["counters"]
+    assert counters.dtype == torch.int32 and counters.numel() >= 1024
+    assert int(counters.abs().sum()) == 0
+
