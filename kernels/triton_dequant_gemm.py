@@ -48,11 +48,11 @@ class TileConfig:
     block_m: int     # activation rows per program (mma; gemv always takes 1)
     block_n: int     # output channels per program
     block_kw: int    # packed words per K step (32/bits input channels each); mma needs >= 16
-    split_k: int     # programs along K; more parallelism for small M, one extra reduction launch
+    split_k: int     # programs along K; more parallelism for small M, fp32 partials [split_k, M, N] to sum
     num_warps: int
     num_stages: int  # software-pipelining depth of the K loop
     fused_reduce: bool = True  # split_k > 1: the last program of a tile sums the partials (one launch, partials
-                               # L2-hot) instead of a second kernel re-reading [split_k, M, N] fp32 from HBM
+                               # read L2-hot) instead of a second launch re-reading all [split_k, M, N] fp32
 
 
 @triton.jit
