@@ -306,26 +306,30 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# device -> arrival-counter buffers of the fused split-K reduction, newest last. Kept for the process: a CUDA
-# graph captured with an older (smaller) buffer still points at it.
+# device -> arrival-counter buffers of the fused split-K reduction, newest (largest) last. Kept for the process:
+# a CUDA graph captured with an older one still points at it.
 _SPLIT_COUNTERS: dict[torch.device, list[Tensor]] = {}
+# buffers allocated inside a CUDA-graph capture (zeroed by each replay, so never handed to eager calls); kept
+# alive so that no later allocation of the capture takes their memory
+_CAPTURED_COUNTERS: list[Tensor] = []
 
 
 def _split_counters(device: torch.device, n_tiles: int) -> Tensor:
     """Zeroed int32 arrival counters [>= n_tiles] for the fused split-K reduction, shared by the calls on one device.
 
     Every call leaves them zero (each tile's last program resets its counter), so they are zeroed once, not per
-    call; calls on one device must therefore not overlap (one stream, as the workers run). Inside a CUDA-graph
-    capture a too-small buffer cannot be zeroed now, so that graph gets its own (zeroed in each replay).
+    call; calls on one device must therefore not overlap (one stream, as the workers run). A CUDA-graph capture
+    uses the shared buffer when it is large enough (run the call once before capturing, as a warm-up does);
+    otherwise its call gets a buffer of its own, zeroed by a memset in each replay.
     """
     buffers = _SPLIT_COUNTERS.setdefault(device, [])
     if buffers and buffers[-1].numel() >= n_tiles:
         return buffers[-1]
-    size = max(1024, triton.next_power_of_2(n_tiles))
-    counters = torch.zeros(size, device=device, dtype=torch.int32)
+    counters = torch.zeros(max(1024, triton.next_power_of_2(n_tiles)), device=device, dtype=torch.int32)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return counters
-    buffers.append(counters)
+        _CAPTURED_COUNTERS.append(counters)
+    else:
+        buffers.append(counters)
     return counters
 
 

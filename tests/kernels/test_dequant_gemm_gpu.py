@@ -182,3 +182,30 @@ def test_fused_split_reduction_in_a_cuda_graph_and_after_the_counters_grow() -> 
     graph.replay()  # the graph still uses its own (older) buffer, which was kept
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+@needs_cuda
+def test_fused_split_reduction_captured_without_warm_up_gets_its_own_counters() -> None:
+    """A capture whose calls need more counters than the shared buffer holds cannot zero a new shared one (the
+    memset would run only at replay): each call gets a buffer of its own, and replays stay right."""
+    from rayquant.kernels import triton_dequant_gemm as tdg
+
+    gen = torch.Generator().manual_seed(7)
+    packed, _ = random_packed_layer(1024, 512, 128, 8, False, torch.device("cuda"), gen)
+    layout = tdg.read_g_idx_layout(packed.g_idx)
+    x = torch.randn(4096, 1024, generator=gen).cuda().half()
+    cfg = tdg.TileConfig("mma", 16, 16, 32, 2, 4, 2)  # 256 × 32 = 8192 tiles
+    shared = tdg._split_counters(x.device, 1)
+    assert shared.numel() < 8192  # 1024 (or 2048 after the test above): too small for this capture
+    expected = tdg.dequant_gemm_triton(x[:16], packed, 8, layout, dataclasses.replace(cfg, fused_reduce=False))
+    tdg.dequant_gemm_triton(x[:16], packed, 8, layout, cfg)  # compiles outside the capture; 32 tiles
+    expected_big = tdg.dequant_gemm_triton(x, packed, 8, layout, dataclasses.replace(cfg, fused_reduce=False))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [tdg.dequant_gemm_triton(x, packed, 8, layout, cfg) for _ in range(2)]
+        small = tdg.dequant_gemm_triton(x[:16], packed, 8, layout, cfg)
+    assert tdg._split_counters(x.device, 1) is shared
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(out, expected_big) for out in outs) and torch.equal(small, expected)
