@@ -368,7 +368,8 @@ def dequant_gemm_triton(x: Tensor, packed: PackedLinear, bits: int, g_idx_layout
 
     g_idx_layout: `read_g_idx_layout(packed.g_idx)`, which None computes on every call (device syncs): pass it
     to capture the call in a CUDA graph; a wrong one gives wrong results. tile_config: None takes
-    `choose_tile_config`'s.
+    `choose_tile_config`'s. Split-K calls with the fused reduction share per-device arrival counters: calls on
+    one device must not run concurrently on two streams.
 
     Raises:
         GemmShapeMismatch: x's last dimension is not the layer's in_features.
