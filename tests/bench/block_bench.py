@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--desc-act", action="store_true")
     parser.add_argument("--no-gar", action="store_true", help="paper column order instead of the spec's default GAR")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-stage-shortcut", action="store_true",
+                        help="every true_sequential stage runs the block forward (workers/stage_inputs.py off)")
     parser.add_argument("--eval-samples", type=int, default=0, help="held-out windows flowing fp and quantized")
     parser.add_argument("--profile", action="store_true", help="print the last block's top GPU kernels")
     args = parser.parse_args()
@@ -77,6 +79,7 @@ def main() -> None:
                         eval_samples=torch.randint(2, 1024, (args.eval_samples, args.seq_len), generator=gen)
                         if args.eval_samples else None)
     worker = BaselineTimedWorker(setup, run_baseline=False)
+    worker.stage_shortcut = not args.no_stage_shortcut
     t = time.perf_counter()
     n_blocks = worker.start(worker.rendezvous_address())
     torch.cuda.synchronize()
