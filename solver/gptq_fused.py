@@ -47,11 +47,15 @@ import triton.language as tl
 from torch import Tensor
 
 from rayquant.solver.grid import find_grid, max_level, raise_if_scale_overflows
+from rayquant.solver.split_matmul import addmm_split_
 
 BATCH_COLUMNS = 128   # columns per kernel launch: the register tile width (the paper's B)
 UPDATE_COLUMNS = 512  # columns whose errors update all later columns in one product: a longer inner
                       # dimension than one batch's 128 halves the product's memory traffic per flop
 BLOCK_ROWS = 16       # rows per program (fp32; fp64 takes half): 16 × 128 fp32 tile, ~150 registers
+# the lazy update's product (most of the solve's flops) on the tensor cores from split fp32 operands,
+# ~2⁻²¹ relative (`solver/split_matmul.py`); "fp32" runs it on the CUDA cores. fp64 solves are never split.
+LAZY_UPDATE_PRECISION = "tf32x3"
 
 
 @dataclass(frozen=True)
@@ -253,7 +257,7 @@ def quantize_column_batches(W: Tensor, R: Tensor, damping: float, scales: Tensor
                 MAXQ=max_level(bits), GRID_IN_KERNEL=grid_in_kernel, SYM=sym, FP64=W.dtype == torch.float64,
                 BLOCK_N=block_n, BLOCK_K=BATCH_COLUMNS, num_warps=4)
         if s2 < K:  # the lazy update of all later columns by the span's errors
-            Z[:, s2:].addmm_(D[:, :s2 - s1], R[s1:s2, s2:])
+            addmm_split_(Z[:, s2:], D[:, :s2 - s1], R[s1:s2, s2:], LAZY_UPDATE_PRECISION)
     if grid_in_kernel:
         raise_if_scale_overflows(scales, bits)
     return FusedColumns(codes=codes, row_loss=e2 - damping * d2)

@@ -205,6 +205,19 @@ def hessian_accuracy(in_features: int, tokens: int, seed: int, chains: list[int]
     return out
 
 
+def hessian_chain_seconds(tokens: int, seed: int, chains: list[int]) -> dict:
+    """hessian_block_seconds' total for each TENSOR_CORE_TOKENS (tokens per tensor-core product)."""
+    default = hessian.TENSOR_CORE_TOKENS
+    try:
+        out = {}
+        for c in chains:
+            hessian.TENSOR_CORE_TOKENS = c
+            out[c] = sum(v for k, v in hessian_block_seconds(tokens, seed).items() if k in INPUT_GROUPS)
+    finally:
+        hessian.TENSOR_CORE_TOKENS = default
+    return out
+
+
 def hessian_block_seconds(tokens: int, seed: int) -> dict:
     """The 4 Hessians of one 70B block (q/k/v, o and gate/up inputs 8192 wide, down's 28672) from
     `tokens` bf16 activations each, in CHUNK_TOKENS calls; two distinct chunks per width alternate."""
@@ -226,6 +239,37 @@ def hessian_block_seconds(tokens: int, seed: int) -> dict:
                 torch.addmm(H, chunks[c % 2].T, chunks[c % 2], out_dtype=torch.float32, out=H)
             out["down_one_product_per_call"] = sync_time() - t
         del chunks, H
+    return out
+
+
+def lazy_update_precisions(weights, hessians, tokens) -> dict:
+    """The block solve (paper order) with the fused loop's lazy update in each precision of
+    solver/split_matmul.py: seconds (best of 2 after a warm-up), loss against fp32's, codes equal to fp32's."""
+    from rayquant.solver import gptq_fused
+    from rayquant.solver.split_matmul import PRECISIONS
+    default = gptq_fused.LAZY_UPDATE_PRECISION
+    cfg = GPTQConfig(bits=4, group_size=128)
+    runs = {}
+    try:
+        for precision in PRECISIONS:
+            gptq_fused.LAZY_UPDATE_PRECISION = precision
+            times = []
+            for _ in range(3):
+                t = sync_time()
+                results = {g: solve_input_group([weights[n] for n in names], hessians[g], tokens, cfg)
+                           for g, names in INPUT_GROUPS.items()}
+                times.append(sync_time() - t)
+            runs[precision] = (min(times[1:]), results)
+    finally:
+        gptq_fused.LAZY_UPDATE_PRECISION = default
+    out = {}
+    fp32 = runs["fp32"][1]
+    for precision, (seconds, results) in runs.items():
+        same = sum(int((a.codes == b.codes).sum()) for g in INPUT_GROUPS for a, b in zip(results[g], fp32[g]))
+        total = sum(a.codes.numel() for g in INPUT_GROUPS for a in results[g])
+        loss = sum(r.loss for g in INPUT_GROUPS for r in results[g])
+        out[precision] = {"seconds": seconds, "loss_vs_fp32": loss / sum(r.loss for g in INPUT_GROUPS for r in fp32[g]),
+                          "codes_equal_fp32": same / total}
     return out
 
 
@@ -306,10 +350,12 @@ def main() -> None:
     t = time.perf_counter()
     chain = hessian.TENSOR_CORE_TOKENS
     report["hessian_rel_frobenius"] = {
-        hidden: hessian_accuracy(hidden, args.hessian_tokens, 100, sorted({chain, 16384, 4096, 1024}), fp64=True),
+        hidden: hessian_accuracy(hidden, args.hessian_tokens, 100, sorted({chain, 16384, 8192, 4096, 1024}), fp64=True),
         intermediate: hessian_accuracy(intermediate, args.hessian_tokens, 101, [chain], fp64=False)}
     report["hessian_seconds"] = hessian_block_seconds(args.hessian_tokens, seed=200)
+    report["hessian_seconds_by_chain"] = hessian_chain_seconds(args.hessian_tokens, 200, sorted({chain, 4096, 16384}))
     print(f"hessians: {report['hessian_rel_frobenius']} {report['hessian_seconds']} "
+          f"by tokens per product {report['hessian_seconds_by_chain']} "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
 
     weights = block_weights(seed=0)
@@ -322,6 +368,8 @@ def main() -> None:
         report["sweep"] = sweep_fused(weights, hessians, args.tokens)
         report["gemm_layout"] = gemm_layout_seconds()
         print(f"sweep {report['sweep']}\ngemm layout {report['gemm_layout']}", flush=True)
+    report["lazy_update"] = lazy_update_precisions(weights, hessians, args.tokens)
+    print(f"lazy update precision: {report['lazy_update']}", flush=True)
     for act_order in (False, True):
         key = "act_order" if act_order else "no_act_order"
         t = time.perf_counter()

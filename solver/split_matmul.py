@@ -1,0 +1,58 @@
+"""fp32 matrix products on the tensor cores, from operands split into a high and a low part.
+
+An fp32 GEMM runs on the CUDA cores (~50 TFLOP/s on an H100); the tensor cores take TF32 (10 explicit
+mantissa bits) at ~8× that rate, or bf16 (7 bits) at ~16×. With A = Ah + Al and B = Bh + Bl, the three
+products Ah Bh + Al Bh + Ah Bl miss only Al Bl and the rounding of the low parts:
+- "tf32x3": Ah = A with its 13 low mantissa bits cleared (exactly TF32), Al = A - Ah (exact in fp32, then
+  read as TF32 by the tensor cores): ~2⁻²¹ relative per element, the class of an fp32 product (2⁻²⁴);
+- "bf16x3": Ah = bf16(A), Al = bf16(A - Ah): ~2⁻¹⁶ relative.
+The three products run as one GEMM with a three times longer inner dimension ([Ah | Al | Ah] @
+[Bh; Bh; Bl]), so the epilogue adds `out` once, in IEEE fp32.
+"""
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+PRECISIONS = ("fp32", "tf32x3", "bf16x3")
+TF32_LOW_BITS = -(1 << 13)  # int32 mask 0xFFFFE000: keeps sign, exponent and TF32's 10 mantissa bits
+
+
+def addmm_split_(out: Tensor, A: Tensor, B: Tensor, precision: str = "tf32x3", alpha: float = 1.0) -> Tensor:
+    """out += alpha · A @ B in place for fp32 CUDA tensors, in `precision` (see the module docstring); fp64
+    and CPU tensors, and precision "fp32", take the plain product."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "fp32" or not out.is_cuda or out.dtype != torch.float32:
+        return out.addmm_(A, B, alpha=alpha)
+    if precision == "tf32x3":
+        Ah, Al = _split_tf32(A)
+        Bh, Bl = _split_tf32(B)
+        with _tf32_matmul():
+            return out.addmm_(torch.cat([Ah, Al, Ah], dim=1), torch.cat([Bh, Bh, Bl], dim=0), alpha=alpha)
+    Ah, Al = _split_bf16(A)
+    Bh, Bl = _split_bf16(B)
+    return torch.addmm(out, torch.cat([Ah, Al, Ah], dim=1), torch.cat([Bh, Bh, Bl], dim=0),
+                       out_dtype=torch.float32, alpha=alpha, out=out)
+
+
+def _split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
+    high = (x.contiguous().view(torch.int32) & TF32_LOW_BITS).view(torch.float32)
+    return high, x - high
+
+
+def _split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
+    high = x.bfloat16()
+    return high, (x - high.float()).bfloat16()
+
+
+@contextmanager
+def _tf32_matmul():
+    """cuBLAS may use TF32 inside the block (the flag is process-wide: restored on exit)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
