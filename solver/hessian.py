@@ -66,11 +66,18 @@ def accumulate_hessian(hessian_sum: Tensor, x: Tensor, mirror: bool = True) -> i
 TENSOR_CORE_TOKENS = 2048
 # xᵀx is symmetric: only blocks of this width on and above the diagonal are multiplied, then mirrored.
 HESSIAN_BLOCK = 4096
+# "cublas": one addmm per block and TENSOR_CORE_TOKENS tokens; "triton": one kernel over all of a call's
+# tokens that adds its tensor-core sums into IEEE fp32 every few hundred tokens (solver/hessian_triton.py)
+HESSIAN_KERNEL = "cublas"
 
 
 def _accumulate_on_tensor_cores(hessian_sum: Tensor, rows: Tensor) -> None:
     """hessian_sum [K, K] fp32 += rowsᵀ rows for bf16/fp16 rows [T, K] on CUDA, blocks on and above the
     diagonal only (mirror_upper completes it)."""
+    if HESSIAN_KERNEL == "triton":
+        from rayquant.solver.hessian_triton import accumulate_upper_triton  # imports triton: CUDA only
+        accumulate_upper_triton(hessian_sum, rows, HESSIAN_BLOCK)
+        return
     K = rows.shape[1]
     starts = list(range(0, K, HESSIAN_BLOCK))
     for t in range(0, rows.shape[0], TENSOR_CORE_TOKENS):
