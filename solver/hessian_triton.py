@@ -49,12 +49,14 @@ def _xtx_tiles_kernel(x_desc, h_ptr, tile_i_ptr, tile_j_ptr, T, K, stride_h,
     ti = tl.load(tile_i_ptr + pid)
     tj = tl.load(tile_j_ptr + pid)
     acc = tl.zeros((TILE, TILE), dtype=tl.float32)
-    for chunk in range(0, T, CHUNK_TOKENS):
+    # flatten: one software-pipelined loop, so loads run ahead across chunk boundaries; that needs a fixed
+    # trip count inside, so the last chunk runs past T on the descriptor's zeros
+    for chunk in tl.range(0, T, CHUNK_TOKENS, flatten=True):
         # the tensor cores' accumulator only ever sums CHUNK_TOKENS tokens
         part = tl.zeros((TILE, TILE), dtype=tl.float32)
-        for t in range(chunk, tl.minimum(chunk + CHUNK_TOKENS, T), STEP_TOKENS):
-            a = x_desc.load([t, ti * TILE])  # [STEP_TOKENS, TILE]
-            b = x_desc.load([t, tj * TILE])
+        for step in range(0, CHUNK_TOKENS, STEP_TOKENS):
+            a = x_desc.load([chunk + step, ti * TILE])  # [STEP_TOKENS, TILE]
+            b = x_desc.load([chunk + step, tj * TILE])
             part = tl.dot(tl.trans(a), b, part)
         acc += part
     rows = (ti * TILE + tl.arange(0, TILE)).to(tl.int64)

@@ -119,8 +119,8 @@ def test_tile_pairs_cover_each_tile_on_and_above_the_diagonal_once_in_row_groups
 
 # --- compiled for sm_90 without a GPU --------------------------------------------------------------
 
-def _compile_sm90(even_k: bool) -> tuple[str, str]:
-    """(PTX, ptxas -v's report) of the kernel with the module's tile constants for an H100."""
+def _compile_sm90(even_k: bool) -> tuple[str, str, str]:
+    """(TTGIR, PTX, ptxas -v's report) of the kernel with the module's tile constants for an H100."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -149,12 +149,14 @@ def _compile_sm90(even_k: bool) -> tuple[str, str]:
     finally:
         ptx_path.unlink()
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return ptx, proc.stderr
+    return compiled.asm["ttgir"], ptx, proc.stderr
 
 
 @pytest.mark.parametrize("even_k", [True, False])
 def test_compiled_kernel_streams_x_by_tma_into_async_wgmma_without_spills(even_k: bool) -> None:
-    ptx, report = _compile_sm90(even_k)
+    ttgir, ptx, report = _compile_sm90(even_k)
+    # the chunk and step loops are flattened into one pipelined loop: loads run ahead across chunk ends
+    assert ttgir.count("scf.for") == 1, ttgir.count("scf.for")
     assert "cp.async.bulk.tensor" in ptx  # x arrives by TMA: no address registers, zero padding past T and K
     assert "wgmma.mma_async" in ptx
     # the token loop keeps one wgmma in flight (a wait for all of them would serialise loads and MMAs)
