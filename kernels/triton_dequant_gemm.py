@@ -14,12 +14,11 @@ Otherwise (act-order) each element gathers its group's scale and zero point (slo
 
 Kernels: `_dequant_gemv_kernel` (CUDA-core FMAs, one activation row per program, loads one K step ahead:
 decode, M = 1), `_dequant_mm_kernel` (tl.dot, x·Wᵀ) and `_dequant_mm_swapped_kernel` (tl.dot, W·xᵀ).
-Split-K programs write fp32 partial sums [split_k, M, N]. Fused reduction (default): each program then
-increments its output tile's arrival counter, and the program that arrives last adds the tile's partials in
-split order s = 0, 1, ... and writes the output; the two-kernel path (`fused_reduce=False`) leaves the same
-sum to `_sum_splits_kernel`. Both add in the same order, so the output is deterministic and bitwise the same
-either way (the atomic only elects who adds, never what is added first); tile configs come from a fixed table,
-not autotuning, for the same reason.
+Split-K programs write fp32 partial sums [split_k, M, N] that `_sum_splits_kernel` adds in split order, so
+the output is deterministic (no atomics); tile configs come from a fixed table, not autotuning, for the same
+reason. A fused reduction (the last program of each tile adds the partials, elected by an atomic counter) was
+measured slower than this second launch on an H100 (4-bit 8192×28672, M = 16, split 4: 86.2 vs 77.8 µs), so
+fewer splits, not fewer launches, is what the table tunes.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -48,11 +47,10 @@ class TileConfig:
     block_m: int     # activation rows per program (mma; gemv always takes 1)
     block_n: int     # output channels per program
     block_kw: int    # packed words per K step (32/bits input channels each); mma needs >= 16
-    split_k: int     # programs along K; more parallelism for small M, fp32 partials [split_k, M, N] to sum
+    split_k: int     # programs along K; more parallelism for small M, fp32 partials [split_k, M, N] summed
+                     # by one extra launch
     num_warps: int
     num_stages: int  # software-pipelining depth of the K loop
-    fused_reduce: bool = True  # split_k > 1: the last program of a tile sums the partials (one launch, partials
-                               # read L2-hot) instead of a second launch re-reading all [split_k, M, N] fp32
 
 
 @triton.jit
@@ -80,36 +78,11 @@ def _step_group(qzeros_ptr, scales_ptr, w0, w_end, words_per_group, stride_zg, s
 
 
 @triton.jit
-def _write_tile(acc, out_ptr, partial_ptr, counter_ptr, out_offs, partial_offs, ok, pid_s, tile, stride_ps,
-                SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr):
-    """Store a program's fp32 sums acc: the output in its dtype (SPLIT_K == 1), else split pid_s's partial; with
-    FUSED_REDUCE the tile's last-arriving program then adds all partials in split order and writes the output."""
-    if SPLIT_K == 1:
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(partial_ptr + pid_s * stride_ps + partial_offs, acc, mask=ok)
-        if FUSED_REDUCE:
-            # the counter update is one thread's atomic: the barrier orders every thread's partial stores before
-            # its release (gpu scope), and its acquire before the loads below
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                # the order of _sum_splits_kernel, whatever the arrival order; .cg: read L2, never a stale L1 line
-                total = tl.load(partial_ptr + partial_offs, mask=ok, other=0, cache_modifier=".cg")
-                for s in tl.static_range(1, SPLIT_K):
-                    total += tl.load(partial_ptr + s * stride_ps + partial_offs, mask=ok, other=0,
-                                     cache_modifier=".cg")
-                tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=ok)
-                tl.store(counter_ptr + tile, 0)  # ready for the next call: no memset per call
-
-
-@triton.jit
-def _dequant_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, partial_ptr, counter_ptr,
+def _dequant_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
                          N, K_words, words_per_group, words_per_split,
-                         stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_ps, stride_om,
+                         stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_os, stride_om,
                          BITS: tl.constexpr, PACK: tl.constexpr, SEQUENTIAL: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
-                         FUSED_REDUCE: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -162,18 +135,15 @@ def _dequant_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, 
                 acc += xj[:, None] * wj
         words = words_next
     y = tl.sum(acc, axis=0)
-    # partials [SPLIT_K, M, N] contiguous; tiles numbered row-major over (m, pid_n)
-    _write_tile(y, out_ptr, partial_ptr, counter_ptr, m * stride_om + rn, m * N + rn, n_ok, pid_s,
-                m * tl.num_programs(0) + pid_n, stride_ps, SPLIT_K, FUSED_REDUCE)
+    tl.store(out_ptr + pid_s * stride_os + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
-def _dequant_mm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, partial_ptr, counter_ptr,
+def _dequant_mm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
                        M, N, K_words, words_per_group, words_per_split,
-                       stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_ps, stride_om,
+                       stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_os, stride_om,
                        BITS: tl.constexpr, PACK: tl.constexpr, SEQUENTIAL: tl.constexpr, LEVEL: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                       SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     MASK: tl.constexpr = (1 << BITS) - 1
     # M tiles vary fastest, so programs that share a weight tile run together and share it in L2
     pid_m = tl.program_id(0)
@@ -216,18 +186,17 @@ def _dequant_mm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, ou
                 wj = ((_levels((words >> (j * BITS)) & MASK, 2) - _levels(zero, 2)) * scale.to(tl.float32))
                 xj = tl.load(x_rows + j * stride_xj + rw[None, :] * stride_xw, mask=x_ok, other=0)
                 acc = tl.dot(xj, wj.to(dot_dtype), acc)
-    _write_tile(acc, out_ptr, partial_ptr, counter_ptr, rm[:, None] * stride_om + rn[None, :],
-                rm[:, None] * N + rn[None, :], m_ok[:, None] & n_ok[None, :], pid_s,
-                pid_n * tl.num_programs(0) + pid_m, stride_ps, SPLIT_K, FUSED_REDUCE)
+    out = out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _dequant_mm_swapped_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, partial_ptr,
-                               counter_ptr, M, N, K_words, words_per_group, words_per_split,
-                               stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_ps, stride_om,
+def _dequant_mm_swapped_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
+                               M, N, K_words, words_per_group, words_per_split,
+                               stride_xm, stride_xj, stride_xw, stride_qw, stride_zg, stride_sg, stride_os, stride_om,
                                BITS: tl.constexpr, PACK: tl.constexpr, SEQUENTIAL: tl.constexpr,
                                LEVEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr):
+                               BLOCK_KW: tl.constexpr):
     """_dequant_mm_kernel with the operands swapped, outᵀ = W·xᵀ: for few rows the weights are the MMA's
     wide (M) side, so BLOCK_N >= 64 fills the tensor-core tile and few activation rows fill the narrow one."""
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -271,9 +240,8 @@ def _dequant_mm_swapped_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx
                 wj = ((_levels((words >> (j * BITS)) & MASK, 2) - _levels(zero, 2)) * scale.to(tl.float32))
                 xj = tl.load(x_cols + j * stride_xj + rw[:, None] * stride_xw, mask=x_ok, other=0)
                 acc = tl.dot(wj.to(dot_dtype), xj, acc)
-    _write_tile(acc, out_ptr, partial_ptr, counter_ptr, rm[None, :] * stride_om + rn[:, None],
-                rm[None, :] * N + rn[:, None], n_ok[:, None] & m_ok[None, :], pid_s,
-                pid_m * tl.num_programs(0) + pid_n, stride_ps, SPLIT_K, FUSED_REDUCE)
+    out = out_ptr + pid_s * stride_os + rm[None, :] * stride_om + rn[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit
@@ -306,39 +274,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# device -> arrival-counter buffers of the fused split-K reduction, newest (largest) last. Kept for the process:
-# a CUDA graph captured with an older one still points at it.
-_SPLIT_COUNTERS: dict[torch.device, list[Tensor]] = {}
-# buffers allocated inside a CUDA-graph capture (zeroed by each replay, so never handed to eager calls); kept
-# alive so that no later allocation of the capture takes their memory
-_CAPTURED_COUNTERS: list[Tensor] = []
-
-
-def _split_counters(device: torch.device, n_tiles: int) -> Tensor:
-    """Zeroed int32 arrival counters [>= n_tiles] for the fused split-K reduction, shared by the calls on one device.
-
-    Every call leaves them zero (each tile's last program resets its counter), so they are zeroed once, not per
-    call; calls on one device must therefore not overlap (one stream, as the workers run). A CUDA-graph capture
-    uses the shared buffer when it is large enough (run the call once before capturing, as a warm-up does);
-    otherwise its call gets a buffer of its own, zeroed by a memset in each replay.
-    """
-    buffers = _SPLIT_COUNTERS.setdefault(device, [])
-    if buffers and buffers[-1].numel() >= n_tiles:
-        return buffers[-1]
-    counters = torch.zeros(max(1024, triton.next_power_of_2(n_tiles)), device=device, dtype=torch.int32)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        _CAPTURED_COUNTERS.append(counters)
-    else:
-        buffers.append(counters)
-    return counters
-
-
 def choose_tile_config(M: int, N: int, K: int, bits: int, sm_count: int) -> TileConfig:
     """The fixed tile table (tuned on an H100): gemv for one row, tensor cores for more; split K until the
-    grid has enough programs in flight to hide memory latency, keeping >= 4 K steps per program.
+    grid has target_programs programs, keeping >= 4 K steps per program.
 
-    Measured there (tests/bench/kernel_bench.py, CUDA graphs, 4-bit 8192×28672): gemv 77 µs at M = 1;
-    at M = 4 / 16 mma_swapped 78 / 84 µs against mma 83 / 89 µs (at 8 bits mma was 1-4 % faster).
+    Measured there (`python tests/bench/kernel_bench.py --splits`, two-kernel reduction, CUDA graphs,
+    8192×28672 g128; % of the copy bandwidth): 4-bit M = 4 mma_swapped split 4 74.5 µs (54.6 %) against
+    split 8 77.5; M = 16 split 4 77.8 µs (52.3 %) against split 8 82.5. 8-bit M = 4 mma split 2 91.6-92.0 µs
+    (87 %) against split 8 98-99.8; M = 16 split 2 93.5 µs (85.6 %) against split 8 105.8. M = 64 mma split 1
+    169.5 / 143.3 µs (4 / 8-bit) against split 2 177 / 159. More splits add partial traffic and a longer
+    second launch faster than they hide latency; gemv (M = 1) keeps 8 programs per SM.
     """
     pack = 32 // bits
     kw = 128 // pack  # words per 128 input channels: one g128 group per K step
@@ -347,10 +292,10 @@ def choose_tile_config(M: int, N: int, K: int, bits: int, sm_count: int) -> Tile
         target_programs = 8 * sm_count
     elif M <= 16:
         cfg = TileConfig("mma_swapped" if bits == 4 else "mma", 16, 128, kw, 1, 4, 3)
-        target_programs = 8 * sm_count
+        target_programs = (4 if bits == 4 else 2) * sm_count
     elif M <= 64:
         cfg = TileConfig("mma", 64, 128, kw, 1, 4, 3)
-        target_programs = 2 * sm_count
+        target_programs = sm_count
     else:
         cfg = TileConfig("mma", 128, 128, kw, 1, 8, 3)
         target_programs = 2 * sm_count
@@ -368,8 +313,7 @@ def dequant_gemm_triton(x: Tensor, packed: PackedLinear, bits: int, g_idx_layout
 
     g_idx_layout: `read_g_idx_layout(packed.g_idx)`, which None computes on every call (device syncs): pass it
     to capture the call in a CUDA graph; a wrong one gives wrong results. tile_config: None takes
-    `choose_tile_config`'s. Split-K calls with the fused reduction share per-device arrival counters: calls on
-    one device must not run concurrently on two streams.
+    `choose_tile_config`'s.
 
     Raises:
         GemmShapeMismatch: x's last dimension is not the layer's in_features.
@@ -423,34 +367,35 @@ def dequant_gemm_triton(x: Tensor, packed: PackedLinear, bits: int, g_idx_layout
         x_strides = (x2.stride(0), x2.stride(1), x2.stride(2))
     words_per_split = triton.cdiv(triton.cdiv(K_words, cfg.split_k), cfg.block_kw) * cfg.block_kw
     split_k = triton.cdiv(K_words, words_per_split)
-    if cfg.kernel == "gemv":
-        grid = (triton.cdiv(out_features, cfg.block_n), split_k, M)
-    elif cfg.kernel == "mma_swapped":
-        grid = (triton.cdiv(out_features, cfg.block_n), split_k, triton.cdiv(M, cfg.block_m))
-    else:
-        grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(out_features, cfg.block_n), split_k)
-    fused = split_k > 1 and cfg.fused_reduce
-    partial = out  # split_k == 1: unused
     if split_k > 1:
-        partial = torch.empty((split_k, M, out_features), device=x.device, dtype=torch.float32)
-    counters = _split_counters(x.device, grid[0] * grid[1] * grid[2] // split_k) if fused else out
-    args = (x2, packed.qweight, packed.qzeros, packed.scales, packed.g_idx, out, partial, counters)
+        dest = torch.empty((split_k, M, out_features), device=x.device, dtype=torch.float32)
+        stride_os = dest.stride(0)
+    else:
+        dest, stride_os = out, 0
+    args = (x2, packed.qweight, packed.qzeros, packed.scales, packed.g_idx, dest)
     strides = (*x_strides, packed.qweight.stride(0), packed.qzeros.stride(0), packed.scales.stride(0),
-               partial.stride(0), out.stride(0))
-    meta = dict(BITS=bits, PACK=pack, SEQUENTIAL=sequential, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
-                SPLIT_K=split_k, FUSED_REDUCE=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+               stride_os, dest.stride(-2))
     if packed.qweight.stride(1) != 1 or packed.qzeros.stride(1) != 1 or packed.scales.stride(1) != 1:
         raise KernelUnsupported("qweight, qzeros and scales must be contiguous along out_features: pass "
                                 "tensors as stored in the checkpoint (or .contiguous() them)")
     if cfg.kernel == "gemv":
-        _dequant_gemv_kernel[grid](*args, out_features, K_words, words_per_group, words_per_split, *strides, **meta)
+        grid = (triton.cdiv(out_features, cfg.block_n), split_k, M)
+        _dequant_gemv_kernel[grid](*args, out_features, K_words, words_per_group, words_per_split, *strides,
+                                   BITS=bits, PACK=pack, SEQUENTIAL=sequential, BLOCK_N=cfg.block_n,
+                                   BLOCK_KW=cfg.block_kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         # exact integer levels in x's dtype: fp16 holds 1024 + code, bf16 128 + code (4-bit), else fp32
         level = 0 if x.dtype == torch.float16 else (1 if bits == 4 else 2)
-        kernel = _dequant_mm_swapped_kernel if cfg.kernel == "mma_swapped" else _dequant_mm_kernel
-        kernel[grid](*args, M, out_features, K_words, words_per_group, words_per_split, *strides, LEVEL=level,
-                     BLOCK_M=cfg.block_m, **meta)
-    if split_k > 1 and not fused:
+        if cfg.kernel == "mma_swapped":
+            grid = (triton.cdiv(out_features, cfg.block_n), split_k, triton.cdiv(M, cfg.block_m))
+            kernel = _dequant_mm_swapped_kernel
+        else:
+            grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(out_features, cfg.block_n), split_k)
+            kernel = _dequant_mm_kernel
+        kernel[grid](*args, M, out_features, K_words, words_per_group, words_per_split, *strides,
+                     BITS=bits, PACK=pack, SEQUENTIAL=sequential, LEVEL=level, BLOCK_M=cfg.block_m,
+                     BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split_k > 1:
         numel = M * out_features
-        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](partial, out, numel, SPLIT_K=split_k, BLOCK=1024)
+        _sum_splits_kernel[(triton.cdiv(numel, 1024),)](dest, out, numel, SPLIT_K=split_k, BLOCK=1024)
     return out.reshape(*lead, out_features)

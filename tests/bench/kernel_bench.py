@@ -1,6 +1,6 @@
 """Triton dequant-GEMM against the GPU's copy bandwidth and torch's fp16 matmul, on one CUDA GPU.
 
-    python tests/bench/kernel_bench.py [--large-m] [--sweep] [--reduction]
+    python tests/bench/kernel_bench.py [--large-m] [--sweep] [--splits]
 
 Measures a 1 GiB device-to-device copy (bytes read + written) in the same run, then for 4- and 8-bit
 GPTQ layers (g128) with K×N in {8192×28672, 28672×8192, 8192×8192} and M in {1, 4, 16, 128}: the kernel's
@@ -11,11 +11,11 @@ torch.nn.functional.linear on an fp16 weight of the same shape (CUDA graph). For
 times the other small-M kernel with the same tiles. Act-order (g_idx permuted) rows follow.
 --large-m adds M = 2048 for N = 8192. The table is printed last.
 --sweep instead times alternative tile configs at M = 1, 4, 16 (for tuning `choose_tile_config`).
---reduction instead compares the split-K reductions on 4- and 8-bit 8192×28672 at M = 1, 4, 16, 64: for the
-default tiles (both small-M kernels at M = 4, 16) and every split_k from 1 to 16, the fused reduction (the last
-program of a tile sums the partials) next to the two-kernel one (`_sum_splits_kernel`), each as µs per call
-(CUDA graph, as above) and % of the copy bandwidth, beside torch's fp16 matmul; then per (bits, M) the default
-config against the fastest one, to see whether `choose_tile_config` should pick another split_k.
+--splits instead times every split_k in {1, 2, 4, 8, 16} on 4- and 8-bit 8192×28672 at M = 1, 4, 16, 64 with
+the default tiles (both small-M kernels at M = 4, 16; split partials summed by `_sum_splits_kernel`), as µs per
+call (CUDA graph, as above) and % of the copy bandwidth beside torch's fp16 matmul, the default marked; then a
+BEST line per (bits, M): the default config against the fastest, to see whether `choose_tile_config` should
+pick another split_k.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def sweep(sms: int, copy_bw: float) -> list[str]:
     return lines
 
 
-def reduction_table(sms: int, copy_bw: float) -> None:
-    """Fused against two-kernel split-K reduction, per split_k, on the MLP-up shape; prints its own table."""
+def splits_table(sms: int, copy_bw: float) -> None:
+    """Every split_k of the default tiles on the MLP-up shape, per (bits, M); prints its own table."""
     K, N = SHAPES[0]
     rows, best_lines = [], []
     for bits in (4, 8):
@@ -132,46 +132,34 @@ def reduction_table(sms: int, copy_bw: float) -> None:
             eager_ms = time_ms(lambda: dequant_gemm_triton(x, packs[0], bits, layout, default))
             reps = max(1, min(20, int(20.0 / eager_ms / len(packs))))
             torch_us = graph_us([lambda w=w: F.linear(x, w) for w in W16], max(1, reps // 2))
-            timed = []  # (µs, config) of every fused and two-kernel run
+            timed = []  # (µs, config) of every run
             for base in bases:
                 for split_k in sorted({1, 2, 4, 8, 16, default.split_k}):
-                    us, outs = {}, {}
-                    for fused in (True, False) if split_k > 1 else (True,):
-                        cfg = dataclasses.replace(base, split_k=split_k, fused_reduce=fused)
-                        outs[fused] = dequant_gemm_triton(x, packs[0], bits, layout, cfg)
-                        calls = [lambda p=p, c=cfg: dequant_gemm_triton(x, p, bits, layout, c) for p in packs]
-                        us[fused] = graph_us(calls, reps)
-                        timed.append((us[fused], cfg))
-                    # same sum order: the fused reduction must give the two-kernel bits
-                    assert all(torch.equal(out, outs[True]) for out in outs.values()), (bits, M, split_k)
-                    pct = {f: nbytes / (t * 1e-6) / copy_bw * 100 for f, t in us.items()}
-                    mark = " (default)" if dataclasses.replace(base, split_k=split_k) == default else ""
-                    rows.append((bits, M, fmt_cfg(dataclasses.replace(base, split_k=split_k)) + mark, us[True],
-                                 pct[True], us.get(False), pct.get(False), torch_us))
-                    print("REDUCTION", *rows[-1], flush=True)
+                    cfg = dataclasses.replace(base, split_k=split_k)
+                    calls = [lambda p=p, c=cfg: dequant_gemm_triton(x, p, bits, layout, c) for p in packs]
+                    us = graph_us(calls, reps)
+                    timed.append((us, cfg))
+                    rows.append((bits, M, fmt_cfg(cfg) + (" (default)" if cfg == default else ""), us,
+                                 nbytes / (us * 1e-6) / copy_bw * 100, torch_us))
+                    print("SPLITS", *rows[-1], flush=True)
             d_us = next(t for t, c in timed if c == default)
             b_us, b_cfg = min(timed, key=lambda r: r[0])
-            best_lines.append(f"bits={bits} M={M}: default {fmt_cfg(default)} fused={default.fused_reduce} "
-                              f"{d_us:.1f}us ({nbytes / (d_us * 1e-6) / copy_bw * 100:.1f}%) | fastest "
-                              f"{fmt_cfg(b_cfg)} fused={b_cfg.fused_reduce} {b_us:.1f}us "
-                              f"({nbytes / (b_us * 1e-6) / copy_bw * 100:.1f}%)")
+            best_lines.append(f"bits={bits} M={M}: default {fmt_cfg(default)} {d_us:.1f}us "
+                              f"({nbytes / (d_us * 1e-6) / copy_bw * 100:.1f}%) | fastest {fmt_cfg(b_cfg)} "
+                              f"{b_us:.1f}us ({nbytes / (b_us * 1e-6) / copy_bw * 100:.1f}%)")
 
-    print(f"\nsplit-K reduction, {K}x{N} g128, fp16 activations; us: median per call of CUDA-graph replays rotating "
-          "over weight copies (L2 cold); %copy: (qweight + scales + qzeros bytes) / us against the copy bandwidth; "
-          "fused: the last program of each tile sums the partials; 2kern: partials summed by _sum_splits_kernel; "
-          "torch_us: F.linear on an fp16 weight")
-    print("{:>4} {:>4}  {:<34} {:>9} {:>7} {:>9} {:>7} {:>9}".format(
-        "bits", "M", "tiles", "fused_us", "%copy", "2kern_us", "%copy", "torch_us"))
-    for bits, M, cfg, f_us, f_pct, t_us, t_pct, torch_us in rows:
-        two = f"{t_us:>9.1f} {t_pct:>7.1f}" if t_us is not None else f"{'-':>9} {'-':>7}"
-        print(f"{bits:>4} {M:>4}  {cfg:<34} {f_us:>9.1f} {f_pct:>7.1f} {two} {torch_us:>9.1f}")
+    print(f"\nsplit_k per M, {K}x{N} g128, fp16 activations; us: median per call of CUDA-graph replays rotating "
+          "over weight copies (L2 cold), split partials summed by _sum_splits_kernel; %copy: (qweight + scales + "
+          "qzeros bytes) / us against the copy bandwidth; torch_us: F.linear on an fp16 weight")
+    print("{:>4} {:>4}  {:<44} {:>9} {:>7} {:>9}".format("bits", "M", "tiles", "us", "%copy", "torch_us"))
+    for bits, M, cfg, us, pct, torch_us in rows:
+        print(f"{bits:>4} {M:>4}  {cfg:<44} {us:>9.1f} {pct:>7.1f} {torch_us:>9.1f}")
     for line in best_lines:
         print("BEST", line)
 
 
 def fmt_cfg(c: TileConfig) -> str:
-    reduce = "" if c.split_k == 1 or c.fused_reduce else "/2kern"  # split partials summed by a second kernel
-    return f"{c.kernel}/m{c.block_m}n{c.block_n}kw{c.block_kw}s{c.split_k}w{c.num_warps}p{c.num_stages}{reduce}"
+    return f"{c.kernel}/m{c.block_m}n{c.block_n}kw{c.block_kw}s{c.split_k}w{c.num_warps}p{c.num_stages}"
 
 
 def graph_us(calls: list, reps: int) -> float:
@@ -207,7 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--large-m", action="store_true")
-    parser.add_argument("--reduction", action="store_true")
+    parser.add_argument("--splits", action="store_true")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -216,9 +204,9 @@ def main() -> None:
         for line in sweep(sms, copy_bw):
             print("BEST", line)
         return
-    if args.reduction:
+    if args.splits:
         print(f"device: {device}, {sms} SMs; 1 GiB device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
-        reduction_table(sms, copy_bw)
+        splits_table(sms, copy_bw)
         return
 
     cases = []  # (bits, act_order, K, N, M, alternative tile config or None)

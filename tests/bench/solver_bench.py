@@ -14,7 +14,9 @@ inside a batch, ~10 launches per column. rayquant solves each input group stacke
 median of --repeats runs after a warm-up. Losses tr((W - Q) H (W - Q)ᵀ) of both are recomputed here the
 same way, outside the timed region; loss_err compares the solver's own loss with that recomputation.
 The Hessian item: accuracy over --hessian-tokens (K = 8192 also against fp64, for several tensor-core
-product lengths), and seconds for the block's four Hessians. --profile adds the CUDA kernel table of one
+product lengths of the cuBLAS path and CHUNK_TOKENS of the Triton kernel, solver/hessian_triton.py), seconds
+for the block's four Hessians per variant (and Triton tile configs), and seconds of a Llama-405B block's
+Hessians (K = 16384 three times, 53248 once) from calls of 8192 tokens, cuBLAS beside Triton. --profile adds the CUDA kernel table of one
 solve, a sweep of the fused loop's UPDATE_COLUMNS / BLOCK_ROWS and the lazy-update GEMM's rate.
 Prints a table last. Needs CUDA (and triton for rayquant's fused path).
 """
@@ -22,6 +24,7 @@ Prints a table last. Needs CUDA (and triton for rayquant's fused path).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import statistics
@@ -175,46 +178,92 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(norm(a - b, dtype=torch.float64) / norm(b, dtype=torch.float64))
 
 
-def hessian_accuracy(in_features: int, tokens: int, seed: int, chains: list[int], fp64: bool) -> dict:
-    """Relative Frobenius differences over `tokens` bf16 activations: accumulate_hessian (tensor cores,
-    with TENSOR_CORE_TOKENS set to each chain) against H from x.float() (fp32 GEMMs) and, with fp64,
-    both against an fp64 sum."""
+@contextlib.contextmanager
+def hessian_path(kernel: str, chain: int | None = None, **triton_constants):
+    """accumulate_hessian's tensor-core path set for a measurement: kernel "cublas" with `chain` tokens per
+    product (TENSOR_CORE_TOKENS), or "triton" with solver/hessian_triton.py's constants overridden."""
+    saved = hessian.HESSIAN_KERNEL, hessian.TENSOR_CORE_TOKENS
+    hessian.HESSIAN_KERNEL = kernel
+    if chain is not None:
+        hessian.TENSOR_CORE_TOKENS = chain
+    module = None
+    if kernel == "triton":
+        from rayquant.solver import hessian_triton as module
+        saved_triton = {name: getattr(module, name) for name in triton_constants}
+        for name, value in triton_constants.items():
+            setattr(module, name, value)
+    try:
+        yield
+    finally:
+        hessian.HESSIAN_KERNEL, hessian.TENSOR_CORE_TOKENS = saved
+        if module is not None:
+            for name, value in saved_triton.items():
+                setattr(module, name, value)
+
+
+def hessian_variants(chains: list[int], chunks: list[int]) -> dict[str, dict]:
+    """name -> hessian_path arguments: cuBLAS at each tokens-per-product, the Triton kernel at each CHUNK_TOKENS."""
+    return {**{f"cublas{c}": dict(kernel="cublas", chain=c) for c in chains},
+            **{f"triton{c}": dict(kernel="triton", CHUNK_TOKENS=c) for c in chunks}}
+
+
+# Triton tile configs timed besides the module's (TILE, STEP_TOKENS, NUM_STAGES, NUM_WARPS)
+TRITON_TILES = {"t128s64st4": dict(NUM_STAGES=4), "t128s32st4": dict(STEP_TOKENS=32, NUM_STAGES=4),
+                "t128s128st3": dict(STEP_TOKENS=128), "t64s64st4w4": dict(TILE=64, NUM_STAGES=4, NUM_WARPS=4)}
+
+
+def hessian_accuracy(in_features: int, tokens: int, seed: int, variants: dict[str, dict], fp64: bool) -> dict:
+    """Relative Frobenius differences over `tokens` bf16 activations: accumulate_hessian in each variant
+    (`hessian_variants`) against H from x.float() (fp32 GEMMs) and, with fp64, all against an fp64 sum."""
     source = Activations(in_features, seed)
-    default = hessian.TENSOR_CORE_TOKENS
-    sums = {c: torch.zeros(in_features, in_features, device=DEVICE) for c in chains}
+    sums = {v: torch.zeros(in_features, in_features, device=DEVICE) for v in variants}
     fp32 = torch.zeros(in_features, in_features, device=DEVICE)
     exact = torch.zeros(in_features, in_features, device=DEVICE, dtype=torch.float64) if fp64 else None
-    try:
-        for start in range(0, tokens, CHUNK_TOKENS):
-            x = source.chunk(min(CHUNK_TOKENS, tokens - start))
-            for c in chains:
-                hessian.TENSOR_CORE_TOKENS = c
-                accumulate_hessian(sums[c], x)
-            xf = x.float()
-            fp32.addmm_(xf.T, xf)
-            if fp64:
-                xd = x.double()
-                exact.addmm_(xd.T, xd)
-            del xf
-    finally:
-        hessian.TENSOR_CORE_TOKENS = default
-    out = {f"tc{c}_vs_fp32": relative(sums[c], fp32) for c in chains}
+    for start in range(0, tokens, CHUNK_TOKENS):
+        x = source.chunk(min(CHUNK_TOKENS, tokens - start))
+        for v, settings in variants.items():
+            with hessian_path(**settings):
+                accumulate_hessian(sums[v], x)
+        xf = x.float()
+        fp32.addmm_(xf.T, xf)
+        if fp64:
+            xd = x.double()
+            exact.addmm_(xd.T, xd)
+        del xf
+    out = {f"{v}_vs_fp32": relative(sums[v], fp32) for v in variants}
     if fp64:
-        out.update({f"tc{c}_vs_fp64": relative(sums[c], exact) for c in chains})
+        out.update({f"{v}_vs_fp64": relative(sums[v], exact) for v in variants})
         out["fp32_vs_fp64"] = relative(fp32, exact)
     return out
 
 
-def hessian_chain_seconds(tokens: int, seed: int, chains: list[int]) -> dict:
-    """hessian_block_seconds' total for each TENSOR_CORE_TOKENS (tokens per tensor-core product)."""
-    default = hessian.TENSOR_CORE_TOKENS
-    try:
-        out = {}
-        for c in chains:
-            hessian.TENSOR_CORE_TOKENS = c
-            out[c] = sum(v for k, v in hessian_block_seconds(tokens, seed).items() if k in INPUT_GROUPS)
-    finally:
-        hessian.TENSOR_CORE_TOKENS = default
+def hessian_chain_seconds(tokens: int, seed: int, variants: dict[str, dict]) -> dict:
+    """hessian_block_seconds' total (the 4 Hessians of one 70B block) for each variant."""
+    out = {}
+    for v, settings in variants.items():
+        with hessian_path(**settings):
+            out[v] = sum(s for k, s in hessian_block_seconds(tokens, seed).items() if k in INPUT_GROUPS)
+    return out
+
+
+def hessian_405b_seconds(calls: int, seed: int, variants: dict[str, dict], shrink: int) -> dict:
+    """Seconds for `calls` accumulate_hessian calls of 8192 tokens into a Llama-405B Hessian: K = 16384
+    (q/k/v, o, gate/up inputs) and 53248 (down), per variant; "block" = 3 × the first + the second."""
+    out = {}
+    for K in (16384 // shrink, 53248 // shrink):
+        source = Activations(K, seed)
+        chunks = [source.chunk(8192) for _ in range(2)]
+        H = torch.zeros(K, K, device=DEVICE)
+        for v, settings in variants.items():
+            with hessian_path(**settings):
+                accumulate_hessian(H, chunks[0])  # warm-up: cuBLAS heuristics, Triton's compile
+                t = sync_time()
+                for c in range(calls):
+                    accumulate_hessian(H, chunks[c % 2])
+                out[f"{v}_K{K}"] = sync_time() - t
+        del chunks, H
+    for v in variants:
+        out[f"{v}_block"] = 3 * out[f"{v}_K{16384 // shrink}"] + out[f"{v}_K{53248 // shrink}"]
     return out
 
 
@@ -348,14 +397,21 @@ def main() -> None:
     report: dict = {"device": device, "torch": torch.__version__, "tokens": args.tokens, "shrink": args.shrink}
 
     t = time.perf_counter()
-    chain = hessian.TENSOR_CORE_TOKENS
+    from rayquant.solver import hessian_triton  # imports triton
+    chain, chunk = hessian.TENSOR_CORE_TOKENS, hessian_triton.CHUNK_TOKENS
+    pair = hessian_variants([chain], [chunk])  # the two paths as configured: cublas{chain}, triton{chunk}
+    chunks = sorted({chunk, 256, 1024, 2048})
     report["hessian_rel_frobenius"] = {
-        hidden: hessian_accuracy(hidden, args.hessian_tokens, 100, sorted({chain, 16384, 8192, 4096, 1024}), fp64=True),
-        intermediate: hessian_accuracy(intermediate, args.hessian_tokens, 101, [chain], fp64=False)}
+        hidden: hessian_accuracy(hidden, args.hessian_tokens, 100,
+                                 hessian_variants(sorted({chain, 16384, 8192, 4096, 1024}), chunks), fp64=True),
+        intermediate: hessian_accuracy(intermediate, args.hessian_tokens, 101, pair, fp64=False)}
     report["hessian_seconds"] = hessian_block_seconds(args.hessian_tokens, seed=200)
-    report["hessian_seconds_by_chain"] = hessian_chain_seconds(args.hessian_tokens, 200, sorted({chain, 4096, 16384}))
+    timed = {**hessian_variants(sorted({chain, 4096, 16384}), chunks),
+             **{f"triton{chunk}_{name}": dict(kernel="triton", **cfg) for name, cfg in TRITON_TILES.items()}}
+    report["hessian_seconds_by_chain"] = hessian_chain_seconds(args.hessian_tokens, 200, timed)
+    report["hessian_405b_seconds"] = hessian_405b_seconds(max(1, args.hessian_tokens // 8192), 300, pair, args.shrink)
     print(f"hessians: {report['hessian_rel_frobenius']} {report['hessian_seconds']} "
-          f"by tokens per product {report['hessian_seconds_by_chain']} "
+          f"by variant {report['hessian_seconds_by_chain']} 405B {report['hessian_405b_seconds']} "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
 
     weights = block_weights(seed=0)
@@ -406,9 +462,18 @@ def main() -> None:
     print(f"hessians of one block, {args.hessian_tokens} bf16 tokens each: "
           + ", ".join(f"{g} {s:.3f} s" for g, s in hs.items()) + f"; total {total:.3f} s; "
           + f"rel Frobenius of the tensor-core sum ({chain} tokens a product) vs fp32 activations: "
-          + ", ".join(f"K={K} {v[f'tc{chain}_vs_fp32']:.2e}" for K, v in report["hessian_rel_frobenius"].items()))
+          + ", ".join(f"K={K} {v[f'cublas{chain}_vs_fp32']:.2e}" for K, v in report["hessian_rel_frobenius"].items()))
     detail = report["hessian_rel_frobenius"][hidden]
     print(f"K={hidden} detail: " + ", ".join(f"{k} {v:.2e}" for k, v in detail.items()))
+    by_variant = report["hessian_seconds_by_chain"]
+    print("70B block Hessians (s) by variant: " + ", ".join(f"{k} {v:.3f}" for k, v in by_variant.items()))
+    h405 = report["hessian_405b_seconds"]
+    print(f"{'hessian path':<14} {'70B_block_s':>11} {'405B_block_s':>12} {'K16384_s':>9} {'K53248_s':>9} "
+          f"{'vs_fp64_K' + str(hidden):>15} {'vs_fp32_K' + str(intermediate):>16}")
+    for v in pair:
+        print(f"{v:<14} {by_variant[v]:>11.3f} {h405[f'{v}_block']:>12.3f} {h405[f'{v}_K{16384 // args.shrink}']:>9.3f} "
+              f"{h405[f'{v}_K{53248 // args.shrink}']:>9.3f} {detail[f'{v}_vs_fp64']:>15.2e} "
+              f"{report['hessian_rel_frobenius'][intermediate][f'{v}_vs_fp32']:>16.2e}")
     f = report["factorization"]
     print("U factor: " + ", ".join(f"{k} {v:.3g}" for k, v in f.items()) + f"; peak {report['peak_gib']:.1f} GiB")
 

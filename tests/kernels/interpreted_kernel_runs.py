@@ -47,16 +47,14 @@ def main(out_path: str) -> None:
             for kernel, M in KERNEL_M:
                 packed, _, x = case_inputs(bits, act_order, M)
                 for split_k in SPLITS:
-                    for fused in ((True, False) if split_k > 1 else (True,)):
-                        cfg = kernels.TileConfig(kernel, 16, 64, 128 // (32 // bits), split_k, 4, 1, fused)
-                        # a freed NaN block of the output's size: the call's torch.empty output likely gets it,
-                        # so an output the kernel never writes shows as NaN, not as the previous call's result
-                        del_me = torch.full((M, N), float("nan"), dtype=x.dtype)
-                        del del_me
-                        outputs[(bits, act_order, kernel, M, split_k, fused)] = kernels.dequant_gemm_triton(
-                            x, packed, bits, tile_config=cfg)
-    counters = kernels._SPLIT_COUNTERS[torch.device("cpu")][-1]  # the fused calls' buffer
-    torch.save({"outputs": outputs, "counters": counters}, out_path)
+                    cfg = kernels.TileConfig(kernel, 16, 64, 128 // (32 // bits), split_k, 4, 1)
+                    # a freed NaN block of the output's size: the call's torch.empty output likely gets it,
+                    # so an output the kernel never writes shows as NaN, not as the previous call's result
+                    del_me = torch.full((M, N), float("nan"), dtype=x.dtype)
+                    del del_me
+                    outputs[(bits, act_order, kernel, M, split_k)] = kernels.dequant_gemm_triton(
+                        x, packed, bits, tile_config=cfg)
+    torch.save(outputs, out_path)
 
 
 if __name__ == "__main__":

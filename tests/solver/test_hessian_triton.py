@@ -162,8 +162,7 @@ def test_compiled_kernel_streams_x_by_tma_into_async_wgmma_without_spills(even_k
     # the token loop keeps one wgmma in flight (a wait for all of them would serialise loads and MMAs)
     assert "wgmma.wait_group.sync.aligned 1" in ptx
     assert "C7515" not in report, report  # C7515: ptxas serialised the wgmma
-    if even_k:  # the shapes of real models (K a multiple of TILE); the masked epilogue of ragged K spills a little
-        assert "0 bytes spill stores" in report, report
+    assert "0 bytes spill stores" in report, report  # both fp32 accumulators stay in registers
 
 
 # --- on a GPU --------------------------------------------------------------------------------------
