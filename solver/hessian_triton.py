@@ -42,8 +42,8 @@ GROUP_TILES = 8      # tile rows per program group (L2 reuse of x's column strip
 def _xtx_tiles_kernel(x_desc, h_ptr, tile_i_ptr, tile_j_ptr, T, K, stride_h,
                       TILE: tl.constexpr, STEP_TOKENS: tl.constexpr, CHUNK_TOKENS: tl.constexpr,
                       BLOCK_TILES: tl.constexpr, EVEN_K: tl.constexpr):
-    """h[I, J] += x[:, I]ᵀ x[:, J] for the tile pair (I, J) of this program; also h[J, I] = h[I, J]ᵀ when
-    I ≠ J lie in one diagonal HESSIAN_BLOCK (BLOCK_TILES tiles wide). x_desc: a TMA descriptor of x [T, K]
+    """h[I, J] += x[:, I]ᵀ x[:, J] for the tile pair (I, J) of this program (I = J: its upper triangle, mirrored);
+    also h[J, I] = h[I, J]ᵀ when I ≠ J lie in one diagonal HESSIAN_BLOCK (BLOCK_TILES tiles wide). x_desc: a TMA descriptor of x [T, K]
     with [STEP_TOKENS, TILE] blocks; its zero padding past T and K stands in for masks."""
     pid = tl.program_id(0)
     ti = tl.load(tile_i_ptr + pid)
@@ -64,9 +64,15 @@ def _xtx_tiles_kernel(x_desc, h_ptr, tile_i_ptr, tile_j_ptr, T, K, stride_h,
     h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
     if EVEN_K:
         new = tl.load(h_ptrs) + acc
-        tl.store(h_ptrs, new)
     else:
         new = tl.load(h_ptrs, mask=(rows[:, None] < K) & (cols[None, :] < K), other=0.0) + acc
+    if ti == tj:
+        # nothing makes the tensor cores sum x[:, r]·x[:, c] and x[:, c]·x[:, r] in one order: the tile's upper
+        # triangle is mirrored, so hessian_sum stays symmetric bit for bit
+        new = tl.where(rows[:, None] <= cols[None, :], new, tl.trans(new))
+    if EVEN_K:
+        tl.store(h_ptrs, new)
+    else:
         tl.store(h_ptrs, new, mask=(rows[:, None] < K) & (cols[None, :] < K))
     if (ti != tj) & (ti // BLOCK_TILES == tj // BLOCK_TILES):
         lower_ptrs = h_ptr + cols[:, None] * stride_h + rows[None, :]
