@@ -16,9 +16,9 @@ same way, outside the timed region; loss_err compares the solver's own loss with
 The Hessian item: accuracy over --hessian-tokens (K = 8192 also against fp64, for several tensor-core
 product lengths of the cuBLAS path and CHUNK_TOKENS of the Triton kernel, solver/hessian_triton.py), seconds
 for the block's four Hessians per variant (and Triton tile configs), and seconds of a Llama-405B block's
-Hessians (K = 16384 three times, 53248 once) from calls of 8192 tokens, cuBLAS beside Triton. --profile adds the CUDA kernel table of one
-solve, a sweep of the fused loop's UPDATE_COLUMNS / BLOCK_ROWS and the lazy-update GEMM's rate.
-Prints a table last. Needs CUDA (and triton for rayquant's fused path).
+Hessians (K = 16384 three times, 53248 once) from calls of 8192 tokens, cuBLAS beside Triton. --profile
+adds the CUDA kernel table of one solve, a sweep of the fused loop's UPDATE_COLUMNS / BLOCK_ROWS and the
+lazy-update GEMM's rate. Prints a table last. Needs CUDA (and triton for rayquant's fused path).
 """
 
 from __future__ import annotations
@@ -476,9 +476,10 @@ def main() -> None:
     print(f"{'hessian path':<14} {'70B_block_s':>11} {'405B_block_s':>12} {'K16384_s':>9} {'K53248_s':>9} "
           f"{'K53248_TF/s':>11} {'vs_fp64_K' + str(hidden):>15} {'vs_fp32_K' + str(intermediate):>16}")
     for v in pair:
+        down_s = h405[f"{v}_K{K_down}"]
         print(f"{v:<14} {by_variant[v]:>11.3f} {h405[f'{v}_block']:>12.3f} {h405[f'{v}_K{16384 // args.shrink}']:>9.3f} "
-              f"{h405[f'{v}_K{K_down}']:>9.3f} {full_flops / h405[f'{v}_K{K_down}'] / 1e12:>11.0f} "
-              f"{detail[f'{v}_vs_fp64']:>15.2e} {report['hessian_rel_frobenius'][intermediate][f'{v}_vs_fp32']:>16.2e}")
+              f"{down_s:>9.3f} {full_flops / down_s / 1e12:>11.0f} {detail[f'{v}_vs_fp64']:>15.2e} "
+              f"{report['hessian_rel_frobenius'][intermediate][f'{v}_vs_fp32']:>16.2e}")
     f = report["factorization"]
     print("U factor: " + ", ".join(f"{k} {v:.3g}" for k, v in f.items()) + f"; peak {report['peak_gib']:.1f} GiB")
 
