@@ -477,8 +477,8 @@ def main() -> None:
           f"{'K53248_TF/s':>11} {'vs_fp64_K' + str(hidden):>15} {'vs_fp32_K' + str(intermediate):>16}")
     for v in pair:
         down_s = h405[f"{v}_K{K_down}"]
-        print(f"{v:<14} {by_variant[v]:>11.3f} {h405[f'{v}_block']:>12.3f} {h405[f'{v}_K{16384 // args.shrink}']:>9.3f} "
-              f"{down_s:>9.3f} {full_flops / down_s / 1e12:>11.0f} {detail[f'{v}_vs_fp64']:>15.2e} "
+        print(f"{v:<14} {by_variant[v]:>11.3f} {h405[f'{v}_block']:>12.3f} "
+              f"{h405[f'{v}_K{16384 // args.shrink}']:>9.3f} {down_s:>9.3f} {full_flops / down_s / 1e12:>11.0f} {detail[f'{v}_vs_fp64']:>15.2e} "
               f"{report['hessian_rel_frobenius'][intermediate][f'{v}_vs_fp32']:>16.2e}")
     f = report["factorization"]
     print("U factor: " + ", ".join(f"{k} {v:.3g}" for k, v in f.items()) + f"; peak {report['peak_gib']:.1f} GiB")
