@@ -208,8 +208,9 @@ def hessian_variants(chains: list[int], chunks: list[int]) -> dict[str, dict]:
 
 
 # Triton tile configs timed besides the module's (TILE, STEP_TOKENS, NUM_STAGES, NUM_WARPS)
-TRITON_TILES = {"t128s64st4": dict(NUM_STAGES=4), "t128s32st4": dict(STEP_TOKENS=32, NUM_STAGES=4),
-                "t128s128st3": dict(STEP_TOKENS=128), "t64s64st4w4": dict(TILE=64, NUM_STAGES=4, NUM_WARPS=4)}
+TRITON_TILES = {"t128s64st3": dict(NUM_STAGES=3), "t128s32st4": dict(STEP_TOKENS=32, NUM_STAGES=4),
+                "t128s128st3": dict(STEP_TOKENS=128, NUM_STAGES=3),
+                "t64s64st4w4": dict(TILE=64, NUM_STAGES=4, NUM_WARPS=4)}
 
 
 def hessian_accuracy(in_features: int, tokens: int, seed: int, variants: dict[str, dict], fp64: bool) -> dict:
