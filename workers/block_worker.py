@@ -47,6 +47,7 @@ from rayquant.workers.adapter import (
     materialize_embedding_stage,
     move_buffers,
 )
+from rayquant.workers.collectives import gather_sum
 from rayquant.workers.layer_overrides import LayerOverride, layer_config
 from rayquant.workers.stage_inputs import StageInputs, once_called_children
 from rayquant.workers.moe import (
@@ -386,21 +387,18 @@ class BlockWorker:
         return sums, tokens, samples
 
     def _reduce(self, hessian_sum: torch.Tensor, n_tokens: int, owner: int) -> tuple[torch.Tensor, int] | None:
-        """Gather every rank's partial sum on the owner and add them in rank order (deterministic)."""
+        """Gather every rank's partial sum on the owner and add them in rank order (deterministic), a row
+        chunk at a time (workers/collectives.py)."""
         counts = torch.tensor([n_tokens], dtype=torch.int64, device=self.device)
         if self.world == 1:
             return hessian_sum, n_tokens
         is_owner = self.rank == owner
-        parts = [torch.empty_like(hessian_sum) for _ in range(self.world)] if is_owner else None
         all_counts = [torch.empty_like(counts) for _ in range(self.world)] if is_owner else None
-        dist.gather(hessian_sum, parts, dst=owner)
+        total = gather_sum(hessian_sum, owner, self.rank, self.world)  # in row chunks: bounded memory
         dist.gather(counts, all_counts, dst=owner)
         if not is_owner:
             return None
         self._count("reduce", (self.world - 1) * (_nbytes(hessian_sum) + _nbytes(counts)))
-        total = parts[0].clone()
-        for p in parts[1:]:
-            total += p
         return total, int(sum(int(c.item()) for c in all_counts))
 
     def _solve(self, block_idx: int, block: nn.Module, group: InputGroup, H: torch.Tensor, n_tokens: int,

@@ -1,0 +1,37 @@
+"""Deterministic reductions between workers, in bounded memory.
+
+NCCL's reduce may add ranks' contributions in an order that depends on the algorithm it picks, so a
+Hessian sum is gathered on its owner and added there in rank order instead: the same bits for the same
+world size, every run. Gathering whole matrices would hold W copies on the owner (8 × 11 GB for a
+Llama-405B down_proj Hessian on 8 GPUs: more than the GPU has), so the sum travels in row chunks of at
+most GATHER_CHUNK_BYTES per rank; the additions, element by element, are the same.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+GATHER_CHUNK_BYTES = 256 * 2**20  # per rank and chunk: the owner holds W of these at a time
+
+
+def gather_sum(tensor: Tensor, owner: int, rank: int, world: int,
+               chunk_bytes: int = GATHER_CHUNK_BYTES) -> Tensor | None:
+    """Σ over ranks of `tensor` (same shape on every rank), added in rank order, on `owner`; None elsewhere.
+
+    Every rank must call it with the same shape, owner and chunk_bytes (a collective)."""
+    is_owner = rank == owner
+    total = torch.empty_like(tensor) if is_owner else None
+    flat = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(-1, 1)
+    row_bytes = max(1, flat.shape[1] * flat.element_size())
+    rows = max(1, chunk_bytes // row_bytes)
+    out = total.view(flat.shape) if is_owner else None
+    for r in range(0, flat.shape[0], rows):
+        chunk = flat[r:r + rows].contiguous()
+        parts = [torch.empty_like(chunk) for _ in range(world)] if is_owner else None
+        dist.gather(chunk, parts, dst=owner)
+        if is_owner:
+            acc = out[r:r + rows]
+            acc.copy_(parts[0])
+            for p in parts[1:]:
+                acc += p
+    return total
