@@ -47,8 +47,9 @@ from rayquant.workers.adapter import (
     materialize_embedding_stage,
     move_buffers,
 )
-from rayquant.workers.collectives import gather_sum
+from rayquant.workers.collectives import gather_sum, sum_to_all_
 from rayquant.workers.layer_overrides import LayerOverride, layer_config
+from rayquant.workers.row_split import OUTPUT_DIM, concat_packed, row_bounds
 from rayquant.workers.stage_inputs import StageInputs, once_called_children
 from rayquant.workers.moe import (
     MoEConfig,
@@ -96,6 +97,9 @@ class WorkerSetup:
     eval_rtn: bool = False  # also flow the eval windows through RTN blocks (a third stream)
     moe: MoEConfig = MoEConfig()  # MoE models: what a starved expert gets
     overrides: tuple[LayerOverride, ...] = ()  # quant.overrides: per-linear bits / group_size / skip
+    # stages with fewer input groups than ranks: every rank solves a slice of each linear's rows
+    # (workers/row_split.py); False: each group's owner solves all of it (for benchmark comparisons)
+    split_rows: bool = True
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ class LayerReport:
     rtn_loss: float
     damp_percent: float
     n_tokens: int
-    owner: int
+    owner: int  # the rank that solved every row; -1: rows split over all ranks (workers/row_split.py)
     max_rel_err: float
     mean_rel_err: float
     routed_tokens: int | None = None  # MoE experts: calibration tokens the router sent it (all ranks)
@@ -131,6 +135,7 @@ class BlockResult:
     tensors: dict[str, torch.Tensor] | None = None  # rank 0 only: the block's part file (output names)
     peak_memory_bytes: int = 0  # GPU: peak allocated in this block; CPU: the process's peak RSS so far
     bytes_received: dict[str, int] = field(default_factory=dict)  # per stage, by this rank (sum over ranks = traffic)
+    rows_solved: int = 0  # output rows this rank ran GPTQ on, over all linears of the block
 
 
 class BlockWorker:
@@ -154,6 +159,7 @@ class BlockWorker:
         self.eval_ids: list[torch.Tensor] = []
         self.eval_streams: dict[str, list[BlockInput]] = {}
         self.received: dict[str, int] = {}  # bytes this rank received per stage, for the current block
+        self.rows_solved = 0  # output rows solved on this rank, for the current block
         self._groups_by_structure: dict[tuple, list[InputGroup]] = {}
         self._once_called_by_structure: dict[tuple, frozenset[str]] = {}  # children one block forward calls once
 
@@ -209,7 +215,7 @@ class BlockWorker:
         """Quantize block `task.block_idx` (or replay it from its part file) and advance the shard."""
         self._bind(block=task.block_idx)
         seconds: dict[str, float] = {}
-        self.received = {}
+        self.received, self.rows_solved = {}, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         source_tensors = None
@@ -242,7 +248,7 @@ class BlockWorker:
         seconds["handoff"] += self._now() - t
         return BlockResult(block_idx=task.block_idx, rank=self.rank, seconds=seconds, layers=layers,
                            tensors=host_part, peak_memory_bytes=peak,
-                           bytes_received=dict(self.received))
+                           bytes_received=dict(self.received), rows_solved=self.rows_solved)
 
     def _load(self, block_idx: int) -> dict[str, torch.Tensor]:
         """Read 1/W of the block's tensors (largest first, to the least-loaded rank), broadcast the rest."""
@@ -294,25 +300,37 @@ class BlockWorker:
             collected = [g for g in stage if g.name not in aliases]
             sums, tokens, samples = self._collect(block, collected, seconds, stage_inputs, i)
             routed = self._routed_tokens(block_idx, block, stage)
+            split = self._splits_rows(stage, aliases)
             t = self._now()
-            reduced = {g.name: self._reduce(sums[g.name], tokens[g.name], owners[g.name]) for g in collected}
+            if split:
+                reduced = {g.name: self._reduce_to_all(sums[g.name], tokens[g.name]) for g in collected}
+            else:
+                reduced = {g.name: self._reduce(sums[g.name], tokens[g.name], owners[g.name]) for g in collected}
             for first in sorted(set(aliases.values())):  # the same order on every rank
                 reduced[first] = self._share_hessian(reduced[first], owners[first], sums[first])
             for name, first in aliases.items():
                 reduced[name], samples[name] = reduced[first], samples[first]
             seconds["reduce"] = seconds.get("reduce", 0.0) + self._now() - t
             err = None
-            mine: dict[str, PackedLinear] = {}
+            mine: dict[str, PackedLinear] = {}  # split: this rank's row slices
+            slice_reports: dict[str, LayerReport] = {}  # split: this rank's slices' losses and errors
             try:
                 for g in stage:
-                    if owners[g.name] == self.rank:
+                    if split or owners[g.name] == self.rank:
                         H, n = reduced[g.name]
                         for linears, cfg in self._configs_of(block_idx, g):
+                            rows = self._my_rows(block, linears) if split else None
+                            linears = tuple(lin for lin in linears if rows is None or rows[lin][0] < rows[lin][1])
+                            if not linears:
+                                continue  # every slice of this rank is empty
                             part_of_g = InputGroup(name=g.name, linears=linears, in_features=g.in_features)
                             results, reports = self._solve(block_idx, block, part_of_g, H, n, samples[g.name],
-                                                           seconds, routed.get(g.name), cfg)
+                                                           seconds, routed.get(g.name), cfg, rows)
                             mine.update(results)
-                            layers.extend(reports)
+                            if split:
+                                slice_reports.update((x.name, x) for x in reports)
+                            else:
+                                layers.extend(reports)
             except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
                 err = e
             self._agree(err)
@@ -322,8 +340,14 @@ class BlockWorker:
                     cfg = self._layer_config(block_idx, lin)
                     if cfg is None:
                         continue  # skipped by quant.overrides: the part keeps its `.weight`
-                    packed[lin] = self._share(block.get_submodule(lin), mine.get(lin), owners[g.name], cfg)
-                    _install(block.get_submodule(lin), packed[lin], cfg.bits, self.dtype)
+                    linear = block.get_submodule(lin)
+                    if split:
+                        packed[lin] = self._share_rows(linear, mine.get(lin), cfg)
+                    else:
+                        packed[lin] = self._share(linear, mine.get(lin), owners[g.name], cfg)
+                    _install(linear, packed[lin], cfg.bits, self.dtype)
+            if split:
+                layers.extend(self._merge_reports(block_idx, block, stage, slice_reports, reduced, routed))
             seconds["share"] = seconds.get("share", 0.0) + self._now() - t
         log.debug("stages_on_recorded_inputs", rank=self.rank,
                   stages={stages[i][0].name: stage_inputs.holders[i] for i in stage_inputs.replayed})
@@ -404,13 +428,18 @@ class BlockWorker:
     def _solve(self, block_idx: int, block: nn.Module, group: InputGroup, H: torch.Tensor, n_tokens: int,
                x_val: torch.Tensor, seconds: dict[str, float],
                routed_tokens: int | None = None,
-               cfg: GPTQConfig | None = None) -> tuple[dict[str, PackedLinear], list[LayerReport]]:
-        """GPTQ on the group's linears, which must all take `cfg` (default: the job's base config)."""
+               cfg: GPTQConfig | None = None,
+               rows: dict[str, tuple[int, int]] | None = None) -> tuple[dict[str, PackedLinear], list[LayerReport]]:
+        """GPTQ on the group's linears, which must all take `cfg` (default: the job's base config); with
+        `rows`, on each linear's output rows [start, stop) only (its packed slice and the slice's report)."""
         cfg = cfg or self.setup.gptq
-        starved = routed_tokens is not None and routed_tokens < self.setup.moe.min_tokens
-        starved_policy = self.setup.moe.starved_experts if starved else None
+        starved_policy = self._starved_policy(routed_tokens)
         prefix = self.layout.block_prefix(block_idx)
-        weights = [block.get_submodule(lin).weight.float() for lin in group.linears]  # [N_i, K]
+        weights = [block.get_submodule(lin).weight for lin in group.linears]
+        if rows is not None:
+            weights = [w[rows[lin][0]:rows[lin][1]] for lin, w in zip(group.linears, weights)]
+        weights = [w.float() for w in weights]  # [N_i, K]
+        self.rows_solved += sum(w.shape[0] for w in weights)
         t = self._now()
         try:
             results = solve_input_group(weights, H, n_tokens, cfg)
@@ -443,6 +472,82 @@ class BlockWorker:
                       damp_percent=res.damp_percent)
         seconds["validate"] = seconds.get("validate", 0.0) + self._now() - t
         return packed, reports
+
+    def _starved_policy(self, routed_tokens: int | None) -> str | None:
+        """quant.moe.starved_experts for an expert routed fewer than min_tokens; None otherwise."""
+        starved = routed_tokens is not None and routed_tokens < self.setup.moe.min_tokens
+        return self.setup.moe.starved_experts if starved else None
+
+    def _splits_rows(self, stage: list[InputGroup], aliases: dict[str, str]) -> bool:
+        """Whether every rank solves a slice of every group of this stage: fewer groups than ranks (one per
+        true_sequential stage of a dense model). MoE stages whose experts share a Hessian keep owners."""
+        return self.setup.split_rows and self.world > 1 and len(stage) < self.world and not aliases
+
+    def _my_rows(self, block: nn.Module, linears: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+        """This rank's output rows [start, stop) of each linear (possibly empty)."""
+        out = {}
+        for lin in linears:
+            bounds = row_bounds(block.get_submodule(lin).out_features, self.world)
+            out[lin] = (bounds[self.rank], bounds[self.rank + 1])
+        return out
+
+    def _reduce_to_all(self, hessian_sum: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, int]:
+        """The rank-ordered sum of every rank's partial sum on every rank, in place (the bits _reduce gives
+        an owner), and the total token count."""
+        received = sum_to_all_(hessian_sum, self.rank, self.world)
+        counts = torch.tensor([n_tokens], dtype=torch.int64, device=self.device)
+        dist.all_reduce(counts)  # integers: exact in any order
+        self._count("reduce", received + (self.world - 1) * _nbytes(counts))
+        return hessian_sum, int(counts.item())
+
+    def _share_rows(self, linear: nn.Linear, mine: PackedLinear | None, cfg: GPTQConfig) -> PackedLinear:
+        """Every rank's packed row slice of one linear, broadcast in rank order and concatenated along the
+        output dim: the layer as one rank would have packed all its rows. g_idx comes from the first slice."""
+        bounds = row_bounds(linear.out_features, self.world)
+        slices: list[PackedLinear] = []
+        for r in range(self.world):
+            n_rows = bounds[r + 1] - bounds[r]
+            if n_rows == 0:
+                continue
+            src = mine if r == self.rank else _empty_packed(n_rows, linear.in_features, cfg)
+            fields = {f: self._broadcast(getattr(src, f), src=r, stage="share") for f in OUTPUT_DIM}
+            g_idx = self._broadcast(src.g_idx, src=r, stage="share") if not slices else slices[0].g_idx
+            slices.append(PackedLinear(g_idx=g_idx, **fields))
+        return concat_packed(slices)
+
+    def _merge_reports(self, block_idx: int, block: nn.Module, stage: list[InputGroup],
+                       slice_reports: dict[str, LayerReport], reduced: dict[str, tuple[torch.Tensor, int]],
+                       routed: dict[str, int]) -> list[LayerReport]:
+        """One report per row-split linear (rank 0's; the values are the same on every rank): losses
+        summed over the slices in rank order, the largest kernel error, the row-weighted mean error."""
+        prefix = self.layout.block_prefix(block_idx)
+        split = [(g, lin) for g in stage for linears, _ in self._configs_of(block_idx, g) for lin in linears]
+        # per linear: gptq_loss, rtn_loss, damp_percent, max_rel_err, mean_rel_err, rows (0: no slice here)
+        mine = torch.zeros(len(split), 6, dtype=torch.float64, device=self.device)
+        for i, (_, lin) in enumerate(split):
+            x = slice_reports.get(prefix + lin)
+            if x is not None:
+                mine[i] = torch.tensor([x.gptq_loss, x.rtn_loss, x.damp_percent, x.max_rel_err, x.mean_rel_err,
+                                        x.out_features], dtype=torch.float64)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine)
+        self._count("share", (self.world - 1) * _nbytes(mine))
+        if self.rank != 0:
+            return []
+        reports = []
+        for i, (g, lin) in enumerate(split):
+            values = [p[i].tolist() for p in parts]  # rank order
+            solved = [v for v in values if v[5] > 0]
+            linear = block.get_submodule(lin)
+            reports.append(LayerReport(
+                name=prefix + lin, input_group=g.name, in_features=linear.in_features,
+                out_features=linear.out_features, gptq_loss=sum(v[0] for v in solved),
+                rtn_loss=sum(v[1] for v in solved), damp_percent=solved[0][2], n_tokens=reduced[g.name][1],
+                owner=-1, max_rel_err=max(v[3] for v in solved),
+                mean_rel_err=sum(v[4] * v[5] for v in solved) / sum(v[5] for v in solved),
+                routed_tokens=routed.get(g.name), starved_policy=self._starved_policy(routed.get(g.name)),
+            ))
+        return reports
 
     def _share_hessian(self, reduced: tuple[torch.Tensor, int] | None, owner: int,
                        template: torch.Tensor) -> tuple[torch.Tensor, int]:

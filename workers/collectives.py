@@ -35,3 +35,34 @@ def gather_sum(tensor: Tensor, owner: int, rank: int, world: int,
             for p in parts[1:]:
                 acc += p
     return total
+
+
+def sum_to_all_(tensor: Tensor, rank: int, world: int, chunk_bytes: int = GATHER_CHUNK_BYTES) -> int:
+    """Replace `tensor` (same shape on every rank, contiguous) in place by Σ over ranks, added in rank
+    order: the same bits on every rank, and the same bits gather_sum gives its owner.
+
+    Row chunk c is gathered on rank c mod W, added there in rank order and broadcast back, so the
+    additions and the traffic spread over the ranks; in place, no rank holds a second full matrix.
+    Every rank must call it with the same shape and chunk_bytes (a collective). Returns the bytes this
+    rank received."""
+    if not tensor.is_contiguous():
+        raise ValueError("sum_to_all_ sums in place: pass a contiguous tensor")
+    flat = tensor.view(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.view(-1, 1)
+    row_bytes = max(1, flat.shape[1] * flat.element_size())
+    rows = max(1, chunk_bytes // row_bytes)
+    received = 0
+    for c, r in enumerate(range(0, flat.shape[0], rows)):
+        root = c % world
+        chunk = flat[r:r + rows]
+        nbytes = chunk.numel() * chunk.element_size()
+        parts = [torch.empty_like(chunk) for _ in range(world)] if rank == root else None
+        dist.gather(chunk, parts, dst=root)
+        if rank == root:
+            chunk.copy_(parts[0])
+            for p in parts[1:]:
+                chunk += p
+            received += (world - 1) * nbytes
+        else:
+            received += nbytes
+        dist.broadcast(chunk, src=root)
+    return received

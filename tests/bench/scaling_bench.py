@@ -2,6 +2,7 @@
 
     python -m tests.bench.scaling_bench --preset llama-70b --workers 1,2 [--blocks 2]
     python -m tests.bench.scaling_bench --preset llama-tiny --workers 1,2,4 --cpu --samples 32 --seq-len 256
+    ... --no-split-rows: each input group solved by its owner alone (workers/row_split.py off)
 
 Ray cannot travel to the GPU machine, so each rank is a spawned process running the same
 BlockWorker the Ray actors run. For every W it prints the last block's per-stage seconds (slowest
@@ -33,14 +34,14 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, rendezvous: str,
     setup = WorkerSetup(job_id="scale", rank=rank, world_size=world, model_path=f"synthetic://{args.preset}",
                         samples=samples.tensor_split(world)[rank].clone(), gptq=GPTQConfig(bits=4, group_size=128),
                         true_sequential=True, micro_batch=args.micro_batch,
-                        num_threads=1 if args.cpu else 4, device=device)
+                        num_threads=1 if args.cpu else 4, device=device, split_rows=not args.no_split_rows)
     worker = BlockWorker(setup)
     worker.start(rendezvous)
     out = []
     for b in range(args.blocks):
         t = time.perf_counter()
         r = worker.run_block(BlockTask("scale", b))
-        out.append(dict(seconds=r.seconds, wall=time.perf_counter() - t, moved=r.bytes_received,
+        out.append(dict(seconds=r.seconds, wall=time.perf_counter() - t, moved=r.bytes_received, rows=r.rows_solved,
                         peak=r.peak_memory_bytes, layers=[asdict(x) for x in r.layers]))
     worker.stop()
     queue.put((rank, out))
@@ -71,15 +72,18 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--timeout", type=float, default=540)
+    parser.add_argument("--no-split-rows", action="store_true", help="owners solve whole input groups")
     args = parser.parse_args()
     os.environ.setdefault("RAYQUANT_CACHE", "/tmp/rayquant-cache")
     rows = {}
     for w in [int(x) for x in args.workers.split(",")]:
         rows[w] = run_world(w, args)
     where = "CPU (Gloo)" if args.cpu else f"{torch.cuda.get_device_name()} (NCCL)"
-    print(f"\n{args.preset}, {args.samples} x {args.seq_len} tokens, 4-bit g128, {where}; last block of {args.blocks}")
+    split = "owner solves" if args.no_split_rows else "rows split"
+    print(f"\n{args.preset}, {args.samples} x {args.seq_len} tokens, 4-bit g128, {where}, {split}; "
+          f"last block of {args.blocks}")
     print(f"{'W':>2} " + " ".join(f"{s:>9}" for s in STAGES) + f" {'block s':>8} {'eff':>5}  MiB moved "
-          + "/".join(MOVED) + "  peak GiB  max loss diff vs W=1")
+          + "/".join(MOVED) + "  peak GiB  max loss diff vs W=1  rows solved per rank")
     base_t = base_layers = None
     for w, ranks in rows.items():
         last = [r[-1] for r in ranks]
@@ -92,7 +96,7 @@ def main() -> None:
         diff = max(abs(layers[n] - base_layers[n]) / base_layers[n] for n in layers)
         print(f"{w:>2} " + " ".join(f"{sec[s]:9.3f}" for s in STAGES) + f" {block_s:8.2f} {base_t / (w * block_s):5.2f}"
               f"  {moved['load']:.1f}/{moved['reduce']:.1f}/{moved['share']:.1f}"
-              f"  {max(x['peak'] for x in last) / 2**30:8.1f}  {diff:.2e}")
+              f"  {max(x['peak'] for x in last) / 2**30:8.1f}  {diff:.2e}  {'/'.join(str(x['rows']) for x in last)}")
 
 
 if __name__ == "__main__":
