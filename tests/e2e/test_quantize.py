@@ -133,8 +133,9 @@ def test_one_and_two_workers_agree_on_losses_and_logit_error(run_w2, run_w1_with
     for name, a in layers1.items():
         b = layers2[name]
         assert abs(a["gptq_loss"] - b["gptq_loss"]) <= 0.005 * a["gptq_loss"], name
-        assert {a["owner"], b["owner"]} <= {0, 1}
-    assert {x["owner"] for x in layers2.values()} == {0, 1}  # Hessians really were spread over 2 ranks
+        # W = 1: rank 0 solves everything; W = 2: one input group per true_sequential stage, so both
+        # ranks solve a slice of every linear's rows (owner -1, workers/row_split.py)
+        assert (a["owner"], b["owner"]) == (0, -1), name
     fp = logits(fp_model(source_dir), eval_ids)
     err1 = logit_mse(logits(dequantized_model(source_dir, out1), eval_ids), fp)
     err2 = logit_mse(logits(dequantized_model(source_dir, out2), eval_ids), fp)
