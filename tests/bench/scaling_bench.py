@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from dataclasses import asdict
 
 import torch
-import torch.multiprocessing as mp
 
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
+from tests.spawned_ranks import run_ranks
 
 STAGES = ("load", "collect", "reduce", "solve", "validate", "share", "advance")
 MOVED = ("load", "reduce", "share")
 
 
-def _rank_main(rank: int, world: int, args: argparse.Namespace, rendezvous: str, queue) -> None:
+def _rank_main(rank: int, rendezvous: str, queue, world: int, args: argparse.Namespace) -> None:
     samples = torch.randint(2, 1024, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     device = "cpu" if args.cpu else f"cuda:{rank}"
     setup = WorkerSetup(job_id="scale", rank=rank, world_size=world, model_path=f"synthetic://{args.preset}",
@@ -48,18 +47,7 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, rendezvous: str,
 
 
 def run_world(world: int, args: argparse.Namespace) -> list[list[dict]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        rendezvous = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, args, rendezvous, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=args.timeout) for _ in procs)
-    for p in procs:
-        p.join()
-    return [results[r] for r in range(world)]
+    return run_ranks(_rank_main, world, world, args, timeout=args.timeout)
 
 
 def main() -> None:

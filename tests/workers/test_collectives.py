@@ -1,13 +1,11 @@
 """gather_sum and sum_to_all_ across real Gloo processes on loopback: rank-order sums in bounded chunks."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rayquant.workers.collectives import gather_sum, sum_to_all_
+from tests.spawned_ranks import run_ranks
 
 WORLD = 3
 SHAPES = [(37, 11), (50,), (6, 5, 4)]
@@ -39,19 +37,7 @@ def _rank_main(rank: int, rendezvous: str, queue) -> None:
 @pytest.fixture(scope="module")
 def results() -> dict[int, dict]:
     """Each rank's results of every collective call, from one set of spawned processes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        rendezvous = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, rendezvous, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
+    return dict(enumerate(run_ranks(_rank_main, WORLD, timeout=120)))
 
 
 def _rank_order_sum(shape: tuple) -> torch.Tensor:

@@ -3,18 +3,17 @@ the tiny Llama on 1, 2 and 4 spawned Gloo workers (BlockWorker as the Ray actors
 
 from __future__ import annotations
 
-import socket
 from dataclasses import asdict
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from rayquant.solver.gptq import GPTQConfig, GPTQResult
 from rayquant.solver.grid import max_level
 from rayquant.solver.pack import pack_linear
 from rayquant.workers.block_worker import PACKED_FIELDS, BlockTask, BlockWorker, WorkerSetup
 from rayquant.workers.row_split import ROW_ALIGN, concat_packed, row_bounds
+from tests.spawned_ranks import run_ranks
 
 
 @pytest.mark.parametrize("n_rows", [0, 8, 31, 32, 64, 100, 128, 1024, 14336, 53248 + 8])
@@ -68,7 +67,7 @@ def test_packed_row_slices_concatenated_equal_packing_all_rows(bits: int, n_rows
 BLOCKS = 2
 
 
-def _rank_main(rank: int, world: int, split_rows: bool, rendezvous: str, queue) -> None:
+def _rank_main(rank: int, rendezvous: str, queue, world: int, split_rows: bool) -> None:
     samples = torch.randint(2, 1024, (8, 64), generator=torch.Generator().manual_seed(0))
     setup = WorkerSetup(job_id="rows", rank=rank, world_size=world, model_path="synthetic://llama-tiny",
                         samples=samples.tensor_split(world)[rank].clone(), gptq=GPTQConfig(bits=4, group_size=128),
@@ -90,19 +89,7 @@ def _rank_main(rank: int, world: int, split_rows: bool, rendezvous: str, queue) 
 
 def _run(world: int, split_rows: bool = True) -> list[list[dict]]:
     """Per rank, per block: reports, rows solved, bytes received, seconds, rank 0's part tensor shapes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        rendezvous = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, split_rows, rendezvous, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return [results[r] for r in range(world)]
+    return run_ranks(_rank_main, world, world, split_rows)
 
 
 @pytest.fixture(scope="module")
