@@ -3,6 +3,7 @@ the tiny Llama on 1, 2 and 4 spawned Gloo workers (BlockWorker as the Ray actors
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from rayquant.solver.gptq import GPTQConfig, GPTQResult
 from rayquant.solver.grid import max_level
-from rayquant.solver.pack import pack_linear
+from rayquant.solver.pack import PackedLinear, pack_linear
 from rayquant.workers.block_worker import PACKED_FIELDS, BlockTask, BlockWorker, WorkerSetup
 from rayquant.workers.row_split import ROW_ALIGN, concat_packed, row_bounds
 from tests.spawned_ranks import run_ranks
@@ -67,12 +68,15 @@ def test_packed_row_slices_concatenated_equal_packing_all_rows(bits: int, n_rows
 BLOCKS = 2
 
 
-def _rank_main(rank: int, rendezvous: str, queue, world: int, split_rows: bool) -> None:
+def _setup(rank: int, world: int, split_rows: bool = True) -> WorkerSetup:
     samples = torch.randint(2, 1024, (8, 64), generator=torch.Generator().manual_seed(0))
-    setup = WorkerSetup(job_id="rows", rank=rank, world_size=world, model_path="synthetic://llama-tiny",
-                        samples=samples.tensor_split(world)[rank].clone(), gptq=GPTQConfig(bits=4, group_size=128),
-                        true_sequential=True, micro_batch=2, split_rows=split_rows)
-    worker = BlockWorker(setup)
+    return WorkerSetup(job_id="rows", rank=rank, world_size=world, model_path="synthetic://llama-tiny",
+                       samples=samples.tensor_split(world)[rank].clone(), gptq=GPTQConfig(bits=4, group_size=128),
+                       true_sequential=True, micro_batch=2, split_rows=split_rows)
+
+
+def _rank_main(rank: int, rendezvous: str, queue, world: int, split_rows: bool) -> None:
+    worker = BlockWorker(_setup(rank, world, split_rows))
     out = []
     try:
         worker.start(rendezvous)
@@ -135,3 +139,34 @@ def test_without_split_rows_owners_solve_whole_groups_with_the_same_losses(runs)
         assert abs(split[name]["gptq_loss"] - a["gptq_loss"]) <= 0.005 * a["gptq_loss"], name
     per_rank = [blocks[0]["rows"] for blocks in runs[(2, False)]]
     assert sum(per_rank) == runs[(1, True)][0][0]["rows"]  # each group solved by its owner only
+
+
+class CorruptSliceWorker(BlockWorker):
+    """Rank 1 packs its slice of gate_proj (rows 128-255 of 256 at W = 2) with a doubled scale."""
+
+    def _pack(self, result: GPTQResult, bits: int) -> PackedLinear:
+        packed = super()._pack(result, bits)
+        if self.rank == 1 and result.codes.shape == (128, 128):  # only gate/up slices have this shape
+            scales = packed.scales.clone()
+            scales[0, :4] *= 2
+            packed = dataclasses.replace(packed, scales=scales)
+        return packed
+
+
+def _corrupt_rank_main(rank: int, rendezvous: str, queue) -> None:
+    worker = CorruptSliceWorker(_setup(rank, 2))
+    try:
+        worker.start(rendezvous)
+        worker.run_block(BlockTask("rows", 0))
+        outcome = ("finished", "")
+    except Exception as e:  # noqa: BLE001 - what each rank raised is the result
+        outcome = (type(e).__name__, str(e))
+    finally:
+        worker.stop()
+    queue.put((rank, outcome))
+
+
+def test_a_slice_that_fails_validation_fails_on_its_rank_naming_the_layer_and_stops_the_other():
+    rank0, rank1 = run_ranks(_corrupt_rank_main, 2)
+    assert rank1[0] == "KernelMismatch" and "block 0 layer model.layers.0.mlp.gate_proj" in rank1[1]
+    assert rank0[0] == "PeerFailed"  # its own slice was fine; it learns of rank 1's failure, no hang
