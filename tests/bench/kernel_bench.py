@@ -9,8 +9,12 @@ the eager time (triton.testing.do_bench median, L2 flushed), the effective weigh
 (qweight + scales + qzeros bytes / time) as GB/s and as % of the copy bandwidth, and
 torch.nn.functional.linear on an fp16 weight of the same shape (CUDA graph). For M <= 16 an "(alt)" row
 times the other small-M kernel with the same tiles. Act-order (g_idx permuted) rows follow.
---large-m adds M = 2048 for N = 8192. The table is printed last.
+--large-m adds M = 2048 for N = 8192. The table is printed last, then the kernel against the pure-torch
+reference (the validate step's metric: per-token ||y_kernel - y_ref|| / ||y_ref|| with y_ref = x @ Wᵀ in
+fp64 from the dequantized weight), max and mean over 64 tokens, for 4/8 bits, sequential and act-order
+g_idx, fp16 and bf16 activations, both the Triton kernel and `dequant_gemm_reference` in x's dtype.
 --sweep instead times alternative tile configs at M = 1, 4, 16 (for tuning `choose_tile_config`).
+--accuracy prints only the kernel-vs-reference table.
 --splits instead times every split_k in {1, 2, 4, 8, 16} on 4- and 8-bit 8192×28672 at M = 1, 4, 16, 64 with
 the default tiles (both small-M kernels at M = 4, 16; split partials summed by `_sum_splits_kernel`), as µs per
 call (CUDA graph, as above) and % of the copy bandwidth beside torch's fp16 matmul, the default marked; then a
@@ -28,9 +32,11 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from rayquant.kernels.dequant_gemm import dequant_gemm_reference
 from rayquant.kernels.triton_dequant_gemm import (GIdxLayout, TileConfig, choose_tile_config, dequant_gemm_triton,
                                                   read_g_idx_layout)
-from rayquant.solver.pack import PackedLinear
+from rayquant.kernels.validation import validate_packed_layer
+from rayquant.solver.pack import PackedLinear, dequantize_packed
 
 SHAPES = [(8192, 28672), (28672, 8192), (8192, 8192)]  # (K, N): MLP up, MLP down, attention (70B)
 GROUP_SIZE = 128
@@ -196,6 +202,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--large-m", action="store_true")
     parser.add_argument("--splits", action="store_true")
+    parser.add_argument("--accuracy", action="store_true", help="only the kernel-vs-reference table")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -203,6 +210,9 @@ def main() -> None:
     if args.sweep:
         for line in sweep(sms, copy_bw):
             print("BEST", line)
+        return
+    if args.accuracy:
+        print_accuracy()
         return
     if args.splits:
         print(f"device: {device}, {sms} SMs; 1 GiB device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
@@ -261,6 +271,34 @@ def main() -> None:
     for b, g, kn, M, us, eus, gbs, pct, tus, ratio, tflops, cfg in rows:
         print(f"{b:>4} {g:>5} {kn:>11} {M:>5} {us:>9.1f} {eus:>9.1f} {gbs:>9.0f} {pct:>6.1f} {tus:>9.1f} "
               f"{ratio:>9.2f} {tflops:>7.1f}  {cfg}")
+    print_accuracy()
+
+
+def print_accuracy() -> None:
+    print("\nkernel vs reference, 8192x28672 g128, 64 tokens: max / mean relative error per token against fp64")
+    print("{:>4} {:>5} {:>9} {:>22} {:>22}".format("bits", "g_idx", "x dtype", "triton max / mean", "reference max / mean"))
+    for bits, act_order, dtype, triton_err, ref_err in accuracy_rows():
+        print(f"{bits:>4} {'act' if act_order else 'seq':>5} {str(dtype).removeprefix('torch.'):>9} "
+              f"{triton_err.max_rel_err:>10.2e} / {triton_err.mean_rel_err:.2e} "
+              f"{ref_err.max_rel_err:>10.2e} / {ref_err.mean_rel_err:.2e}")
+
+
+def accuracy_rows() -> list[tuple]:
+    """The validate step's comparison for both kernels on one layer shape per (bits, g_idx, activation dtype)."""
+    K, N = SHAPES[0]
+    rows = []
+    for bits in (4, 8):
+        for act_order in (False, True):
+            p = random_layer(K, N, bits, act_order, 7)
+            W = dequantize_packed(p, bits)
+            layout = read_g_idx_layout(p.g_idx)
+            for dtype in (torch.float16, torch.bfloat16):
+                x = torch.randn(64, K, device="cuda", generator=torch.Generator("cuda").manual_seed(3)).to(dtype)
+                kernel = validate_packed_layer(x, p, bits, W, float("inf"),
+                                               gemm=lambda a, q, b: dequant_gemm_triton(a, q, b, layout))
+                reference = validate_packed_layer(x, p, bits, W, float("inf"), gemm=dequant_gemm_reference)
+                rows.append((bits, act_order, dtype, kernel, reference))
+    return rows
 
 
 if __name__ == "__main__":
