@@ -73,6 +73,7 @@ def main() -> None:
     print(f"{'W':>2} " + " ".join(f"{s:>9}" for s in STAGES) + f" {'block s':>8} {'eff':>5}  MiB moved "
           + "/".join(MOVED) + "  peak GiB  max loss diff vs W=1  rows solved per rank")
     base_t = base_layers = None
+    model_lines = []
     for w, ranks in rows.items():
         last = [r[-1] for r in ranks]
         sec = {s: max(x["seconds"].get(s, 0.0) for x in last) for s in STAGES}
@@ -85,6 +86,31 @@ def main() -> None:
         print(f"{w:>2} " + " ".join(f"{sec[s]:9.3f}" for s in STAGES) + f" {block_s:8.2f} {base_t / (w * block_s):5.2f}"
               f"  {moved['load']:.1f}/{moved['reduce']:.1f}/{moved['share']:.1f}"
               f"  {max(x['peak'] for x in last) / 2**30:8.1f}  {diff:.2e}  {'/'.join(str(x['rows']) for x in last)}")
+        model = predicted_bytes([lay for x in last for lay in x["layers"]], w, hessian_bytes=8 if args.cpu else 4)
+        model_lines.append(f"{w:>2}  " + "  ".join(f"{k} {model[k] / 2**20:.2f} / {moved[k]:.2f}" for k in MOVED))
+    print("\ncommunication model (MiB per block, predicted from the linears' shapes / measured; the measured load "
+          "also carries the norms, reduce and share the token counts and merged reports)")
+    print("\n".join(model_lines))
+
+
+def predicted_bytes(layers: list[dict], world: int, hessian_bytes: int, bits: int = 4, group: int = 128) -> dict[str, int]:
+    """Bytes received by all ranks together in one block, per stage, for bf16 source weights:
+    load: every linear's weight is read by one rank and broadcast to W-1 others;
+    reduce: every input group's Hessian [K, K] (fp32 on GPUs, fp64 on CPU workers) gathered on an owner (W-1
+    copies) or, for groups whose
+    rows are split over all ranks (owner -1), gathered and broadcast back in chunks (2 (W-1) copies);
+    share: every packed layer (qweight, qzeros, scales, g_idx) broadcast to W-1 ranks."""
+    others = world - 1
+    hessians: dict[str, tuple[int, bool]] = {}
+    load = share = 0
+    for lay in layers:
+        K, N = lay["in_features"], lay["out_features"]
+        load += others * N * K * 2
+        G = -(-K // group)
+        share += others * (K * N * bits // 8 + G * N * bits // 8 + G * N * 2 + K * 4)
+        hessians[lay["input_group"]] = (K, lay["owner"] == -1)
+    reduce = sum(others * (2 if split else 1) * hessian_bytes * K * K for K, split in hessians.values())
+    return {"load": load, "reduce": reduce, "share": share}
 
 
 if __name__ == "__main__":
