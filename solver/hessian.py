@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rayquant.solver.split_matmul import split_bf16
+
 
 class InvalidSolverInput(ValueError):
     """Weights or Hessian of a solve have inconsistent shapes or an empty token count."""
@@ -169,13 +171,11 @@ def _mm_split_bf16(A: Tensor, B: Tensor, parts: int = 3) -> Tensor:
     row chunks so no second K×K fp32 matrix is ever allocated. parts < 3 keeps only the first products
     of (Ah Bh, Al Bh, Ah Bl).
     """
-    Ah = A.bfloat16()
-    Al = (A - Ah.float()).bfloat16() if parts > 1 else None
+    Ah, Al = split_bf16(A) if parts > 1 else (A.bfloat16(), None)
     out = torch.zeros(A.shape[0], B.shape[1], dtype=torch.float32, device=A.device)
     for k in range(0, B.shape[0], SPLIT_CHUNK):
         Bc = B[k:k + SPLIT_CHUNK]
-        Bh = Bc.bfloat16()
-        Bl = (Bc - Bh.float()).bfloat16() if parts > 2 else None
+        Bh, Bl = split_bf16(Bc) if parts > 2 else (Bc.bfloat16(), None)
         for a, b in ((Ah, Bh), (Al, Bh), (Ah, Bl))[:parts]:
             torch.addmm(out, a[:, k:k + SPLIT_CHUNK], b, out_dtype=torch.float32, out=out)
     return out

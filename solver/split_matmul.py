@@ -31,8 +31,8 @@ def addmm_split_(out: Tensor, A: Tensor, B: Tensor, precision: str = "tf32x3", a
         Bh, Bl = _split_tf32(B)
         with _tf32_matmul():
             return out.addmm_(torch.cat([Ah, Al, Ah], dim=1), torch.cat([Bh, Bh, Bl], dim=0), alpha=alpha)
-    Ah, Al = _split_bf16(A)
-    Bh, Bl = _split_bf16(B)
+    Ah, Al = split_bf16(A)
+    Bh, Bl = split_bf16(B)
     return torch.addmm(out, torch.cat([Ah, Al, Ah], dim=1), torch.cat([Bh, Bh, Bl], dim=0),
                        out_dtype=torch.float32, alpha=alpha, out=out)
 
@@ -42,7 +42,8 @@ def _split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
     return high, x - high
 
 
-def _split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
+def split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x ≈ high + low in bf16 (fp32 x; ~2⁻¹⁶ relative)."""
     high = x.bfloat16()
     return high, (x - high.float()).bfloat16()
 

@@ -19,21 +19,10 @@ def gather_sum(tensor: Tensor, owner: int, rank: int, world: int,
     """Σ over ranks of `tensor` (same shape on every rank), added in rank order, on `owner`; None elsewhere.
 
     Every rank must call it with the same shape, owner and chunk_bytes (a collective)."""
-    is_owner = rank == owner
-    total = torch.empty_like(tensor) if is_owner else None
-    flat = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(-1, 1)
-    row_bytes = max(1, flat.shape[1] * flat.element_size())
-    rows = max(1, chunk_bytes // row_bytes)
-    out = total.view(flat.shape) if is_owner else None
-    for r in range(0, flat.shape[0], rows):
-        chunk = flat[r:r + rows].contiguous()
-        parts = [torch.empty_like(chunk) for _ in range(world)] if is_owner else None
-        dist.gather(chunk, parts, dst=owner)
-        if is_owner:
-            acc = out[r:r + rows]
-            acc.copy_(parts[0])
-            for p in parts[1:]:
-                acc += p
+    total = torch.empty_like(tensor, memory_format=torch.contiguous_format) if rank == owner else None
+    flat, out = _as_rows(tensor), _as_rows(total) if total is not None else None
+    for rows in _row_chunks(flat, chunk_bytes):
+        _gather_add(flat[rows].contiguous(), out[rows] if out is not None else None, owner, rank, world)
     return total
 
 
@@ -47,22 +36,34 @@ def sum_to_all_(tensor: Tensor, rank: int, world: int, chunk_bytes: int = GATHER
     rank received."""
     if not tensor.is_contiguous():
         raise ValueError("sum_to_all_ sums in place: pass a contiguous tensor")
-    flat = tensor.view(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.view(-1, 1)
-    row_bytes = max(1, flat.shape[1] * flat.element_size())
-    rows = max(1, chunk_bytes // row_bytes)
-    received = 0
-    for c, r in enumerate(range(0, flat.shape[0], rows)):
+    flat, received = _as_rows(tensor), 0
+    for c, rows in enumerate(_row_chunks(flat, chunk_bytes)):
         root = c % world
-        chunk = flat[r:r + rows]
+        chunk = flat[rows]
         nbytes = chunk.numel() * chunk.element_size()
-        parts = [torch.empty_like(chunk) for _ in range(world)] if rank == root else None
-        dist.gather(chunk, parts, dst=root)
-        if rank == root:
-            chunk.copy_(parts[0])
-            for p in parts[1:]:
-                chunk += p
-            received += (world - 1) * nbytes
-        else:
-            received += nbytes
+        _gather_add(chunk, chunk if rank == root else None, root, rank, world)
+        received += (world - 1) * nbytes if rank == root else nbytes
         dist.broadcast(chunk, src=root)
     return received
+
+
+def _as_rows(tensor: Tensor) -> Tensor:
+    """[rows, rest] (a 1-D tensor is one column): a view of a contiguous tensor, which is what writes into it need."""
+    return tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(-1, 1)
+
+
+def _row_chunks(flat: Tensor, chunk_bytes: int) -> list[slice]:
+    """Slices of whole rows of the 2-D `flat`, each at most chunk_bytes (at least one row)."""
+    rows = max(1, chunk_bytes // max(1, flat.shape[1] * flat.element_size()))
+    return [slice(r, r + rows) for r in range(0, flat.shape[0], rows)]
+
+
+def _gather_add(chunk: Tensor, dest: Tensor | None, root: int, rank: int, world: int) -> None:
+    """Gather every rank's `chunk` on `root` and write their sum, added in rank order, into `dest` there
+    (dest may be chunk itself: parts[0] is a copy)."""
+    parts = [torch.empty_like(chunk) for _ in range(world)] if rank == root else None
+    dist.gather(chunk, parts, dst=root)
+    if rank == root:
+        dest.copy_(parts[0])
+        for p in parts[1:]:
+            dest += p

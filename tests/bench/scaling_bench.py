@@ -97,8 +97,8 @@ def predicted_bytes(layers: list[dict], world: int, hessian_bytes: int, bits: in
     """Bytes received by all ranks together in one block, per stage, for bf16 source weights:
     load: every linear's weight is read by one rank and broadcast to W-1 others;
     reduce: every input group's Hessian [K, K] (fp32 on GPUs, fp64 on CPU workers) gathered on an owner (W-1
-    copies) or, for groups whose
-    rows are split over all ranks (owner -1), gathered and broadcast back in chunks (2 (W-1) copies);
+    copies) or, for groups whose rows are split over all ranks (owner -1), gathered and broadcast back in
+    chunks (2 (W-1) copies);
     share: every packed layer (qweight, qzeros, scales, g_idx) broadcast to W-1 ranks."""
     others = world - 1
     hessians: dict[str, tuple[int, bool]] = {}
