@@ -1,1 +1,0 @@
-"""rayquant.solver."""
