@@ -1,54 +1,77 @@
-"""`rayquant` command line. Exit codes: 0 success, 2 bad input (spec, model, data), 1 otherwise."""
+"""`rayquant` command line. Exit codes: 0 success, 2 bad input (spec, model, data), 1 otherwise.
+
+Imports stay light at the top (argparse, the spec's pydantic models) so `--help` and `--version` answer
+at once; `quantize` starts Ray while another thread imports torch, transformers and the driver.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
-import structlog
-
-from rayquant.jobs.input_errors import INPUT_ERRORS
+from rayquant.jobs.logs import configure_logging
 from rayquant.jobs.spec import CalibrationSpec, SpecError, load_spec
-from rayquant.kernels.validation import KernelMismatch
+
+EXAMPLE_SPEC = Path(__file__).parent / "specs" / "example.yaml"
+
+QUANTIZE_EPILOG = """\
+spec sections (every key has a default; `rayquant example-spec` prints them all, annotated):
+  name          the job's name (model card, progress bar)
+  model         source: a local model directory or synthetic://<preset>; trust_remote_code
+  quant         bits, group_size, desc_act, sym, act_group_aware, damp_percent, true_sequential,
+                overrides (per-module bits/group_size/skip), moe.{min_tokens, starved_experts}
+  calibration   dataset (builtin://text | .txt/.jsonl/.parquet path or s3:// | hf://), n_samples,
+                seq_len, eval_samples, packing, min_length, text_field, split, seed
+  cluster       address (none = embedded Ray on 127.0.0.1), num_workers, gpus_per_worker, cpus_per_worker
+  output        uri: a local directory
+
+Run the same command again after a crash: it resumes after the last finished block.
+stdout: the output directory. stderr: a progress bar on a terminal, JSON log lines otherwise.
+"""
 
 
-def configure_logging(verbose: bool) -> None:
-    """Structured logs to stderr (stdout carries only the result URI)."""
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="%H:%M:%S"),
-            structlog.dev.ConsoleRenderer(colors=False),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
-        logger_factory=lambda *_: _StderrLogger(),
-    )
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-
-class _StderrLogger:
-    """Writes each line to sys.stderr as it is at that moment (a caller may have replaced it since)."""
-
-    def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    log = debug = info = warn = warning = error = err = critical = exception = fatal = failure = msg
-
-
-def configure_worker_logging() -> None:
-    """Ray's worker_process_setup_hook: the same stderr logs in every worker process."""
-    configure_logging(os.environ.get("RAYQUANT_VERBOSE") == "1")
+    try:
+        return version("rayquant")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from rayquant.jobs.driver import run_job  # imports ray; keep `--help` fast
+    import importlib
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    import structlog
+
+    from rayquant.jobs import cluster as ray_cluster  # Ray only, no torch
 
     spec = load_spec(Path(args.spec), args.set or [])
-    outcome = run_job(spec)
+    c = spec.cluster
+    job_id = uuid.uuid4().hex[:12]
+    structlog.contextvars.bind_contextvars(job_id=job_id, block=None)
+    structlog.get_logger().info("job_starting", job=spec.name, ray=c.address or "embedded (127.0.0.1)",
+                                workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
+                                cpus_per_worker=c.cpus_per_worker)
+    # Ray starts on this thread (its processes live as long as the thread that started them) while
+    # torch, transformers and the driver are imported on the other.
+    with ThreadPoolExecutor(1, thread_name_prefix="import-driver") as pool:
+        driver = pool.submit(importlib.import_module, "rayquant.jobs.driver")
+        cluster = ray_cluster.connect(c.address, c.num_workers * c.cpus_per_worker, verbose=args.verbose)
+        try:
+            outcome = driver.result().run_job(spec, job_id, cluster=cluster, verbose=args.verbose)
+        finally:
+            ray_cluster.disconnect(cluster)
     print(Path(outcome.uri).resolve() if "://" not in outcome.uri else outcome.uri)
+    return 0
+
+
+def _example_spec(_args: argparse.Namespace) -> int:
+    print(EXAMPLE_SPEC.read_text(encoding="utf-8"), end="")
     return 0
 
 
@@ -86,14 +109,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rayquant", description="Distributed GPTQ quantization on Ray")
-    parser.add_argument("-v", "--verbose", action="store_true", help="per-layer debug logs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="run a job here (embedded Ray) or on cluster.address")
-    q.add_argument("spec", help="job spec YAML, e.g. jobs/specs/tiny-llama.yaml")
-    q.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field")
-    e = sub.add_parser("eval", help="perplexity of a GPTQ v1 checkpoint (any tool's) or an unquantized model")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayquant", description="Distributed GPTQ quantization on Ray",
+                                     epilog="`rayquant COMMAND --help` for each command's arguments.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logs, Ray's own warnings and the workers' log lines")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    q = sub.add_parser("quantize", help="run a job here (embedded Ray) or on cluster.address",
+                       description="Quantize the spec's model into its output, block by block, on Ray workers.",
+                       epilog=QUANTIZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("spec", help="job spec YAML, e.g. jobs/specs/tiny-llama.yaml (`rayquant example-spec`)")
+    q.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override a spec field, value read as YAML (e.g. --set quant.bits=8); repeatable")
+    q.set_defaults(run=_quantize)
+    x = sub.add_parser("example-spec", help="print an annotated job spec with every key at its default",
+                       description="Print an annotated job spec: every key, its default and its trade-off.")
+    x.set_defaults(run=_example_spec)
+    e = sub.add_parser("eval", help="perplexity of a GPTQ v1 checkpoint (any tool's) or an unquantized model",
+                       description="Perplexity on the held-out windows a job with the same calibration.* "
+                                   "settings scores in its pass; the last stdout line is JSON.")
     e.add_argument("uri", help="checkpoint or model directory, or synthetic://<preset>")
     calibration = CalibrationSpec()  # defaults of the job spec: the same eval windows as a default job
     e.add_argument("--data", default=calibration.dataset, help="dataset, as calibration.dataset")
@@ -108,23 +143,39 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's own)")
     e.add_argument("--device", default="cpu", help="cpu or cuda; the forward runs in float32")
     e.add_argument("--micro-batch", type=int, default=1, help="windows per forward")
-    args = parser.parse_args(argv)
+    e.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    if args.verbose:
-        os.environ["RAYQUANT_VERBOSE"] = "1"
-    # Embedded Ray binds to loopback only, so nothing listens on a routable address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if args.verbose:  # every worker line, not Ray's "[repeated 7x across cluster]" summaries (read at `import ray`)
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
-        return _eval(args) if args.command == "eval" else _quantize(args)
-    except INPUT_ERRORS as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    except KernelMismatch as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        return args.run(args)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume after the last completed block", file=sys.stderr)
         return 1
+    except Exception as err:  # noqa: BLE001 - sorted into input errors (2) and the rest below
+        return _report_error(err)
+
+
+def _report_error(err: Exception) -> int:
+    """One line on stderr for the errors a user can act on; anything else is a bug: its traceback."""
+    if isinstance(err, SpecError):  # before the import below, which loads torch
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    from rayquant.jobs.input_errors import INPUT_ERRORS  # imports every module that defines one
+    from rayquant.kernels.validation import KernelMismatch
+
+    if isinstance(err, INPUT_ERRORS):
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    if isinstance(err, KernelMismatch):
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    raise err
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The job driver: plan, start the workers, run the per-block loop, resume, assemble.
+"""The job driver: preflight, start the workers, run the per-block loop, resume, assemble.
 
 Turns the JobSpec into frozen records before anything crosses into workers. The per-block loop
 is DESIGN.md's: every worker runs the block's stages together; rank 0 hands back the packed block,
 which the driver persists as a part file and then marks done — the marker is the resume point.
+Start-up overlaps: the worker actors are created before the calibration windows are cut, so their
+processes start and import while the driver tokenizes.
 """
 
 from __future__ import annotations
@@ -16,22 +18,24 @@ import ray
 import structlog
 import torch
 
+from rayquant.jobs.cluster import Cluster, connect, create_workers, current_stage, disconnect, wait_all
 from rayquant.jobs.input_errors import INPUT_ERRORS
+from rayquant.jobs.logs import stderr_is_terminal
+from rayquant.jobs.progress import JobProgress
 from rayquant.jobs.spec import JobSpec
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage import checkpoint
 from rayquant.storage.calibration import CalibrationSet, load_calibration, vocab_size_of, windows_sha256
-from rayquant.storage.model_source import open_model_source
+from rayquant.storage.model_source import ModelSource, open_model_source
 from rayquant.workers.adapter import build_skeleton, check_decoder_architecture, find_layout
 from rayquant.workers.moe import MoEConfig, unfuse_experts
 from rayquant.workers.evaluation import perplexity
-from rayquant.workers.block_worker import BlockTask, BlockWorker, PeerFailed, WorkerSetup
+from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
 from rayquant.workers.layer_overrides import (LayerOverride, block_linear_names, check_fused_units,
                                              check_overrides_match, gptq_dynamic)
 
 log = structlog.get_logger()
 
-WORKER_ENV = {"worker_process_setup_hook": "rayquant.jobs.cli.configure_worker_logging"}
 STAGES = ("load", "plan", "collect", "reduce", "solve", "baseline", "validate", "share", "advance", "eval", "handoff", "persist")
 
 
@@ -65,17 +69,22 @@ def layer_overrides(spec: JobSpec) -> tuple[LayerOverride, ...]:
                  for o in spec.quant.overrides)
 
 
-def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = BlockWorker) -> JobOutcome:
-    """Quantize the spec's model into its output; resume from block markers if present.
+@dataclass(frozen=True)
+class OpenedJob:
+    """Preflight's first half: what a job reads before any worker starts (no weights)."""
+
+    source: ModelSource
+    fingerprint: str  # the output's identity (spec + source revision)
+    resolved: dict  # the spec with defaults filled in, as the manifest records it
+    state: checkpoint.OutputState  # what the output directory already holds
+
+
+def open_job(spec: JobSpec) -> OpenedJob:
+    """Open the model source (config and headers), check the overrides, inspect the output.
 
     Raises:
-        the typed input errors of spec, storage and workers (jobs.input_errors.INPUT_ERRORS).
+        the typed input errors of storage and workers (jobs.input_errors.INPUT_ERRORS).
     """
-    job_id = job_id or uuid.uuid4().hex[:12]
-    structlog.contextvars.bind_contextvars(job_id=job_id, block=None)
-    out_dir = Path(spec.output.uri)
-
-    # Preflight: everything that reads no weights, before anything is written.
     source = open_model_source(spec.model.source)
     check_decoder_architecture(source.config)
     if spec.quant.overrides:  # the skeleton is on the meta device: listing its linears reads no weights
@@ -85,39 +94,87 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
         overrides = layer_overrides(spec)
         check_overrides_match(overrides, linear_names)
         check_fused_units(overrides, gptq_config(spec), linear_names)
-    c = spec.calibration
-    calib = load_calibration(c.dataset, source.path, c.n_samples, c.seq_len, c.eval_samples, c.seed,
-                             packing=c.packing, min_length=c.min_length, text_field=c.text_field, split=c.split,
-                             vocab_size=vocab_size_of(source.config))
     fingerprint = spec.fingerprint(source.revision)
-    resolved = spec.resolved()
-    state = checkpoint.inspect_output(out_dir, fingerprint)
+    return OpenedJob(source=source, fingerprint=fingerprint, resolved=spec.resolved(),
+                     state=checkpoint.inspect_output(Path(spec.output.uri), fingerprint))
+
+
+def calibrate(spec: JobSpec, source: ModelSource) -> CalibrationSet:
+    """Preflight's second half: the calibration and held-out windows, tokenized and cut.
+
+    Raises:
+        the typed calibration input errors (jobs.input_errors.INPUT_ERRORS).
+    """
+    c = spec.calibration
+    return load_calibration(c.dataset, source.path, c.n_samples, c.seq_len, c.eval_samples, c.seed,
+                            packing=c.packing, min_length=c.min_length, text_field=c.text_field, split=c.split,
+                            vocab_size=vocab_size_of(source.config))
+
+
+def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = BlockWorker,
+            cluster: Cluster | None = None, verbose: bool = False) -> JobOutcome:
+    """Quantize the spec's model into its output; resume from block markers if present.
+
+    Runs on `cluster` if given (the CLI starts Ray while this module is imported), else connects
+    itself (embedded Ray without cluster.address) and disconnects at the end. `verbose`: the workers
+    log debug events too.
+
+    Raises:
+        the typed input errors of spec, storage and workers (jobs.input_errors.INPUT_ERRORS).
+    """
+    job_id = job_id or uuid.uuid4().hex[:12]
+    structlog.contextvars.bind_contextvars(job_id=job_id, block=None)
+    own = cluster is None
+    if own:
+        cluster = connect(spec.cluster.address, embedded_cpus(spec), verbose=verbose)
+    try:
+        return _run(spec, job_id, worker_class, cluster, verbose)
+    finally:
+        if own:
+            disconnect(cluster)
+
+
+def embedded_cpus(spec: JobSpec) -> int:
+    """The CPUs an embedded Ray gets: exactly what the job's workers ask for."""
+    return spec.cluster.num_workers * spec.cluster.cpus_per_worker
+
+
+def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbose: bool) -> JobOutcome:
+    t_start = time.perf_counter()
+    out_dir = Path(spec.output.uri)
+    job = open_job(spec)
+    state = job.state
     if state.complete:
         log.info("job_already_complete", output=str(out_dir))
         return JobOutcome(str(out_dir), 0, 0, True, [], [])
-    log.info("job_planned", model=spec.model.source, revision=source.revision[:12], output=str(out_dir),
-             workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
-             resume_from=state.done_blocks, windows_sha256=calib.window_sha256[:16])
-
     fresh = state.done_blocks == 0 and not (out_dir / checkpoint.STAGING).exists()
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        _connect(spec)
+    # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared
+    model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(job.source.path)
     workers = []
+    progress = None
     try:
-        # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared
-        model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(source.path)
-        workers = _start_workers(spec, job_id, model_path, calib.samples, calib.eval_samples, worker_class)
-        rendezvous = ray.get(workers[0].rendezvous_address.remote())
-        n_blocks = _gather([w.start.remote(rendezvous) for w in workers])[0]
-        checkpoint.begin_staging(out_dir, fingerprint, resolved)
+        # the actors' processes start and import while the calibration windows are cut here
+        workers = create_workers(worker_class, _worker_setups(spec, job_id, model_path),
+                                 spec.cluster.cpus_per_worker, spec.cluster.gpus_per_worker, verbose)
+        calib = calibrate(spec, job.source)
+        log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12], output=str(out_dir),
+                 workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
+                 resume_from=state.done_blocks, windows_sha256=calib.window_sha256[:16])
+        n_blocks = _start_workers(workers, calib, spec.cluster.num_workers)
+        c = spec.cluster
+        log.info("workers_ready", ray=cluster.where, workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
+                 cpus_per_worker=c.cpus_per_worker, ray_seconds=round(cluster.seconds, 2),
+                 seconds=round(time.perf_counter() - t_start + cluster.seconds, 2))
+        checkpoint.begin_staging(out_dir, job.fingerprint, job.resolved)
+        progress = JobProgress(spec.name, n_blocks, state.done_blocks, terminal=stderr_is_terminal())
         stage_seconds, bytes_moved, layers, run_stats = [], [], [], []
         t_job = time.perf_counter()
         for b in range(n_blocks):
             structlog.contextvars.bind_contextvars(block=b)
             replay = checkpoint.read_block_part(out_dir, b) if b < state.done_blocks else None
             t = time.perf_counter()
-            results = _gather([w.run_block.remote(BlockTask(job_id, b, replay)) for w in workers])
+            refs = [w.run_block.remote(BlockTask(job_id, b, replay)) for w in workers]
+            results = wait_all(refs, on_wait=_stage_poller(workers[0], progress) if progress.shows_stages else None)
             seconds = {k: max(r.seconds.get(k, 0.0) for r in results) for k in STAGES[:-1]}
             if replay is None:
                 t_persist = time.perf_counter()
@@ -134,76 +191,63 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
             stage_seconds.append(seconds)
             moved = {k: sum(r.bytes_received.get(k, 0) for r in results) for k in ("load", "reduce", "share")}
             bytes_moved.append(moved)
-            elapsed = time.perf_counter() - t_job
-            log.info("block_done", progress=f"{b + 1}/{n_blocks}", replayed=replay is not None,
-                     seconds=round(time.perf_counter() - t, 2),
-                     eta_s=round(elapsed / (b + 1) * (n_blocks - b - 1), 1),
-                     mib_moved=round(sum(moved.values()) / 2**20, 2), **{k: round(v, 3) for k, v in seconds.items()})
+            progress.block_done(b, time.perf_counter() - t, replayed=replay is not None,
+                                mib_moved=round(sum(moved.values()) / 2**20, 2),
+                                stages={k: round(v, 3) for k, v in seconds.items()})
+        progress.close()
         structlog.contextvars.bind_contextvars(block=None)
         t = time.perf_counter()
-        streams = _gather([w.evaluate.remote() for w in workers])[0]
+        streams = wait_all([w.evaluate.remote() for w in workers])[0]
         evaluation = _evaluation(spec, streams, calib)
         log.info("eval_done", seconds=round(time.perf_counter() - t, 2),
                  **{k: v for k, v in evaluation.items() if k.endswith("_ppl")})
-        report = _report(spec, source.revision, calib, layers, evaluation)
+        report = _report(spec, job.source.revision, calib, layers, evaluation)
         stats = {"job_id": job_id, "workers": spec.cluster.num_workers, "blocks": run_stats,
                  "eval_seconds": round(time.perf_counter() - t, 3)}
-        checkpoint.assemble_checkpoint(out_dir, source, n_blocks, quantization_config(spec), report, resolved,
-                                       run_stats=stats)
-        log.info("job_done", output=str(out_dir), blocks=n_blocks, seconds=round(time.perf_counter() - t_job, 2))
+        t = time.perf_counter()
+        checkpoint.assemble_checkpoint(out_dir, job.source, n_blocks, quantization_config(spec), report,
+                                       job.resolved, run_stats=stats)
+        log.info("job_done", output=str(out_dir), blocks=n_blocks, blocks_seconds=round(t - t_job, 2),
+                 assembly_seconds=round(time.perf_counter() - t, 2))
         return JobOutcome(str(out_dir), n_blocks, state.done_blocks, False, stage_seconds, bytes_moved)
     except INPUT_ERRORS:
         if fresh:  # this input can never finish; a fixed input is a different job
             checkpoint.discard_staging(out_dir)
         raise
     finally:
+        if progress is not None:
+            progress.close()
         for w in workers:
             ray.kill(w)
-        if owns_ray:
-            ray.shutdown()
 
 
-def _connect(spec: JobSpec) -> None:
-    if spec.cluster.address is None:
-        # Embedded Ray stays on loopback; the job uses exactly the CPUs its workers ask for.
-        ray.init(num_cpus=spec.cluster.num_workers * spec.cluster.cpus_per_worker, include_dashboard=False,
-                 logging_level="warning", runtime_env=WORKER_ENV)
-    else:
-        ray.init(address=spec.cluster.address, logging_level="warning", runtime_env=WORKER_ENV)
-
-
-def _start_workers(spec: JobSpec, job_id: str, model_path: str, samples: torch.Tensor, eval_samples: torch.Tensor,
-                   worker_class: type) -> list:
+def _worker_setups(spec: JobSpec, job_id: str, model_path: str) -> list[WorkerSetup]:
     c = spec.cluster
-    remote_cls = ray.remote(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker, max_restarts=0)(worker_class)
-    shards = samples.tensor_split(c.num_workers)
-    eval_shards = eval_samples.tensor_split(c.num_workers) if len(eval_samples) else [None] * c.num_workers
-    workers = []
-    for rank, (shard, eval_shard) in enumerate(zip(shards, eval_shards, strict=True)):
-        setup = WorkerSetup(
-            job_id=job_id, rank=rank, world_size=c.num_workers, loopback=c.address is None,
-            model_path=model_path, samples=shard.clone(), gptq=gptq_config(spec), overrides=layer_overrides(spec),
-            true_sequential=spec.quant.true_sequential, num_threads=c.cpus_per_worker,
-            device="cuda" if c.gpus_per_worker else "cpu",
-            eval_samples=None if eval_shard is None else eval_shard.clone(), eval_rtn=spec.calibration.eval_rtn,
-            moe=MoEConfig(min_tokens=spec.quant.moe.min_tokens, starved_experts=spec.quant.moe.starved_experts),
-        )
-        workers.append(remote_cls.remote(setup))
-    return workers
+    return [WorkerSetup(
+        job_id=job_id, rank=rank, world_size=c.num_workers, loopback=c.address is None, model_path=model_path,
+        gptq=gptq_config(spec), overrides=layer_overrides(spec), true_sequential=spec.quant.true_sequential,
+        num_threads=c.cpus_per_worker, device="cuda" if c.gpus_per_worker else "cpu",
+        eval_on=spec.calibration.eval_samples > 0, eval_rtn=spec.calibration.eval_rtn,
+        moe=MoEConfig(min_tokens=spec.quant.moe.min_tokens, starved_experts=spec.quant.moe.starved_experts),
+    ) for rank in range(c.num_workers)]
 
 
-def _gather(refs: list) -> list:
-    """Wait for every rank; raise the first real error (not a peer's 'another worker failed')."""
-    errors, results = [], {}
-    for i, ref in enumerate(refs):
-        try:
-            results[i] = ray.get(ref)
-        except ray.exceptions.RayTaskError as err:
-            errors.append(err.cause if err.cause is not None else err)
-    real = [e for e in errors if not isinstance(e, PeerFailed)]
-    if errors:
-        raise (real or errors)[0]
-    return [results[i] for i in range(len(refs))]
+def _start_workers(workers: list, calib: CalibrationSet, world: int) -> int:
+    """Hand each rank its 1/W of the calibration and held-out windows; returns the model's block count."""
+    shards = calib.samples.tensor_split(world)
+    eval_shards = calib.eval_samples.tensor_split(world)
+    rendezvous = ray.get(workers[0].rendezvous_address.remote())
+    return wait_all([w.start.remote(rendezvous, shard.clone(), eval_shard.clone())
+                     for w, shard, eval_shard in zip(workers, shards, eval_shards, strict=True)])[0]
+
+
+def _stage_poller(rank0, progress: JobProgress):
+    """Between waits on a block: ask rank 0 which stage it is in and show it."""
+    def poll() -> None:
+        stage = current_stage(rank0)
+        if stage is not None and stage[0] is not None:
+            progress.stage(*stage)
+    return poll
 
 
 def _report(spec: JobSpec, revision: str, calib: CalibrationSet, layers: list[dict], evaluation: dict) -> dict:

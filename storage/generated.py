@@ -13,9 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
-from transformers.core_model_loading import revert_weight_conversion
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from rayquant.storage.safetensors_reader import TensorInfo
 
@@ -64,6 +61,12 @@ def generated_tensor_infos(config: dict, path: Path) -> dict[str, TensorInfo]:
 
     Names and shapes are the checkpoint's, as save_pretrained writes them (MoE experts one linear each).
     """
+    # imported here: transformers' model loading pulls in torch._dynamo and DTensor (seconds), which
+    # opening a synthetic:// or local source does not need
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     cfg = CONFIG_MAPPING[config["model_type"]].from_dict({k: v for k, v in config.items() if k != "model_type"})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)

@@ -18,48 +18,18 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    DeepseekV2Config,
-    DeepseekV2ForCausalLM,
-    DeepseekV3Config,
-    DeepseekV3ForCausalLM,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    PreTrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen2MoeConfig,
-    Qwen2MoeForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-)
-from transformers.core_model_loading import revert_weight_conversion
+import transformers  # lazy: a model class's module is imported when a builder first names it
 
 from rayquant.storage.calibration import BUILTIN_TEXT_PATH
 from rayquant.storage.safetensors_reader import INDEX_FILE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 # bump when a builder's output changes, so caches built by older code are not reused
 SYNTHETIC_FORMAT = 2
@@ -104,51 +74,51 @@ def materialize_synthetic(preset: str, cache_dir: Path) -> Path:
 
 def build_llama_tiny(out_dir: Path) -> None:
     """Llama-shaped decoder (GQA 4 heads / 2 kv heads, 4 blocks), bf16, two shards + index."""
-    _build_tiny_decoder(out_dir, LlamaConfig, LlamaForCausalLM)
+    _build_tiny_decoder(out_dir, transformers.LlamaConfig, transformers.LlamaForCausalLM)
 
 
 def build_mistral_tiny(out_dir: Path) -> None:
     """Mistral: Llama's shapes with a sliding attention window."""
-    _build_tiny_decoder(out_dir, MistralConfig, MistralForCausalLM, sliding_window=64)
+    _build_tiny_decoder(out_dir, transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=64)
 
 
 def build_qwen2_tiny(out_dir: Path) -> None:
     """Qwen2: biases on q/k/v."""
     # AutoTokenizer loads a qwen2 model's tokenizer as Qwen2Tokenizer, which adds its default
     # unk/pad token <|endoftext|> (id 1024, past vocab_size) unless the config names them
-    _build_tiny_decoder(out_dir, Qwen2Config, Qwen2ForCausalLM,
+    _build_tiny_decoder(out_dir, transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
                         special_tokens={"unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN})
 
 
 def build_qwen3_tiny(out_dir: Path) -> None:
     """Qwen3: RMS norms on q and k inside attention, explicit head_dim."""
-    _build_tiny_decoder(out_dir, Qwen3Config, Qwen3ForCausalLM, head_dim=32)
+    _build_tiny_decoder(out_dir, transformers.Qwen3Config, transformers.Qwen3ForCausalLM, head_dim=32)
 
 
 def build_gemma2_tiny(out_dir: Path) -> None:
     """Gemma 2: alternating sliding/full layers, scaled embeddings, logit soft-capping, tied head."""
-    _build_tiny_decoder(out_dir, Gemma2Config, Gemma2ForCausalLM, head_dim=32, query_pre_attn_scalar=32,
-                        sliding_window=64, tie_word_embeddings=True, pad_token_id=1)
+    _build_tiny_decoder(out_dir, transformers.Gemma2Config, transformers.Gemma2ForCausalLM, head_dim=32,
+                        query_pre_attn_scalar=32, sliding_window=64, tie_word_embeddings=True, pad_token_id=1)
 
 
 def build_gemma3_tiny(out_dir: Path) -> None:
     """Gemma 3 text: sliding/full layers with their own rotary bases, q/k norms, tied head."""
-    _build_tiny_decoder(out_dir, Gemma3TextConfig, Gemma3ForCausalLM, head_dim=32, query_pre_attn_scalar=32,
-                        sliding_window=64, tie_word_embeddings=True, pad_token_id=1,
+    _build_tiny_decoder(out_dir, transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, head_dim=32,
+                        query_pre_attn_scalar=32, sliding_window=64, tie_word_embeddings=True, pad_token_id=1,
                         layer_types=["sliding_attention", "full_attention"] * 2)
 
 
 def build_phi3_tiny(out_dir: Path) -> None:
     """Phi-3: fused qkv_proj and gate_up_proj linears."""
-    _build_tiny_decoder(out_dir, Phi3Config, Phi3ForCausalLM, pad_token_id=1)
+    _build_tiny_decoder(out_dir, transformers.Phi3Config, transformers.Phi3ForCausalLM, pad_token_id=1)
 
 
 def build_opt_tiny(out_dir: Path) -> None:
     """OPT: blocks under model.decoder.layers, fc1/fc2 with biases, learned positions, project_in/out
     (word_embed_proj_dim < hidden, as OPT-350m) outside the blocks, tied head."""
     shapes = {"hidden_size": 128, "ffn_dim": 256, "num_hidden_layers": 4, "num_attention_heads": 4}
-    _build_tiny_decoder(out_dir, OPTConfig, OPTForCausalLM, shapes=shapes, word_embed_proj_dim=64,
-                        tie_word_embeddings=True, pad_token_id=1)
+    _build_tiny_decoder(out_dir, transformers.OPTConfig, transformers.OPTForCausalLM, shapes=shapes,
+                        word_embed_proj_dim=64, tie_word_embeddings=True, pad_token_id=1)
 
 
 # MoE: 8 routed experts of 128 x 128 (top-2); 4 blocks like the dense presets
@@ -162,30 +132,32 @@ _MLA_SHAPES = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers"
 
 def build_mixtral_tiny(out_dir: Path) -> None:
     """Mixtral: every block sparse, 8 experts (block_sparse_moe.experts.{e}.w1/w2/w3 on disk)."""
-    _build_tiny_decoder(out_dir, MixtralConfig, MixtralForCausalLM, num_local_experts=8, num_experts_per_tok=2)
+    _build_tiny_decoder(out_dir, transformers.MixtralConfig, transformers.MixtralForCausalLM, num_local_experts=8,
+                        num_experts_per_tok=2)
 
 
 def build_qwen2_moe_tiny(out_dir: Path) -> None:
     """Qwen2-MoE: 8 experts + a shared expert behind a sigmoid shared_expert_gate, q/k/v biases."""
-    _build_tiny_decoder(out_dir, Qwen2MoeConfig, Qwen2MoeForCausalLM, num_experts=8,
+    _build_tiny_decoder(out_dir, transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, num_experts=8,
                         shared_expert_intermediate_size=256, **_MOE)
 
 
 def build_qwen3_moe_tiny(out_dir: Path) -> None:
     """Qwen3-MoE: 8 experts (transformers' Qwen3-MoE has no shared expert), q/k norms."""
-    _build_tiny_decoder(out_dir, Qwen3MoeConfig, Qwen3MoeForCausalLM, num_experts=8, head_dim=32, **_MOE)
+    _build_tiny_decoder(out_dir, transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, num_experts=8,
+                        head_dim=32, **_MOE)
 
 
 def build_deepseek_v2_tiny(out_dir: Path) -> None:
     """DeepSeek-V2(-Lite): MLA without a q low-rank (q_proj), softmax greedy routing, dense block 0."""
-    _build_tiny_decoder(out_dir, DeepseekV2Config, DeepseekV2ForCausalLM, shapes=_MLA_SHAPES, q_lora_rank=None,
-                        topk_method="greedy", **_DEEPSEEK)
+    _build_tiny_decoder(out_dir, transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM,
+                        shapes=_MLA_SHAPES, q_lora_rank=None, topk_method="greedy", **_DEEPSEEK)
 
 
 def build_deepseek_v3_tiny(out_dir: Path) -> None:
     """DeepSeek-V3: MLA with q_a/q_b, sigmoid group-limited routing with a score-correction bias, dense block 0."""
-    _build_tiny_decoder(out_dir, DeepseekV3Config, DeepseekV3ForCausalLM, shapes=_MLA_SHAPES, q_lora_rank=64,
-                        n_group=2, topk_group=1, **_DEEPSEEK)
+    _build_tiny_decoder(out_dir, transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
+                        shapes=_MLA_SHAPES, q_lora_rank=64, n_group=2, topk_group=1, **_DEEPSEEK)
 
 
 STARVED_EXPERTS = (6, 7)  # deepseek-v3-starved-tiny: the router never picks these experts
@@ -230,13 +202,13 @@ def _build_tiny_decoder(out_dir: Path, config_class: type[PreTrainedConfig], mod
     second = sorted(name for name in state if not in_first_shard(name))
     _write_weights(state, [first, second], out_dir)
     config.save_pretrained(out_dir)
-    GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+    transformers.GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     write_tokenizer(out_dir, vocab_size=config.vocab_size, model_max_length=2048, **(special_tokens or {}))
 
 
 def build_bert_tiny(out_dir: Path) -> None:
     """Encoder-only BERT masked LM: a real architecture that rayquant does not quantize."""
-    config = BertConfig(
+    config = transformers.BertConfig(
         architectures=["BertForMaskedLM"],
         hidden_size=64,
         intermediate_size=128,
@@ -247,7 +219,7 @@ def build_bert_tiny(out_dir: Path) -> None:
         tie_word_embeddings=False,  # safetensors stores no shared tensors
         dtype="float32",
     )
-    state = _seeded_state_dict(BertForMaskedLM, config)
+    state = _seeded_state_dict(transformers.BertForMaskedLM, config)
     _write_weights(state, [sorted(state)], out_dir)
     config.save_pretrained(out_dir)
     write_tokenizer(out_dir, vocab_size=config.vocab_size, model_max_length=512)
@@ -257,6 +229,8 @@ def _seeded_state_dict(
     model_class: type[PreTrainedModel], config: PreTrainedConfig
 ) -> dict[str, torch.Tensor]:
     """transformers' own init under a fixed seed, cast to config.dtype; global RNG untouched."""
+    from transformers.core_model_loading import revert_weight_conversion  # heavy: only when building
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = model_class(config)
@@ -301,7 +275,7 @@ def write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int, **spe
         pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
         special_tokens=[(BOS_TOKEN, tokenizer.token_to_id(BOS_TOKEN))],
     )
-    PreTrainedTokenizerFast(
+    transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,

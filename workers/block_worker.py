@@ -14,6 +14,8 @@ from __future__ import annotations
 import resource
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -84,7 +86,6 @@ class WorkerSetup:
     rank: int
     world_size: int
     model_path: str  # model.source as this node reads it: a (shared) local directory or synthetic://<preset>
-    samples: torch.Tensor  # [n_w, T] int64 token ids: this worker's calibration shard
     gptq: GPTQConfig
     true_sequential: bool
     micro_batch: int = 8  # samples per forward; bounds activation memory of one step
@@ -93,7 +94,7 @@ class WorkerSetup:
     loopback: bool = True  # single-node (embedded Ray, in-process benchmarks): rendezvous on 127.0.0.1
     validate_tokens: int = 64  # rows of each group's input kept for kernel validation
     validate_tolerance: float = 1e-2  # max relative error of kernel vs dequantized reference
-    eval_samples: torch.Tensor | None = None  # [e_w, T] held-out windows: flow fp and quantized (in-pass eval)
+    eval_on: bool = False  # in-pass eval: held-out windows flow fp and quantized (the same on every rank)
     eval_rtn: bool = False  # also flow the eval windows through RTN blocks (a third stream)
     moe: MoEConfig = MoEConfig()  # MoE models: what a starved expert gets
     overrides: tuple[LayerOverride, ...] = ()  # quant.overrides: per-linear bits / group_size / skip
@@ -162,6 +163,7 @@ class BlockWorker:
         self.rows_solved = 0  # output rows solved on this rank, for the current block
         self._groups_by_structure: dict[tuple, list[InputGroup]] = {}
         self._once_called_by_structure: dict[tuple, frozenset[str]] = {}  # children one block forward calls once
+        self.stage: tuple[int | None, str] = (None, "starting")  # (block, stage) now running, for progress
 
     # ---- lifetime ---------------------------------------------------------------------------
 
@@ -172,8 +174,12 @@ class BlockWorker:
             s.bind((host, 0))
             return f"tcp://{host}:{s.getsockname()[1]}"
 
-    def start(self, rendezvous: str) -> int:
-        """Join the process group, build the skeleton, embed the shard. Returns the block count."""
+    def start(self, rendezvous: str, samples: torch.Tensor, eval_samples: torch.Tensor | None = None) -> int:
+        """Join the process group, build the skeleton, embed the calibration shard `samples` [n_w, T] and
+        the held-out windows `eval_samples` [e_w, T] (if setup.eval_on). Returns the block count.
+
+        The shard comes here, not in the setup, so the actor's process can start (and import) while
+        the driver still cuts the calibration windows."""
         self._bind(block=None)
         torch.set_num_threads(self.setup.num_threads)  # a reused Ray worker may keep 1
         torch.manual_seed(0)
@@ -195,18 +201,22 @@ class BlockWorker:
             tensors = {n: read_source_tensor(self.source, n, self.device) for n in names if n in self.source.tensors}
             materialize_embedding_stage(self.model, tensors, self.dtype)
             move_buffers(self.model, self.device)
-            for ids in self.setup.samples.split(self.setup.micro_batch):
+            for ids in samples.split(self.setup.micro_batch):
                 self.inputs.append(capture_block_inputs(self.model, self.layout, ids.to(self.device)))
-            self._start_eval()
+            self._start_eval(eval_samples)
         except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
             err = e
         self._agree(err)
-        log.info("worker_started", rank=self.rank, samples=len(self.setup.samples), blocks=self.layout.n_blocks)
+        log.info("worker_started", rank=self.rank, samples=len(samples), blocks=self.layout.n_blocks)
         return self.layout.n_blocks
 
     def stop(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def current_stage(self) -> tuple[int | None, str]:
+        """(block, stage) this rank is in; called from a second actor thread while a block runs."""
+        return self.stage
 
     # ---- one block ----------------------------------------------------------------------------
 
@@ -214,38 +224,34 @@ class BlockWorker:
     def run_block(self, task: BlockTask) -> BlockResult:
         """Quantize block `task.block_idx` (or replay it from its part file) and advance the shard."""
         self._bind(block=task.block_idx)
+        self.stage = (task.block_idx, "load")
         seconds: dict[str, float] = {}
         self.received, self.rows_solved = {}, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         source_tensors = None
         if task.replay is None or self._eval_on:  # a replayed block still moves the fp eval stream
-            t = self._now()
-            source_tensors = self._load(task.block_idx)
-            seconds["load"] = self._now() - t
+            with self._timed("load", seconds):
+                source_tensors = self._load(task.block_idx)
         if task.replay is not None:
             part = task.replay
             layers: list[LayerReport] = []
         else:
             part, layers = self._quantize(task.block_idx, source_tensors, seconds)
         # rank 0 hands the part back to the driver: its copy to host memory overlaps the advance
-        t = self._now()
-        to_host = _HostCopy(part, self.device) if self.rank == 0 and task.replay is None else None
-        seconds["handoff"] = self._now() - t
-        t = self._now()
-        quantized = self._advance(task.block_idx, part)
-        seconds["advance"] = self._now() - t
+        with self._timed("handoff", seconds):
+            to_host = _HostCopy(part, self.device) if self.rank == 0 and task.replay is None else None
+        with self._timed("advance", seconds):
+            quantized = self._advance(task.block_idx, part)
         if self._eval_on:
-            t = self._now()
-            self._advance_eval(task.block_idx, quantized, part, source_tensors)
-            seconds["eval"] = self._now() - t
+            with self._timed("eval", seconds):
+                self._advance_eval(task.block_idx, quantized, part, source_tensors)
         peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # process peak RSS (KiB on Linux)
         log.info("block_stages_done", rank=self.rank, replay=task.replay is not None,
                  **{k: round(v, 3) for k, v in seconds.items()})
-        t = self._now()
-        host_part = to_host.result() if to_host is not None else None
-        seconds["handoff"] += self._now() - t
+        with self._timed("handoff", seconds):
+            host_part = to_host.result() if to_host is not None else None
         return BlockResult(block_idx=task.block_idx, rank=self.rank, seconds=seconds, layers=layers,
                            tensors=host_part, peak_memory_bytes=peak,
                            bytes_received=dict(self.received), rows_solved=self.rows_solved)
@@ -275,18 +281,17 @@ class BlockWorker:
 
     def _quantize(self, block_idx: int, source: dict[str, torch.Tensor],
                   seconds: dict[str, float]) -> tuple[dict[str, torch.Tensor], list[LayerReport]]:
-        t = self._now()
-        prefix = self.layout.block_prefix(block_idx)
-        local = {n[len(prefix):]: t for n, t in source.items()}
-        block = materialize(self.blocks[block_idx], local, self.dtype)
-        set_calibration(block, True)  # MoE: every expert sees every token, so every expert is a group
-        # blocks of one structure group their linears alike: one probe forward per structure, not per block
-        signature = _structure(block)
-        if signature not in self._groups_by_structure:
-            self._groups_by_structure[signature] = find_input_groups(block, self.inputs[0])
-            self._once_called_by_structure[signature] = once_called_children(block, self.inputs[0])
-        groups = self._groups_by_structure[signature]
-        seconds["plan"] = self._now() - t
+        with self._timed("plan", seconds):
+            prefix = self.layout.block_prefix(block_idx)
+            local = {n[len(prefix):]: t for n, t in source.items()}
+            block = materialize(self.blocks[block_idx], local, self.dtype)
+            set_calibration(block, True)  # MoE: every expert sees every token, so every expert is a group
+            # blocks of one structure group their linears alike: one probe forward per structure, not per block
+            signature = _structure(block)
+            if signature not in self._groups_by_structure:
+                self._groups_by_structure[signature] = find_input_groups(block, self.inputs[0])
+                self._once_called_by_structure[signature] = once_called_children(block, self.inputs[0])
+            groups = self._groups_by_structure[signature]
         owners = _balance({g.name: g.in_features ** 2 for g in groups}, self.world)
         stages = sequential_stages(block, groups) if self.setup.true_sequential else [groups]
         packed: dict[str, PackedLinear] = {}
@@ -301,16 +306,15 @@ class BlockWorker:
             sums, tokens, samples = self._collect(block, collected, seconds, stage_inputs, i)
             routed = self._routed_tokens(block_idx, block, stage)
             split = self._splits_rows(stage, aliases)
-            t = self._now()
-            if split:
-                reduced = {g.name: self._reduce_to_all(sums[g.name], tokens[g.name]) for g in collected}
-            else:
-                reduced = {g.name: self._reduce(sums[g.name], tokens[g.name], owners[g.name]) for g in collected}
-            for first in sorted(set(aliases.values())):  # the same order on every rank
-                reduced[first] = self._share_hessian(reduced[first], owners[first], sums[first])
-            for name, first in aliases.items():
-                reduced[name], samples[name] = reduced[first], samples[first]
-            seconds["reduce"] = seconds.get("reduce", 0.0) + self._now() - t
+            with self._timed("reduce", seconds):
+                if split:
+                    reduced = {g.name: self._reduce_to_all(sums[g.name], tokens[g.name]) for g in collected}
+                else:
+                    reduced = {g.name: self._reduce(sums[g.name], tokens[g.name], owners[g.name]) for g in collected}
+                for first in sorted(set(aliases.values())):  # the same order on every rank
+                    reduced[first] = self._share_hessian(reduced[first], owners[first], sums[first])
+                for name, first in aliases.items():
+                    reduced[name], samples[name] = reduced[first], samples[first]
             err = None
             mine: dict[str, PackedLinear] = {}  # split: this rank's row slices
             slice_reports: dict[str, LayerReport] = {}  # split: this rank's slices' losses and errors
@@ -334,21 +338,20 @@ class BlockWorker:
             except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
                 err = e
             self._agree(err)
-            t = self._now()
-            for g in stage:
-                for lin in g.linears:
-                    cfg = self._layer_config(block_idx, lin)
-                    if cfg is None:
-                        continue  # skipped by quant.overrides: the part keeps its `.weight`
-                    linear = block.get_submodule(lin)
-                    if split:
-                        packed[lin] = self._share_rows(linear, mine.get(lin), cfg)
-                    else:
-                        packed[lin] = self._share(linear, mine.get(lin), owners[g.name], cfg)
-                    _install(linear, packed[lin], cfg.bits, self.dtype)
-            if split:
-                layers.extend(self._merge_reports(block_idx, block, stage, slice_reports, reduced, routed))
-            seconds["share"] = seconds.get("share", 0.0) + self._now() - t
+            with self._timed("share", seconds):
+                for g in stage:
+                    for lin in g.linears:
+                        cfg = self._layer_config(block_idx, lin)
+                        if cfg is None:
+                            continue  # skipped by quant.overrides: the part keeps its `.weight`
+                        linear = block.get_submodule(lin)
+                        if split:
+                            packed[lin] = self._share_rows(linear, mine.get(lin), cfg)
+                        else:
+                            packed[lin] = self._share(linear, mine.get(lin), owners[g.name], cfg)
+                        _install(linear, packed[lin], cfg.bits, self.dtype)
+                if split:
+                    layers.extend(self._merge_reports(block_idx, block, stage, slice_reports, reduced, routed))
         log.debug("stages_on_recorded_inputs", rank=self.rank,
                   stages={stages[i][0].name: stage_inputs.holders[i] for i in stage_inputs.replayed})
         part = {}
@@ -369,45 +372,44 @@ class BlockWorker:
         The forward stops at the stage's last input group: what follows it is not needed yet. Where the
         stage lies inside the child whose calls an earlier stage recorded, only that child runs.
         """
-        t = self._now()
-        sums = {g.name: torch.zeros(g.in_features, g.in_features, dtype=self.hessian_dtype, device=self.device)
-                for g in stage}
-        tokens = {g.name: 0 for g in stage}
-        samples: dict[str, torch.Tensor] = {}
-        hooks = []
-        for g in stage:
-            def record(_mod, args, g=g):
-                x = args[0]
-                tokens[g.name] += accumulate_hessian(sums[g.name], x, mirror=False)  # mirrored once below
-                if g.name not in samples:
-                    samples[g.name] = x.reshape(-1, x.shape[-1])[: self.setup.validate_tokens].clone()
-                if g is stage[-1]:
-                    raise _StageCollected
-            hooks.append(block.get_submodule(g.linears[0]).register_forward_pre_hook(record))
-        replay = stage_inputs.recorded(stage_idx, len(self.inputs))
-        if replay is None:
-            hooks += stage_inputs.record(stage_idx)  # for the next stage, if it lies in the same child
-        try:
-            if replay is not None:
-                child, calls = replay
-                for call in calls:
-                    try:
-                        child(*call.args, **call.kwargs)
-                    except _StageCollected:
-                        pass
-            else:
-                for inp in self.inputs:
-                    try:
-                        forward_block(block, inp)
-                    except _StageCollected:
-                        pass
-        finally:
-            for h in hooks:
-                h.remove()
-        stage_inputs.done(stage_idx)
-        for hessian_sum in sums.values():
-            mirror_upper(hessian_sum)
-        seconds["collect"] = seconds.get("collect", 0.0) + self._now() - t
+        with self._timed("collect", seconds):
+            sums = {g.name: torch.zeros(g.in_features, g.in_features, dtype=self.hessian_dtype, device=self.device)
+                    for g in stage}
+            tokens = {g.name: 0 for g in stage}
+            samples: dict[str, torch.Tensor] = {}
+            hooks = []
+            for g in stage:
+                def record(_mod, args, g=g):
+                    x = args[0]
+                    tokens[g.name] += accumulate_hessian(sums[g.name], x, mirror=False)  # mirrored once below
+                    if g.name not in samples:
+                        samples[g.name] = x.reshape(-1, x.shape[-1])[: self.setup.validate_tokens].clone()
+                    if g is stage[-1]:
+                        raise _StageCollected
+                hooks.append(block.get_submodule(g.linears[0]).register_forward_pre_hook(record))
+            replay = stage_inputs.recorded(stage_idx, len(self.inputs))
+            if replay is None:
+                hooks += stage_inputs.record(stage_idx)  # for the next stage, if it lies in the same child
+            try:
+                if replay is not None:
+                    child, calls = replay
+                    for call in calls:
+                        try:
+                            child(*call.args, **call.kwargs)
+                        except _StageCollected:
+                            pass
+                else:
+                    for inp in self.inputs:
+                        try:
+                            forward_block(block, inp)
+                        except _StageCollected:
+                            pass
+            finally:
+                for h in hooks:
+                    h.remove()
+            stage_inputs.done(stage_idx)
+            for hessian_sum in sums.values():
+                mirror_upper(hessian_sum)
         return sums, tokens, samples
 
     def _reduce(self, hessian_sum: torch.Tensor, n_tokens: int, owner: int) -> tuple[torch.Tensor, int] | None:
@@ -440,37 +442,34 @@ class BlockWorker:
             weights = [w[rows[lin][0]:rows[lin][1]] for lin, w in zip(group.linears, weights)]
         weights = [w.float() for w in weights]  # [N_i, K]
         self.rows_solved += sum(w.shape[0] for w in weights)
-        t = self._now()
-        try:
-            results = solve_input_group(weights, H, n_tokens, cfg)
-        except HessianNotPositiveDefinite as err:
-            raise HessianNotPositiveDefinite(f"block {block_idx} input group {group.name}: {err}") from err
-        seconds["solve"] = seconds.get("solve", 0.0) + self._now() - t
-        t = self._now()
-        rtn = [quantize_rtn(w, H, n_tokens, cfg) for w in weights]  # the report's baseline loss
-        seconds["baseline"] = seconds.get("baseline", 0.0) + self._now() - t
+        with self._timed("solve", seconds):
+            try:
+                results = solve_input_group(weights, H, n_tokens, cfg)
+            except HessianNotPositiveDefinite as err:
+                raise HessianNotPositiveDefinite(f"block {block_idx} input group {group.name}: {err}") from err
+        with self._timed("baseline", seconds):
+            rtn = [quantize_rtn(w, H, n_tokens, cfg) for w in weights]  # the report's baseline loss
         if starved_policy == "rtn":
             results = rtn  # a starved expert gets RTN's codes; both losses still use the all-token H
-        t = self._now()
-        packed, reports = {}, []
-        for lin, w, res, base in zip(group.linears, weights, results, rtn):
-            p = self._pack(res, cfg.bits)
-            expected = dequantize(res.codes, res.scales, res.zeros, res.g_idx)
-            try:
-                check = validate_packed_layer(x_val, p, cfg.bits, expected, self.setup.validate_tolerance,
-                                              gemm=dequant_gemm)  # Triton on GPU, reference on CPU
-            except KernelMismatch as err:
-                raise KernelMismatch(f"block {block_idx} layer {prefix}{lin}: {err}") from err
-            packed[lin] = p
-            reports.append(LayerReport(
-                name=prefix + lin, input_group=group.name, in_features=w.shape[1], out_features=w.shape[0],
-                gptq_loss=res.loss, rtn_loss=base.loss, damp_percent=res.damp_percent, n_tokens=n_tokens,
-                owner=self.rank, max_rel_err=check.max_rel_err, mean_rel_err=check.mean_rel_err,
-                routed_tokens=routed_tokens, starved_policy=starved_policy,
-            ))
-            log.debug("layer_solved", rank=self.rank, layer=prefix + lin, loss=res.loss, rtn_loss=base.loss,
-                      damp_percent=res.damp_percent)
-        seconds["validate"] = seconds.get("validate", 0.0) + self._now() - t
+        with self._timed("validate", seconds):
+            packed, reports = {}, []
+            for lin, w, res, base in zip(group.linears, weights, results, rtn):
+                p = self._pack(res, cfg.bits)
+                expected = dequantize(res.codes, res.scales, res.zeros, res.g_idx)
+                try:
+                    check = validate_packed_layer(x_val, p, cfg.bits, expected, self.setup.validate_tolerance,
+                                                  gemm=dequant_gemm)  # Triton on GPU, reference on CPU
+                except KernelMismatch as err:
+                    raise KernelMismatch(f"block {block_idx} layer {prefix}{lin}: {err}") from err
+                packed[lin] = p
+                reports.append(LayerReport(
+                    name=prefix + lin, input_group=group.name, in_features=w.shape[1], out_features=w.shape[0],
+                    gptq_loss=res.loss, rtn_loss=base.loss, damp_percent=res.damp_percent, n_tokens=n_tokens,
+                    owner=self.rank, max_rel_err=check.max_rel_err, mean_rel_err=check.mean_rel_err,
+                    routed_tokens=routed_tokens, starved_policy=starved_policy,
+                ))
+                log.debug("layer_solved", rank=self.rank, layer=prefix + lin, loss=res.loss, rtn_loss=base.loss,
+                          damp_percent=res.damp_percent)
         return packed, reports
 
     def _starved_policy(self, routed_tokens: int | None) -> str | None:
@@ -625,13 +624,15 @@ class BlockWorker:
 
     @property
     def _eval_on(self) -> bool:
-        return self.setup.eval_samples is not None  # the same on every rank (some shards may be empty)
+        return self.setup.eval_on
 
-    def _start_eval(self) -> None:
+    def _start_eval(self, eval_samples: torch.Tensor | None) -> None:
         """Capture the held-out windows' block-0 inputs; every stream starts from the same ones."""
         if not self._eval_on:
             return
-        self.eval_ids = list(self.setup.eval_samples.split(self.setup.micro_batch))
+        if eval_samples is None:
+            raise ValueError("setup.eval_on is set: start() needs this rank's eval_samples (may be empty)")
+        self.eval_ids = list(eval_samples.split(self.setup.micro_batch))
         first = [capture_block_inputs(self.model, self.layout, ids.to(self.device)) for ids in self.eval_ids]
         names = ("fp", "gptq", "rtn") if self.setup.eval_rtn else ("fp", "gptq")
         self.eval_streams = {name: list(first) for name in names}
@@ -718,6 +719,14 @@ class BlockWorker:
 
     def _count(self, stage: str, nbytes: int) -> None:
         self.received[stage] = self.received.get(stage, 0) + nbytes
+
+    @contextmanager
+    def _timed(self, stage: str, seconds: dict[str, float]) -> Iterator[None]:
+        """Charge the body's time to `seconds[stage]` (added up over sub-stages); the progress bar shows it."""
+        self.stage = (self.stage[0], stage)
+        t = self._now()
+        yield
+        seconds[stage] = seconds.get(stage, 0.0) + self._now() - t
 
     def _now(self) -> float:
         """A stage clock: waits for queued GPU work so each stage is charged its own time."""

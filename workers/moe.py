@@ -23,7 +23,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers.core_model_loading import revert_weight_conversion
 
 from rayquant.workers.adapter import InputGroup, UnsupportedArchitecture
 
@@ -133,6 +132,8 @@ def _checkpoint_names(model: nn.Module, fused: list[tuple[str, nn.Module]]) -> d
     source is a marker tensor of distinct integers (exact in float32), so each name the conversion
     writes says by its value which parameter, expert and role it came from.
     """
+    from transformers.core_model_loading import revert_weight_conversion  # seconds to import: MoE models only
+
     scopes = tuple(name.rpartition(".")[0] + "." for name, _ in fused)
     plain = [n for n in model.state_dict() if n.startswith(scopes) and not n.startswith(tuple(
         name + "." for name, _ in fused))]

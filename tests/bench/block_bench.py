@@ -74,14 +74,13 @@ def main() -> None:
     samples = torch.randint(2, 1024, (args.samples, args.seq_len), generator=gen)
     cfg = GPTQConfig(bits=4, group_size=128, desc_act=args.desc_act, act_group_aware=not (args.desc_act or args.no_gar))
     setup = WorkerSetup(job_id="bench", rank=0, world_size=1, model_path=f"synthetic://{args.preset}",
-                        samples=samples, gptq=cfg, true_sequential=True, micro_batch=args.micro_batch,
-                        num_threads=8, device="cuda",
-                        eval_samples=torch.randint(2, 1024, (args.eval_samples, args.seq_len), generator=gen)
-                        if args.eval_samples else None)
+                        gptq=cfg, true_sequential=True, micro_batch=args.micro_batch,
+                        num_threads=8, device="cuda", eval_on=args.eval_samples > 0)
+    eval_samples = torch.randint(2, 1024, (args.eval_samples, args.seq_len), generator=gen)
     worker = BaselineTimedWorker(setup, run_baseline=False)
     worker.stage_shortcut = not args.no_stage_shortcut
     t = time.perf_counter()
-    n_blocks = worker.start(worker.rendezvous_address())
+    n_blocks = worker.start(worker.rendezvous_address(), samples, eval_samples)
     torch.cuda.synchronize()
     embed_s = time.perf_counter() - t
     results = []

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rayquant.jobs.cli import configure_logging
+from rayquant.jobs.logs import configure_logging
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.solver.pack import PackedLinear, dequantize_packed
 from rayquant.storage.calibration import load_calibration
@@ -172,10 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     configure_logging(False)  # progress to stderr, the tables alone on stdout
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # as the CLI: Ray on loopback only
-
-    import ray
-    from rayquant.jobs.driver import WORKER_ENV
+    from rayquant.jobs.cluster import connect, disconnect
 
     source = open_model_source("synthetic://llama-tiny").path if args.random_init else trained_llama_tiny()
     eval_ids = load_calibration("builtin://text", source, 1, args.seq_len, args.eval_samples, args.seeds[0]).eval_samples
@@ -184,14 +180,14 @@ def main() -> None:
     rtn = evaluate_perplexity(rtn_model(source, GPTQConfig(bits=4, group_size=128, sym=True)), eval_ids).ppl
 
     start = time.perf_counter()
-    # the spec's 2 workers × 1 CPU, as run_job's own embedded Ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", runtime_env=WORKER_ENV)
+    # the spec's 2 workers × 1 CPU, as run_job's own embedded Ray (on loopback)
+    cluster = connect(None, num_cpus=2, verbose=False)
     ray_start = time.perf_counter() - start
     try:
         with contextlib.redirect_stdout(sys.stderr):  # GPTQModel's logbar prints to sys.stdout as it is then
             runs = [run_seed(source, args, seed, eval_ids) for seed in args.seeds]
     finally:
-        ray.shutdown()
+        disconnect(cluster)
 
     model = "synthetic://llama-tiny (random init)" if args.random_init else f"{source.name} (trained tiny Llama)"
     order = "paper column order" if args.rayquant_no_gar else "group-aware act-order (GAR, its default)"

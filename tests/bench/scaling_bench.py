@@ -31,11 +31,11 @@ def _rank_main(rank: int, rendezvous: str, queue, world: int, args: argparse.Nam
     samples = torch.randint(2, 1024, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     device = "cpu" if args.cpu else f"cuda:{rank}"
     setup = WorkerSetup(job_id="scale", rank=rank, world_size=world, model_path=f"synthetic://{args.preset}",
-                        samples=samples.tensor_split(world)[rank].clone(), gptq=GPTQConfig(bits=4, group_size=128),
+                        gptq=GPTQConfig(bits=4, group_size=128),
                         true_sequential=True, micro_batch=args.micro_batch,
                         num_threads=1 if args.cpu else 4, device=device, split_rows=not args.no_split_rows)
     worker = BlockWorker(setup)
-    worker.start(rendezvous)
+    worker.start(rendezvous, samples.tensor_split(world)[rank].clone())
     out = []
     for b in range(args.blocks):
         t = time.perf_counter()

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rayquant.jobs.cli import configure_logging
+from rayquant.jobs.logs import configure_logging
 from rayquant.jobs.driver import STAGES, run_job
 from rayquant.jobs.spec import load_spec
 

@@ -27,6 +27,12 @@ def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProce
                           timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
 
 
+def log_events(stderr: str, event: str) -> list[dict]:
+    """The CLI's log lines named `event` (stderr off a terminal is one JSON object per line)."""
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [e for e in events if e["event"] == event]
+
+
 def fp_model(source_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
 

@@ -18,7 +18,8 @@ from rayquant.storage.calibration import load_calibration
 from rayquant.storage.model_source import open_model_source
 from rayquant.workers.evaluation import perplexity, window_nll
 
-from .models import REPO, SPEC, dequantized_model, fp_model, logit_mse, logits, output_files, rtn_model, run_cli
+from .models import (REPO, SPEC, dequantized_model, fp_model, log_events, logit_mse, logits, output_files, rtn_model,
+                     run_cli)
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +45,16 @@ def run_w2(tmp_path_factory):
 def test_quantize_prints_progress_and_output_last_and_checksums_every_file(run_w2):
     proc, out = run_w2
     assert proc.stdout.strip().splitlines()[-1] == str(out.resolve())
-    progress = [line for line in proc.stderr.splitlines() if "block_done" in line]
-    assert len(progress) == 4 and all("eta_s=" in line and "solve=" in line for line in progress)
-    assert "job_id=" in progress[0] and "block=0" in progress[0]
+    # stderr is a pipe here: every line one JSON object (no Ray warnings, no worker prefixes, no colours)
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert "\x1b[" not in proc.stderr
+    assert [e["event"] for e in events][:2] == ["job_starting", "calibration_records"]
+    ready = [e for e in events if e["event"] == "workers_ready"]
+    assert len(ready) == 1 and ready[0]["workers"] == 2 and ready[0]["seconds"] > ready[0]["ray_seconds"] > 0
+    progress = [e for e in events if e["event"] == "block_done"]
+    assert [(e["block"], e["progress"]) for e in progress] == [(b, f"{b + 1}/4") for b in range(4)]
+    assert all(e["eta_s"] >= 0 and e["stages"]["solve"] > 0 and e["job_id"] == ready[0]["job_id"] for e in progress)
+    assert progress[-1]["eta_s"] == 0
     manifest = json.loads((out / "rayquant-manifest.json").read_text())
     files = {f["path"]: f for f in manifest["files"]}
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
@@ -162,6 +170,6 @@ def test_sigkill_after_a_block_marker_then_resume_writes_identical_bytes(run_w2,
 
     resumed = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    planned = [line for line in resumed.stderr.splitlines() if "job_planned" in line]
-    assert planned and f"resume_from={done_before}" in planned[0], (done_before, resumed.stderr[-3000:])
+    planned = log_events(resumed.stderr, "job_planned")
+    assert planned and planned[0]["resume_from"] == done_before, (done_before, resumed.stderr[-3000:])
     assert output_files(out) == output_files(reference)

@@ -60,3 +60,21 @@ def test_fingerprint_ignores_output_location_but_not_quantization():
     assert a.fingerprint("rev") == b.fingerprint("rev")
     assert a.fingerprint("rev") != c.fingerprint("rev")
     assert a.fingerprint("rev") != a.fingerprint("other-revision")
+
+
+def _leaf_paths(node: dict, prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        paths |= _leaf_paths(value, f"{path}.") if isinstance(value, dict) else {path}
+    return paths
+
+
+def test_example_spec_lists_every_key_at_its_default() -> None:
+    import yaml
+
+    from rayquant.jobs.cli import EXAMPLE_SPEC
+
+    raw = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    assert load_spec(EXAMPLE_SPEC) == JobSpec()  # the annotated values are the defaults
+    assert _leaf_paths(raw) == _leaf_paths(JobSpec().model_dump(mode="json"))  # and no key is left out

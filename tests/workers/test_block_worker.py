@@ -14,9 +14,11 @@ from rayquant.solver.pack import PackedLinear
 from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
 
 
+SAMPLES = torch.randint(2, 1024, (4, 64), generator=torch.Generator().manual_seed(0))
+
+
 def _setup() -> WorkerSetup:
-    samples = torch.randint(2, 1024, (4, 64), generator=torch.Generator().manual_seed(0))
-    return WorkerSetup(job_id="test", rank=0, world_size=1, model_path="synthetic://llama-tiny", samples=samples,
+    return WorkerSetup(job_id="test", rank=0, world_size=1, model_path="synthetic://llama-tiny",
                        gptq=GPTQConfig(bits=4, group_size=128), true_sequential=True, micro_batch=2)
 
 
@@ -41,7 +43,7 @@ class CorruptScaleWorker(BlockWorker):
 def test_one_block_in_process_beats_rtn_and_packs_every_linear():
     worker = BlockWorker(_setup())
     try:
-        assert worker.start(_free_address()) == 4
+        assert worker.start(_free_address(), SAMPLES) == 4
         result = worker.run_block(BlockTask("test", 0))
     finally:
         worker.stop()
@@ -56,7 +58,7 @@ def test_one_block_in_process_beats_rtn_and_packs_every_linear():
 def test_a_layer_whose_kernel_output_disagrees_fails_validation_naming_it():
     worker = CorruptScaleWorker(_setup())
     try:
-        worker.start(_free_address())
+        worker.start(_free_address(), SAMPLES)
         with pytest.raises(KernelMismatch, match=r"block 0 layer model\.layers\.0\.mlp\.gate_proj"):
             worker.run_block(BlockTask("test", 0))
     finally:

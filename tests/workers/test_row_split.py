@@ -69,17 +69,21 @@ BLOCKS = 2
 
 
 def _setup(rank: int, world: int, split_rows: bool = True) -> WorkerSetup:
-    samples = torch.randint(2, 1024, (8, 64), generator=torch.Generator().manual_seed(0))
     return WorkerSetup(job_id="rows", rank=rank, world_size=world, model_path="synthetic://llama-tiny",
-                       samples=samples.tensor_split(world)[rank].clone(), gptq=GPTQConfig(bits=4, group_size=128),
-                       true_sequential=True, micro_batch=2, split_rows=split_rows)
+                       gptq=GPTQConfig(bits=4, group_size=128), true_sequential=True, micro_batch=2,
+                       split_rows=split_rows)
+
+
+def _shard(rank: int, world: int) -> torch.Tensor:
+    samples = torch.randint(2, 1024, (8, 64), generator=torch.Generator().manual_seed(0))
+    return samples.tensor_split(world)[rank].clone()
 
 
 def _rank_main(rank: int, rendezvous: str, queue, world: int, split_rows: bool) -> None:
     worker = BlockWorker(_setup(rank, world, split_rows))
     out = []
     try:
-        worker.start(rendezvous)
+        worker.start(rendezvous, _shard(rank, world))
         for b in range(BLOCKS):
             r = worker.run_block(BlockTask("rows", b))
             out.append(dict(layers=[asdict(x) for x in r.layers], rows=r.rows_solved, moved=r.bytes_received,
@@ -156,7 +160,7 @@ class CorruptSliceWorker(BlockWorker):
 def _corrupt_rank_main(rank: int, rendezvous: str, queue) -> None:
     worker = CorruptSliceWorker(_setup(rank, 2))
     try:
-        worker.start(rendezvous)
+        worker.start(rendezvous, _shard(rank, 2))
         worker.run_block(BlockTask("rows", 0))
         outcome = ("finished", "")
     except Exception as e:  # noqa: BLE001 - what each rank raised is the result

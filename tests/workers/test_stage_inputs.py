@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import subprocess
@@ -46,11 +47,11 @@ class RecordingWorker(BlockWorker):
 
 def _run_blocks(preset: str, shortcut: bool, device: str, blocks: int) -> tuple[RecordingWorker, list]:
     samples = torch.randint(2, 1024, (6, 64), generator=torch.Generator().manual_seed(0))
-    setup = WorkerSetup(job_id="test", rank=0, world_size=1, model_path=f"synthetic://{preset}", samples=samples,
+    setup = WorkerSetup(job_id="test", rank=0, world_size=1, model_path=f"synthetic://{preset}",
                         gptq=GPTQConfig(bits=4, group_size=128), true_sequential=True, micro_batch=4, device=device)
     worker = RecordingWorker(setup, shortcut)
     try:
-        worker.start(_free_address())
+        worker.start(_free_address(), samples)
         results = [worker.run_block(BlockTask("test", b)) for b in range(blocks)]
     finally:
         worker.stop()
@@ -194,7 +195,11 @@ def test_a_job_writes_the_same_bytes_with_and_without_replayed_stages(preset, tm
     on, off = tmp_path / "on", tmp_path / "off"
     proc = run_cli("-v", "quantize", str(SPEC), *[a for s in sets for a in ("--set", s)], "--set", f"output.uri={on}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"stages={REPLAYED[preset][0]!r}" in proc.stderr  # the workers' debug line: the shortcut ran
+    # the workers' debug line (JSON, forwarded by Ray with -v): the shortcut ran
+    replays = [json.loads(line[line.index("{"):])["stages"] for line in proc.stderr.splitlines()
+               if '"stages_on_recorded_inputs"' in line]
+    assert replays and replays[0] == REPLAYED[preset][0], proc.stderr[-3000:]
+    assert "\x1b[" not in proc.stderr  # no colour codes in a file
     proc = subprocess.run([sys.executable, "-c", OFF_JOB, str(SPEC), *sets, f"output.uri={off}"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

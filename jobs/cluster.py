@@ -1,0 +1,112 @@
+"""The job's Ray: connect (embedded on loopback, or a cluster address), start the worker actors, wait on them.
+
+Imports only Ray (no torch), so the CLI can start Ray while another thread imports the driver's heavy
+modules. Ray's own warnings and the workers' forwarded lines stay hidden unless the user asks (`-v`).
+No job-level runtime_env: Ray starts idle worker processes while it starts, and reuses them for the
+actors only when the job asks for no runtime environment (one second of start-up per worker on 2 cores).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+import structlog
+
+from rayquant.jobs.logs import configure_logging
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The Ray this job runs on."""
+
+    where: str  # "embedded (127.0.0.1)" or the cluster address
+    owns_ray: bool  # this process started Ray (and shuts it down)
+    seconds: float  # to connect
+
+
+def connect(address: str | None, num_cpus: int, verbose: bool) -> Cluster:
+    """Embedded Ray on loopback with exactly `num_cpus` (address None), else the cluster at `address`.
+
+    Must run on the thread that lives for the whole job: embedded Ray's processes die with the thread
+    that started them.
+    """
+    if ray.is_initialized():
+        return Cluster(where="already connected", owns_ray=False, seconds=0.0)
+    t = time.perf_counter()
+    quiet = {"logging_level": logging.WARNING if verbose else logging.ERROR, "log_to_driver": verbose}
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the workers' forwarded lines (-v): no ANSI codes in files
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray binds to loopback only
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+        where = "embedded (127.0.0.1)"
+    else:
+        ray.init(address=address, **quiet)
+        where = address
+    return Cluster(where=where, owns_ray=True, seconds=time.perf_counter() - t)
+
+
+def disconnect(cluster: Cluster) -> None:
+    if cluster.owns_ray:
+        ray.shutdown()
+
+
+def create_workers(worker_class: type, setups: list, num_cpus: int, num_gpus: int, verbose: bool = False) -> list:
+    """One actor per setup, returned at once: each process starts and imports while the driver goes on.
+
+    Two concurrent calls per actor: the block stages, and `current_stage` for the progress bar.
+    """
+    actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
+                             max_concurrency=2)(_logging_first(worker_class, verbose))
+    return [actor_class.remote(setup) for setup in setups]
+
+
+def _logging_first(worker_class: type, verbose: bool) -> type:
+    """`worker_class` whose instances first set up the job's logging in their own process: JSON lines
+    into the worker's Ray log file (on the user's stderr with `-v`), debug events with `-v`."""
+    def __init__(self, setup) -> None:
+        configure_logging(verbose, terminal=False)
+        worker_class.__init__(self, setup)
+
+    return type(worker_class.__name__, (worker_class,), {"__init__": __init__, "__module__": __name__})
+
+
+def wait_all(refs: list, on_wait: Callable[[], None] | None = None, poll_seconds: float = 0.5) -> list:
+    """Wait for every rank's call (calling `on_wait` between polls); raise the first real error.
+
+    A rank that fails makes its peers raise the worker's PeerFailed: the failing rank's own error is
+    the one to report.
+    """
+    from rayquant.workers.block_worker import PeerFailed  # the driver has imported it by now
+
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_seconds if on_wait else None)
+        if pending and on_wait is not None:
+            on_wait()
+    errors, results = [], {}
+    for i, ref in enumerate(refs):
+        try:
+            results[i] = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            errors.append(err.cause if err.cause is not None else err)
+    real = [e for e in errors if not isinstance(e, PeerFailed)]
+    if errors:
+        raise (real or errors)[0]
+    return [results[i] for i in range(len(refs))]
+
+
+def current_stage(worker: Any, timeout: float = 0.2) -> tuple[int | None, str] | None:
+    """Rank 0's (block, stage), or None if it does not answer within `timeout` (the bar keeps its text)."""
+    try:
+        return ray.get(worker.current_stage.remote(), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        return None
