@@ -44,8 +44,9 @@ def shadowed_modules(root: Path) -> dict[str, list[str]]:
     out = subprocess.run([sys.executable, "-c", _RESOLVE, str(root), *names], cwd=root, check=True,
                          capture_output=True, text=True).stdout
     resolved = json.loads(out)
+    # under the folder itself: a virtual environment inside the root (.venv/) holds the installed ones
     return {name: installed[name] for name, places in resolved.items()
-            if any(Path(p).resolve().is_relative_to(root.resolve()) for p in places)}
+            if any(Path(p).resolve().is_relative_to((root / name).resolve()) for p in places)}
 
 
 def test_no_top_level_folder_is_a_regular_package() -> None:
