@@ -16,11 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
-import structlog
 
 from rayquant.jobs.logs import configure_logging
-
-log = structlog.get_logger()
 
 
 @dataclass(frozen=True)

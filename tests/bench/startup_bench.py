@@ -15,6 +15,9 @@ pipe, so the CLI writes JSON log lines; their timestamps split the wall time:
   blocks     -> the last `block_done`
   tail       -> `job_done`: evaluation, assembly, manifest
   exit       -> the process exits (Ray's shutdown)
+
+and, measured alone beside it, `import rayquant.jobs.driver` in a fresh interpreter (torch,
+transformers, Ray: the imports that the job overlaps with Ray's start).
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ def run_once(spec: Path, sets: list[str], out: Path) -> dict[str, float]:
     }
 
 
+def driver_import_seconds() -> float:
+    code = "import time; t = time.perf_counter(); import rayquant.jobs.driver; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    return float(out.stdout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -80,6 +89,8 @@ def main() -> None:
         print(f"{i:>3}  " + " ".join(f"{row[p]:9.2f}" for p in PHASES) + f"  {row['block_compute']:13.2f}")
     print("med  " + " ".join(f"{statistics.median(r[p] for r in rows):9.2f}" for p in PHASES)
           + f"  {statistics.median(r['block_compute'] for r in rows):13.2f}")
+    imports = statistics.median(driver_import_seconds() for _ in range(args.runs))
+    print(f"driver imports alone (torch, transformers, ray; overlapped with Ray in the job): {imports:.2f} s")
 
 
 if __name__ == "__main__":
