@@ -61,7 +61,7 @@ def _quantize(args: argparse.Namespace) -> int:
     # torch, transformers and the driver are imported on the other.
     with ThreadPoolExecutor(1, thread_name_prefix="import-driver") as pool:
         driver = pool.submit(importlib.import_module, "rayquant.jobs.driver")
-        cluster = ray_cluster.connect(c.address, c.num_workers * c.cpus_per_worker, verbose=args.verbose)
+        cluster = ray_cluster.connect(c, verbose=args.verbose)
         try:
             outcome = driver.result().run_job(spec, job_id, cluster=cluster, verbose=args.verbose)
         finally:

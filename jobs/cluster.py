@@ -18,6 +18,7 @@ from typing import Any, Callable
 import ray
 
 from rayquant.jobs.logs import configure_logging
+from rayquant.jobs.spec import ClusterSpec
 
 
 @dataclass(frozen=True)
@@ -26,29 +27,31 @@ class Cluster:
 
     where: str  # "embedded (127.0.0.1)" or the cluster address
     owns_ray: bool  # this process started Ray (and shuts it down)
+    started: float  # time.perf_counter() when connecting began: the job's start-up clock
     seconds: float  # to connect
 
 
-def connect(address: str | None, num_cpus: int, verbose: bool) -> Cluster:
-    """Embedded Ray on loopback with exactly `num_cpus` (address None), else the cluster at `address`.
+def connect(spec: ClusterSpec, verbose: bool) -> Cluster:
+    """Embedded Ray on loopback with exactly the CPUs the workers ask for (no cluster.address), else the
+    cluster at cluster.address.
 
     Must run on the thread that lives for the whole job: embedded Ray's processes die with the thread
     that started them.
     """
-    if ray.is_initialized():
-        return Cluster(where="already connected", owns_ray=False, seconds=0.0)
     t = time.perf_counter()
+    if ray.is_initialized():
+        return Cluster(where="already connected", owns_ray=False, started=t, seconds=0.0)
     quiet = {"logging_level": logging.WARNING if verbose else logging.ERROR, "log_to_driver": verbose}
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the workers' forwarded lines (-v): no ANSI codes in files
-    if address is None:
+    if spec.address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray binds to loopback only
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+        ray.init(num_cpus=spec.num_workers * spec.cpus_per_worker, include_dashboard=False, **quiet)
         where = "embedded (127.0.0.1)"
     else:
-        ray.init(address=address, **quiet)
-        where = address
-    return Cluster(where=where, owns_ray=True, seconds=time.perf_counter() - t)
+        ray.init(address=spec.address, **quiet)
+        where = spec.address
+    return Cluster(where=where, owns_ray=True, started=t, seconds=time.perf_counter() - t)
 
 
 def disconnect(cluster: Cluster) -> None:

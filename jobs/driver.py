@@ -126,7 +126,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     structlog.contextvars.bind_contextvars(job_id=job_id, block=None)
     own = cluster is None
     if own:
-        cluster = connect(spec.cluster.address, embedded_cpus(spec), verbose=verbose)
+        cluster = connect(spec.cluster, verbose=verbose)
     try:
         return _run(spec, job_id, worker_class, cluster, verbose)
     finally:
@@ -134,13 +134,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
             disconnect(cluster)
 
 
-def embedded_cpus(spec: JobSpec) -> int:
-    """The CPUs an embedded Ray gets: exactly what the job's workers ask for."""
-    return spec.cluster.num_workers * spec.cluster.cpus_per_worker
-
-
 def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbose: bool) -> JobOutcome:
-    t_start = time.perf_counter()
     out_dir = Path(spec.output.uri)
     job = open_job(spec)
     state = job.state
@@ -164,7 +158,7 @@ def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbo
         c = spec.cluster
         log.info("workers_ready", ray=cluster.where, workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
                  cpus_per_worker=c.cpus_per_worker, ray_seconds=round(cluster.seconds, 2),
-                 seconds=round(time.perf_counter() - t_start + cluster.seconds, 2))
+                 seconds=round(time.perf_counter() - cluster.started, 2))
         checkpoint.begin_staging(out_dir, job.fingerprint, job.resolved)
         progress = JobProgress(spec.name, n_blocks, state.done_blocks, terminal=stderr_is_terminal())
         stage_seconds, bytes_moved, layers, run_stats = [], [], [], []

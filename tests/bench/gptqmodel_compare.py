@@ -172,6 +172,7 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     configure_logging(False)  # progress to stderr, the tables alone on stdout
     from rayquant.jobs.cluster import connect, disconnect
+    from rayquant.jobs.spec import ClusterSpec
 
     source = open_model_source("synthetic://llama-tiny").path if args.random_init else trained_llama_tiny()
     eval_ids = load_calibration("builtin://text", source, 1, args.seq_len, args.eval_samples, args.seeds[0]).eval_samples
@@ -181,7 +182,7 @@ def main() -> None:
 
     start = time.perf_counter()
     # the spec's 2 workers × 1 CPU, as run_job's own embedded Ray (on loopback)
-    cluster = connect(None, num_cpus=2, verbose=False)
+    cluster = connect(ClusterSpec(num_workers=2, cpus_per_worker=1), verbose=False)
     ray_start = time.perf_counter() - start
     try:
         with contextlib.redirect_stdout(sys.stderr):  # GPTQModel's logbar prints to sys.stdout as it is then
