@@ -1,6 +1,6 @@
 """The GPTQ checkpoint of one job in a local output directory: staging, block parts, assembly.
 
-While the job runs (DESIGN.md, data flow step 8 "persist"), each quantized block goes to a staging
+While the job runs (DESIGN.md §9, the "persist" stage), each quantized block goes to a staging
 area inside the output directory; its marker makes the block the resume point:
 
     <out>/.rayquant-staging/job.json                  job fingerprint + resolved spec

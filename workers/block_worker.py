@@ -4,8 +4,9 @@ A plain class: `jobs` makes it a Ray actor in one place; GPU benchmarks build it
 process per GPU. All W workers form one torch.distributed group (Gloo on CPU, NCCL on GPU) and call
 the same collectives in the same order, so each method must be entered by every rank.
 
-Per block (DESIGN.md steps 1–7): load (each rank reads 1/W of the tensors, broadcasts them) →
-per sub-stage: collect Σxᵀx → reduce to the input group's owner (rank-ordered sum) → solve → validate
+Per block (DESIGN.md §5): load (each rank reads 1/W of the tensors, broadcasts them) →
+per sub-stage: collect Σxᵀx → reduce to the input group's owner, or to every rank for a row-split stage
+(rank-ordered sums) → solve → validate
 → share packed tensors → advance the shard through the *quantized* block.
 """
 
