@@ -1,0 +1,170 @@
+"""The fused Triton column loop (solver/gptq_fused.py, the CUDA path of solve_gptq) run by Triton's CPU
+interpreter (no GPU) on a small layer, N=80 and K=256, against the textbook algorithm
+(tests/solver/textbook_gptq.py), as test_gptq_vs_textbook.py checks the torch loop and test_gptq_gpu.py
+the compiled kernel: in float64 the same codes, scales and loss; in float32 the loss within 0.1 % of the
+textbook's (codes are chaotic across precisions, DESIGN.md §12); in both the codes, scales and zeros
+decode to a weight whose loss is the one the kernel's error sums report.
+
+The runner forces `solve_gptq` onto the fused path for CPU tensors (`gptq._runs_fused`), so the whole
+CUDA solve runs: R from the reversed factor, grids in the kernel, before it (groups wider than a batch)
+or static, act-order and GAR permutations, the lazy update between spans. It raises the rows per program
+from 16 to 64 (32 in float64): the interpreter's cost is per program and column, not per row; 80 rows
+still leave a ragged last program. The interpreter must be switched on before triton is imported, so its
+runs happen in a subprocess:
+
+    TRITON_INTERPRET=1 python -m tests.solver.test_gptq_fused_interpreted OUT.pt default|column_batches
+"""
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayquant.solver.gptq import GPTQConfig, dequantize
+from rayquant.solver.rtn import quantize_rtn
+from tests.solver.calibration_cases import LayerCase, layer_case
+from tests.solver.test_gptq_vs_textbook import _id
+from tests.solver.textbook_gptq import TextbookResult, textbook_gptq
+
+REPO = Path(__file__).resolve().parents[2]
+
+# every kernel variant once or twice: grids in the kernel (group_size <= 128: 128, 32, and 96 with a partial
+# last group), before the launch (group_size -1: wider than a batch), static; sym and asym; 3, 4 and 8 bits;
+# plain order, act-order and GAR
+CASES = [dict(bits=4, group_size=128, desc_act=False, sym=True),
+         dict(bits=4, group_size=128, desc_act=True, sym=False),
+         dict(bits=8, group_size=128, desc_act=False, sym=False),
+         dict(bits=4, group_size=32, desc_act=False, sym=False),
+         dict(bits=8, group_size=32, desc_act=True, sym=True),
+         dict(bits=3, group_size=32, desc_act=True, sym=False),
+         dict(bits=4, group_size=-1, desc_act=True, sym=True),
+         dict(bits=8, group_size=-1, desc_act=False, sym=False),
+         dict(bits=4, group_size=32, desc_act=True, sym=True, static_groups=True),
+         dict(bits=8, group_size=128, desc_act=True, sym=False, static_groups=True),
+         dict(bits=4, group_size=128, act_group_aware=True, sym=True),  # GAR, as the job spec's default
+         dict(bits=3, group_size=96, act_group_aware=True, sym=False),  # GAR, partial last group
+         dict(bits=4, group_size=32, act_group_aware=True, sym=False, static_groups=True)]
+# column batches narrower than a group (grids before the launch, one span per group) and groups wider than a
+# batch, cut at their starts (the lazy update of later columns between spans); float64 only
+COLUMN_BATCH_CASES = [dict(bits=4, group_size=32, desc_act=True, column_batch=20),
+                      dict(bits=3, group_size=200, desc_act=True, sym=False, column_batch=128),
+                      dict(bits=4, group_size=-1, desc_act=False, sym=False, column_batch=100)]
+RUNS = {"default": [(p, d) for p in CASES for d in (torch.float64, torch.float32)],
+        "column_batches": [(p, torch.float64) for p in COLUMN_BATCH_CASES]}
+ROWS_PER_PROGRAM = 64  # gptq_fused.BLOCK_ROWS in the interpreter (16 compiled)
+
+
+@functools.cache
+def _layer() -> LayerCase:
+    return layer_case(out_features=80, in_features=256, n_tokens=1024, seed=0)
+
+
+@functools.cache
+def _textbook(cfg: GPTQConfig) -> TextbookResult:
+    layer = _layer()
+    return textbook_gptq(layer.weight, layer.hessian_sum, layer.n_tokens, cfg)
+
+
+def main(out_path: str, runs: str) -> None:
+    import triton.runtime.interpreter as interpreter
+
+    from rayquant.solver import gptq, gptq_fused
+    from tests.kernels.interpreted_kernel_runs import _index_scalar_tensors
+
+    if hasattr(interpreter, "_patch_lang_tensor"):  # Triton 3.6; see _index_scalar_tensors
+        interpreter._patch_lang_tensor = _index_scalar_tensors(interpreter._patch_lang_tensor)
+    gptq_fused.BLOCK_ROWS = ROWS_PER_PROGRAM
+    gptq._runs_fused = lambda W: True
+    fused_calls = []
+    column_loop = gptq_fused.quantize_column_batches
+
+    def counted(*args, **kwargs):
+        fused_calls.append(1)
+        return column_loop(*args, **kwargs)
+    gptq_fused.quantize_column_batches = counted  # _solve imports it at each call
+
+    layer = _layer()
+    outputs = {}
+    for params, dtype in RUNS[runs]:
+        fused_calls.clear()
+        result = gptq.solve_gptq(layer.weight.to(dtype), layer.hessian_sum, layer.n_tokens, GPTQConfig(**params))
+        outputs[(_id(params), str(dtype))] = dict(codes=result.codes, scales=result.scales, zeros=result.zeros,
+                                                  g_idx=result.g_idx, loss=result.loss, fused_calls=len(fused_calls))
+    torch.save(outputs, out_path)
+
+
+def _interpret(tmp_path_factory, runs: str) -> dict:
+    pytest.importorskip("triton")
+    out_path = tmp_path_factory.mktemp("interpreted") / f"{runs}.pt"
+    # a failing run's traceback reaches pytest's captured stderr
+    subprocess.run([sys.executable, "-m", "tests.solver.test_gptq_fused_interpreted", str(out_path), runs],
+                   check=True, cwd=REPO, env=dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES=""),
+                   timeout=600)
+    return torch.load(out_path)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    """Every case of CASES in float64 and float32, from one interpreter process."""
+    return _interpret(tmp_path_factory, "default")
+
+
+@pytest.fixture(scope="module")
+def interpreted_column_batches(tmp_path_factory) -> dict:
+    return _interpret(tmp_path_factory, "column_batches")
+
+
+def _decoded_loss(out: dict) -> float:
+    """tr((W - Q) H (W - Q)ᵀ) in float64 of the weight the codes, scales and zeros decode to."""
+    layer = _layer()
+    E = layer.weight.double() - dequantize(out["codes"], out["scales"], out["zeros"], out["g_idx"]).double()
+    return float(((E @ (layer.hessian_sum.double() / layer.n_tokens)) * E).sum())
+
+
+def _assert_same_as_textbook_in_float64(out: dict, cfg: GPTQConfig) -> None:
+    textbook = _textbook(cfg)
+    assert out["fused_calls"] == 1  # the fused path ran, not the torch loop
+    same_codes = (out["codes"].long() == textbook.codes).double().mean().item()
+    assert same_codes >= 0.999, f"only {same_codes:.4%} of codes equal the textbook's"
+    assert torch.equal(out["g_idx"].long(), textbook.g_idx)
+    same_scales = (out["scales"].double() == textbook.scales).double().mean().item()
+    assert same_scales >= 0.999, f"only {same_scales:.4%} of scales equal the textbook's"
+    same_zeros = (out["zeros"].double() == textbook.zeros).double().mean().item()
+    assert same_zeros >= 0.999, f"only {same_zeros:.4%} of zeros equal the textbook's"
+    assert out["loss"] == pytest.approx(textbook.loss, rel=1e-6)
+    assert out["loss"] == pytest.approx(_decoded_loss(out), rel=1e-6)
+
+
+@pytest.mark.parametrize("params", CASES, ids=_id)
+def test_interpreted_fused_float64_codes_scales_and_loss_equal_textbook_gptq(interpreted: dict, params: dict) -> None:
+    _assert_same_as_textbook_in_float64(interpreted[(_id(params), str(torch.float64))], GPTQConfig(**params))
+
+
+@pytest.mark.parametrize("params", CASES, ids=_id)
+def test_interpreted_fused_float32_loss_within_0p1_percent_of_textbook_and_decodes_to_it(
+        interpreted: dict, params: dict) -> None:
+    cfg = GPTQConfig(**params)
+    layer = _layer()
+    out = interpreted[(_id(params), str(torch.float32))]
+    textbook_loss = _textbook(cfg).loss
+    assert out["fused_calls"] == 1
+    assert abs(out["loss"] - textbook_loss) <= 1e-3 * textbook_loss, (out["loss"], textbook_loss)
+    # the loss reported from the kernel's sums ‖E‖² - λ‖W - Q‖² is the loss of what the checkpoint stores
+    assert out["loss"] == pytest.approx(_decoded_loss(out), rel=1e-5)
+    assert out["loss"] < quantize_rtn(layer.weight, layer.hessian_sum, layer.n_tokens, cfg).loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", COLUMN_BATCH_CASES, ids=_id)
+def test_interpreted_fused_float64_equals_textbook_whatever_the_column_batch(
+        interpreted_column_batches: dict, params: dict) -> None:
+    _assert_same_as_textbook_in_float64(interpreted_column_batches[(_id(params), str(torch.float64))],
+                                        GPTQConfig(**params))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
