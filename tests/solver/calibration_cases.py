@@ -1,9 +1,13 @@
 """Layers with realistic calibration statistics for solver tests, seeded."""
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from rayquant.solver.gptq import GPTQConfig
+from tests.solver.textbook_gptq import TextbookResult, textbook_gptq
 
 
 @dataclass(frozen=True)
@@ -34,3 +38,17 @@ def layer_case(out_features: int = 96, in_features: int = 256, n_tokens: int = 1
     weight = torch.randn(out_features, in_features, generator=gen) * 0.02
     weight += torch.randn(out_features, 1, generator=gen) * 0.01  # row offsets: asym grids differ from sym
     return LayerCase(weight=weight, hessian_sum=x.T @ x, n_tokens=n_tokens)
+
+
+@functools.cache
+def textbook_layer(out_features: int) -> LayerCase:
+    """The layer the solvers are compared with the textbook on (256 in_features, 1024 tokens, seed 0),
+    built once per process."""
+    return layer_case(out_features=out_features, in_features=256, n_tokens=1024, seed=0)
+
+
+@functools.cache
+def textbook_result(cfg: GPTQConfig, out_features: int) -> TextbookResult:
+    """textbook_gptq on textbook_layer(out_features), solved once per config and process."""
+    layer = textbook_layer(out_features)
+    return textbook_gptq(layer.weight, layer.hessian_sum, layer.n_tokens, cfg)

@@ -15,7 +15,6 @@ runs happen in a subprocess:
     TRITON_INTERPRET=1 python -m tests.solver.test_gptq_fused_interpreted OUT.pt default|column_batches
 """
 
-import functools
 import os
 import subprocess
 import sys
@@ -26,9 +25,9 @@ import torch
 
 from rayquant.solver.gptq import GPTQConfig, dequantize
 from rayquant.solver.rtn import quantize_rtn
-from tests.solver.calibration_cases import LayerCase, layer_case
+from tests.solver.calibration_cases import LayerCase, textbook_layer, textbook_result
 from tests.solver.test_gptq_vs_textbook import _id
-from tests.solver.textbook_gptq import TextbookResult, textbook_gptq
+from tests.solver.textbook_gptq import TextbookResult
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,15 +57,15 @@ RUNS = {"default": [(p, d) for p in CASES for d in (torch.float64, torch.float32
 ROWS_PER_PROGRAM = 64  # gptq_fused.BLOCK_ROWS in the interpreter (16 compiled)
 
 
-@functools.cache
+OUT_FEATURES = 80  # small for the interpreter; a ragged last program at 64 rows per program
+
+
 def _layer() -> LayerCase:
-    return layer_case(out_features=80, in_features=256, n_tokens=1024, seed=0)
+    return textbook_layer(OUT_FEATURES)
 
 
-@functools.cache
 def _textbook(cfg: GPTQConfig) -> TextbookResult:
-    layer = _layer()
-    return textbook_gptq(layer.weight, layer.hessian_sum, layer.n_tokens, cfg)
+    return textbook_result(cfg, OUT_FEATURES)
 
 
 def main(out_path: str, runs: str) -> None:

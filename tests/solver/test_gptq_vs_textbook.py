@@ -6,7 +6,6 @@ re-routes the rest of a row), but the layer loss is: it must stay within 0.1 % o
 That agreement is statistical, hence 512 rows: rerouted rows are few and average out.
 """
 
-import functools
 import itertools
 
 import pytest
@@ -14,8 +13,8 @@ import torch
 
 from rayquant.solver.gptq import GPTQConfig, GPTQResult, solve_gptq
 from rayquant.solver.rtn import quantize_rtn
-from tests.solver.calibration_cases import LayerCase, layer_case
-from tests.solver.textbook_gptq import TextbookResult, textbook_gptq
+from tests.solver.calibration_cases import LayerCase, textbook_layer, textbook_result
+from tests.solver.textbook_gptq import TextbookResult
 
 ALL_BITS = (2, 3, 4, 8)
 DYNAMIC = [dict(bits=b, group_size=g, desc_act=a, sym=s)
@@ -31,15 +30,15 @@ def _id(params: dict) -> str:
     return "-".join(f"{k}={v}" for k, v in params.items())
 
 
-@functools.cache
+OUT_FEATURES = 512
+
+
 def _layer() -> LayerCase:
-    return layer_case(out_features=512, in_features=256, n_tokens=1024, seed=0)
+    return textbook_layer(OUT_FEATURES)
 
 
-@functools.cache
 def _textbook(cfg: GPTQConfig) -> TextbookResult:
-    layer = _layer()
-    return textbook_gptq(layer.weight, layer.hessian_sum, layer.n_tokens, cfg)
+    return textbook_result(cfg, OUT_FEATURES)
 
 
 def _solve(cfg: GPTQConfig, dtype: torch.dtype) -> GPTQResult:
