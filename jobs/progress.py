@@ -6,7 +6,6 @@ stage timings stay in run-stats.json and, off a terminal, in each `block_done` l
 
 from __future__ import annotations
 
-import time
 
 import structlog
 
@@ -19,7 +18,6 @@ class JobProgress:
     def __init__(self, name: str, n_blocks: int, first_block: int, terminal: bool):
         self.n_blocks = n_blocks
         self.bar = None
-        self._started = time.perf_counter()
         self._done_here = 0  # blocks quantized by this run: replayed ones say nothing about speed
         self._quantized_seconds = 0.0
         if terminal:
