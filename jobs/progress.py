@@ -6,7 +6,6 @@ stage timings stay in run-stats.json and, off a terminal, in each `block_done` l
 
 from __future__ import annotations
 
-
 import structlog
 
 log = structlog.get_logger()
