@@ -62,10 +62,11 @@ def disconnect(cluster: Cluster) -> None:
 def create_workers(worker_class: type, setups: list, num_cpus: int, num_gpus: int, verbose: bool = False) -> list:
     """One actor per setup, returned at once: each process starts and imports while the driver goes on.
 
-    Two concurrent calls per actor: the block stages, and `current_stage` for the progress bar.
+    Three concurrent calls per actor: the block stages, `wait_durable` for the block being written,
+    and `current_stage` for the progress bar.
     """
     actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-                             max_concurrency=2)(_logging_first(worker_class, verbose))
+                             max_concurrency=3)(_logging_first(worker_class, verbose))
     return [actor_class.remote(setup) for setup in setups]
 
 

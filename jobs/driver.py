@@ -1,17 +1,18 @@
 """The job driver: preflight, start the workers, run the per-block loop, resume, assemble.
 
 Turns the JobSpec into frozen records before anything crosses into workers. The per-block loop
-is DESIGN.md's: every worker runs the block's stages together; rank 0 hands back the packed block,
-which the driver persists as a part file and then marks done — the marker is the resume point.
-Start-up overlaps: the worker actors are created before the calibration windows are cut, so their
-processes start and import while the driver tokenizes.
+is DESIGN.md's: every worker runs the block's stages together; rank 0 writes the packed block into
+its planned shard on a background thread while the next block runs, and the driver marks the block
+done once rank 0 says its bytes are durable: the marker is the resume point. The driver receives
+layer records only, never tensors. Start-up overlaps: the worker actors are created before the
+shards are planned and the calibration windows cut, so their processes start and import meanwhile.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
@@ -27,16 +28,19 @@ from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage import checkpoint
 from rayquant.storage.calibration import CalibrationSet, load_calibration, vocab_size_of, windows_sha256
 from rayquant.storage.model_source import ModelSource, open_model_source
+from rayquant.storage.shard_plan import ShardPlan
 from rayquant.workers.adapter import build_skeleton, check_decoder_architecture, find_layout
 from rayquant.workers.moe import MoEConfig, unfuse_experts
 from rayquant.workers.evaluation import perplexity
 from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
+from rayquant.workers.block_writer import OutputTarget
+from rayquant.workers.output_plan import plan_output
 from rayquant.workers.layer_overrides import (LayerOverride, block_linear_names, check_fused_units,
                                              check_overrides_match, gptq_dynamic)
 
 log = structlog.get_logger()
 
-STAGES = ("load", "plan", "collect", "reduce", "solve", "baseline", "validate", "share", "advance", "eval", "handoff", "persist")
+STAGES = ("load", "plan", "collect", "reduce", "solve", "baseline", "validate", "share", "advance", "eval", "handoff")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,13 @@ def open_job(spec: JobSpec) -> OpenedJob:
                      state=checkpoint.inspect_output(Path(spec.output.uri), fingerprint))
 
 
+def plan_shards(spec: JobSpec, source: ModelSource) -> ShardPlan:
+    """Every output tensor's shard and offset, from shapes alone (the skeleton is on the meta device)."""
+    skeleton = build_skeleton(source.config, torch.bfloat16)
+    unfuse_experts(skeleton)  # MoE: the per-expert linears the workers quantize
+    return plan_output(source, skeleton, find_layout(skeleton), gptq_config(spec), layer_overrides(spec))
+
+
 def calibrate(spec: JobSpec, source: ModelSource) -> CalibrationSet:
     """Preflight's second half: the calibration and held-out windows, tokenized and cut.
 
@@ -147,47 +158,25 @@ def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbo
     workers = []
     progress = None
     try:
-        # the actors' processes start and import while the calibration windows are cut here
+        # the actors' processes start and import while the shards are planned and the windows cut here
         workers = create_workers(worker_class, _worker_setups(spec, job_id, model_path),
                                  spec.cluster.cpus_per_worker, spec.cluster.gpus_per_worker, verbose)
+        plan = plan_shards(spec, job.source)
         calib = calibrate(spec, job.source)
+        checkpoint.begin_staging(out_dir, job.fingerprint, job.resolved)
+        resume = checkpoint.resume_point(out_dir, plan, state.done_blocks)
         log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12], output=str(out_dir),
                  workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
-                 resume_from=state.done_blocks, windows_sha256=calib.window_sha256[:16])
-        n_blocks = _start_workers(workers, calib, spec.cluster.num_workers)
+                 resume_from=resume, shards=len(plan.shards), output_bytes=plan.total_tensor_bytes,
+                 windows_sha256=calib.window_sha256[:16])
+        n_blocks = _start_workers(workers, calib, spec.cluster.num_workers, OutputTarget(str(out_dir), plan))
         c = spec.cluster
         log.info("workers_ready", ray=cluster.where, workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
                  cpus_per_worker=c.cpus_per_worker, ray_seconds=round(cluster.seconds, 2),
                  seconds=round(time.perf_counter() - cluster.started, 2))
-        checkpoint.begin_staging(out_dir, job.fingerprint, job.resolved)
-        progress = JobProgress(spec.name, n_blocks, state.done_blocks, terminal=stderr_is_terminal())
-        stage_seconds, bytes_moved, layers, run_stats = [], [], [], []
+        progress = JobProgress(spec.name, n_blocks, resume, terminal=stderr_is_terminal())
         t_job = time.perf_counter()
-        for b in range(n_blocks):
-            structlog.contextvars.bind_contextvars(block=b)
-            replay = checkpoint.read_block_part(out_dir, b) if b < state.done_blocks else None
-            t = time.perf_counter()
-            refs = [w.run_block.remote(BlockTask(job_id, b, replay)) for w in workers]
-            results = wait_all(refs, on_wait=_stage_poller(workers[0], progress) if progress.shows_stages else None)
-            seconds = {k: max(r.seconds.get(k, 0.0) for r in results) for k in STAGES[:-1]}
-            if replay is None:
-                t_persist = time.perf_counter()
-                block_layers = sorted((asdict(x) for r in results for x in r.layers), key=lambda x: x["name"])
-                checkpoint.write_block_part(out_dir, b, results[0].tensors)
-                seconds["persist"] = time.perf_counter() - t_persist
-                block_stats = _block_stats(b, results, seconds)
-                checkpoint.mark_block_done(out_dir, b, layers=block_layers, stats=block_stats)
-                layers += block_layers
-            else:  # the stats of the run that quantized it
-                layers += checkpoint.read_block_layers(out_dir, b)
-                block_stats = checkpoint.read_block_stats(out_dir, b)
-            run_stats.append(block_stats)
-            stage_seconds.append(seconds)
-            moved = {k: sum(r.bytes_received.get(k, 0) for r in results) for k in ("load", "reduce", "share")}
-            bytes_moved.append(moved)
-            progress.block_done(b, time.perf_counter() - t, replayed=replay is not None,
-                                mib_moved=round(sum(moved.values()) / 2**20, 2),
-                                stages={k: round(v, 3) for k, v in seconds.items()})
+        blocks = _run_blocks(workers, job_id, out_dir, plan, n_blocks, resume, progress)
         progress.close()
         structlog.contextvars.bind_contextvars(block=None)
         t = time.perf_counter()
@@ -195,15 +184,15 @@ def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbo
         evaluation = _evaluation(spec, streams, calib)
         log.info("eval_done", seconds=round(time.perf_counter() - t, 2),
                  **{k: v for k, v in evaluation.items() if k.endswith("_ppl")})
-        report = _report(spec, job.source.revision, calib, layers, evaluation)
-        stats = {"job_id": job_id, "workers": spec.cluster.num_workers, "blocks": run_stats,
+        report = _report(spec, job.source.revision, calib, blocks.layers, evaluation)
+        stats = {"job_id": job_id, "workers": spec.cluster.num_workers, "blocks": blocks.run_stats,
                  "eval_seconds": round(time.perf_counter() - t, 3)}
         t = time.perf_counter()
-        checkpoint.assemble_checkpoint(out_dir, job.source, n_blocks, quantization_config(spec), report,
-                                       job.resolved, run_stats=stats)
+        checkpoint.finish_checkpoint(out_dir, job.source, plan, quantization_config(spec), report, job.resolved,
+                                     run_stats=stats)
         log.info("job_done", output=str(out_dir), blocks=n_blocks, blocks_seconds=round(t - t_job, 2),
-                 assembly_seconds=round(time.perf_counter() - t, 2))
-        return JobOutcome(str(out_dir), n_blocks, state.done_blocks, False, stage_seconds, bytes_moved)
+                 finish_seconds=round(time.perf_counter() - t, 2))
+        return JobOutcome(str(out_dir), n_blocks, resume, False, blocks.stage_seconds, blocks.bytes_moved)
     except INPUT_ERRORS:
         if fresh:  # this input can never finish; a fixed input is a different job
             checkpoint.discard_staging(out_dir)
@@ -226,13 +215,75 @@ def _worker_setups(spec: JobSpec, job_id: str, model_path: str) -> list[WorkerSe
     ) for rank in range(c.num_workers)]
 
 
-def _start_workers(workers: list, calib: CalibrationSet, world: int) -> int:
-    """Hand each rank its 1/W of the calibration and held-out windows; returns the model's block count."""
+def _start_workers(workers: list, calib: CalibrationSet, world: int, output: OutputTarget) -> int:
+    """Hand each rank its 1/W of the calibration and held-out windows and the output; returns the
+    model's block count."""
     shards = calib.samples.tensor_split(world)
     eval_shards = calib.eval_samples.tensor_split(world)
     rendezvous = ray.get(workers[0].rendezvous_address.remote())
-    return wait_all([w.start.remote(rendezvous, shard.clone(), eval_shard.clone())
+    return wait_all([w.start.remote(rendezvous, shard.clone(), eval_shard.clone(), output)
                      for w, shard, eval_shard in zip(workers, shards, eval_shards, strict=True)])[0]
+
+
+@dataclass
+class _BlocksRun:
+    """What the block loop hands to the report, run-stats.json and JobOutcome."""
+
+    layers: list[dict] = field(default_factory=list)
+    run_stats: list[dict] = field(default_factory=list)  # per block, as its marker keeps them
+    stage_seconds: list[dict[str, float]] = field(default_factory=list)
+    bytes_moved: list[dict[str, int]] = field(default_factory=list)
+
+
+def _run_blocks(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_blocks: int, resume: int,
+                progress: JobProgress) -> _BlocksRun:
+    """Every block in order: blocks below `resume` are replayed from their shards, the rest quantized.
+
+    Block b's marker is written while block b+1 runs, as soon as rank 0 reports b's bytes durable;
+    a shard whose last block is durable is closed then too (checksummed, moved to its final name).
+    """
+    run = _BlocksRun()
+    unmarked: tuple | None = None  # (block, layers, stats) written but not yet durable
+    for b in range(n_blocks):
+        structlog.contextvars.bind_contextvars(block=b)
+        replay = b < resume
+        t = time.perf_counter()
+        refs = [w.run_block.remote(BlockTask(job_id, b, replay)) for w in workers]
+        if unmarked is not None:
+            _mark_durable(workers[0], out_dir, plan, *unmarked)
+            unmarked = None
+        results = wait_all(refs, on_wait=_stage_poller(workers[0], progress) if progress.shows_stages else None)
+        seconds = {k: max(r.seconds.get(k, 0.0) for r in results) for k in STAGES}
+        if replay:  # the records and stats of the run that quantized it
+            run.layers += checkpoint.read_block_layers(out_dir, b)
+            block_stats = checkpoint.read_block_stats(out_dir, b)
+        else:
+            block_layers = sorted((asdict(x) for r in results for x in r.layers), key=lambda x: x["name"])
+            block_stats = _block_stats(b, results, seconds)
+            run.layers += block_layers
+            unmarked = (b, block_layers, block_stats)
+        run.run_stats.append(block_stats)
+        run.stage_seconds.append(seconds)
+        moved = {k: sum(r.bytes_received.get(k, 0) for r in results) for k in ("load", "reduce", "share")}
+        run.bytes_moved.append(moved)
+        progress.block_done(b, time.perf_counter() - t, replayed=replay,
+                            mib_moved=round(sum(moved.values()) / 2**20, 2),
+                            stages={k: round(v, 3) for k, v in seconds.items()})
+    if unmarked is not None:
+        _mark_durable(workers[0], out_dir, plan, *unmarked)
+    return run
+
+
+def _mark_durable(rank0, out_dir: Path, plan: ShardPlan, block_idx: int, layers: list[dict], stats: dict) -> None:
+    """Wait until rank 0's writer has block_idx on disk, then mark it done (and close its shard if last)."""
+    t = time.perf_counter()
+    stats["seconds"]["persist"] = round(ray.get(rank0.wait_durable.remote(block_idx)), 4)
+    checkpoint.mark_block_done(out_dir, block_idx, layers=layers, stats=stats)
+    shard = plan.closes_with(block_idx)
+    if shard is not None:
+        checkpoint.close_shard(out_dir, shard)
+    log.debug("block_durable", block=block_idx, waited_seconds=round(time.perf_counter() - t, 3),
+              closed=shard.name if shard is not None else None)
 
 
 def _stage_poller(rank0, progress: JobProgress):

@@ -11,6 +11,7 @@ every 32 values fill 3 words and values 10 and 21 straddle word boundaries (the 
 layout), so a packed dimension needs (b · size) % 32 == 0: K % 32 == 0 and N % 32 == 0 at 3 bits.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from rayquant.solver.gptq import GPTQResult
-from rayquant.solver.grid import SUPPORTED_BITS, dequantize, max_level
+from rayquant.solver.grid import SUPPORTED_BITS, count_groups, dequantize, max_level
 
 WORD_BITS = 32
 _WORD_MASK = (1 << WORD_BITS) - 1
@@ -50,6 +51,20 @@ class UnpackedLinear:
     zeros: Tensor    # int32 [G, N]
     scales: Tensor   # float32 [G, N] (the float16 values)
     g_idx: Tensor    # int32 [K]
+
+
+PACKED_FIELDS = tuple(field.name for field in dataclasses.fields(PackedLinear))  # the checkpoint's names, in order
+
+
+def packed_shapes(out_features: int, in_features: int, bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of each packed tensor of an [N, K] linear, known before it is solved."""
+    n_groups = count_groups(group_size, in_features)
+    return {
+        "qweight": ((in_features * bits // WORD_BITS, out_features), torch.int32),
+        "qzeros": ((n_groups, out_features * bits // WORD_BITS), torch.int32),
+        "scales": ((n_groups, out_features), torch.float16),
+        "g_idx": ((in_features,), torch.int32),
+    }
 
 
 def pack_linear(result: GPTQResult, bits: int) -> PackedLinear:

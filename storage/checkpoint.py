@@ -1,45 +1,43 @@
-"""The GPTQ checkpoint of one job in a local output directory: staging, block parts, assembly.
+"""The GPTQ checkpoint of one job in a local output directory: staging, shards, the finish.
 
-While the job runs (DESIGN.md §9, the "persist" stage), each quantized block goes to a staging
-area inside the output directory; its marker makes the block the resume point:
+The shard layout is planned before block 0 (storage/shard_plan.py); blocks go straight into their
+final shards, written once by the worker that holds them (DESIGN.md "The data flow"):
 
-    <out>/.rayquant-staging/job.json                  job fingerprint + resolved spec
-    <out>/.rayquant-staging/block-00003.safetensors   block 3's tensors under their checkpoint names
-    <out>/.rayquant-staging/block-00003.done          block 3 is durable; its layer records and stats
+    <out>/.rayquant-staging/job.json                         job fingerprint + resolved spec
+    <out>/.rayquant-staging/model-00002-of-00009.safetensors a shard still being filled (open)
+    <out>/.rayquant-staging/block-00003.done                 block 3 is durable in its shard; its layer records and stats
+    <out>/model-00001-of-00009.safetensors                   a closed shard: every tensor in it durable
 
-Assembly then writes the checkpoint of DESIGN.md "The GPTQ checkpoint" beside it: shards
-`model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`, `config.json` with the
+A shard closes (moves to its final name, its checksum recorded) once its last block is durable. The
+finish then writes the non-block tensors, `model.safetensors.index.json`, `config.json` with the
 `quantization_config`, the source's tokenizer/generation files, `README.md` (model card),
 `report.json`, and LAST `rayquant-manifest.json` (sha256 and size of every file). The manifest is
 the commit: a directory with our manifest holds a finished checkpoint, one without does not.
 The staging area is removed after it. `run-stats.json` (this run's seconds and memory) is written
-just before the manifest and is the one file the manifest does not list.
+just before the manifest and is the one file the manifest does not list. Peak disk use is the
+output's size: nothing is written twice.
 
-Every file is written to a temporary name in the staging area, fsynced and renamed into place, so
-a crash leaves the old file or the new one, never half of one. Bytes are a pure function of the
-inputs (sorted JSON keys, no timestamps, safetensors' fixed layout), so a rerun or a resumed job
-writes identical files.
+Every small file is written to a temporary name, fsynced and renamed into place; shards are created
+at their full size and filled at planned offsets, so a crash leaves a block's marker absent and the
+resumed job writes the same bytes again. Bytes are a pure function of the inputs (sorted JSON keys,
+no timestamps, safetensors' fixed layout), so a rerun or a resumed job writes identical files.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import os
 import shutil
-from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from torch import Tensor
-
-from rayquant.storage.atomic_files import TMP_PREFIX, file_entry, json_writer, write_atomic
+from rayquant.storage.atomic_files import TMP_PREFIX, file_entry, fsync_dir, json_writer, write_atomic
 from rayquant.storage.model_card import render_model_card
 from rayquant.storage.model_source import ModelSource, list_aux_files, read_source_tensor
-from rayquant.storage.safetensors_reader import DTYPES, INDEX_FILE, read_safetensors_header
+from rayquant.storage.safetensors_reader import DTYPES, INDEX_FILE
+from rayquant.storage.shard_files import prepare_shard, shard_is_intact, write_shard_tensors
+from rayquant.storage.shard_plan import PlannedShard, ShardPlan
 
 STAGING = ".rayquant-staging"
 JOB_FILE = "job.json"
@@ -50,8 +48,6 @@ REPORT_FILE = "report.json"
 RUN_STATS_FILE = "run-stats.json"  # timings and memory of the run that wrote the output; not in the manifest
 MANIFEST_FORMAT = 1  # bump when the manifest's fields change meaning
 
-# the tensors that replace a quantized linear's `weight`, in this order (its bias keeps its name)
-PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 # exactly the quantization_config keys of DESIGN.md "The GPTQ checkpoint"
 QUANTIZATION_CONFIG_KEYS = frozenset(
     {"quant_method", "bits", "group_size", "desc_act", "sym", "damp_percent", "true_sequential",
@@ -59,11 +55,8 @@ QUANTIZATION_CONFIG_KEYS = frozenset(
 )
 # what the model card needs from each entry of report["layers"]
 REPORT_LAYER_KEYS = ("name", "gptq_loss", "rtn_loss", "damp_percent")
-# a tensor of transformer block b: model.layers.{b}.…, also under a nested prefix (model.language_model.layers.{b}.…)
-BLOCK_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 _FIX_CONFLICT = "choose another output.uri or delete the directory"
-_SAFETENSORS_METADATA = {"format": "pt"}
 
 
 class OutputConflict(Exception):
@@ -72,10 +65,6 @@ class OutputConflict(Exception):
 
 class StagingIncomplete(Exception):
     """The staging area lacks what the next step needs (job.json, a block part or marker)."""
-
-
-class BlockPartMismatch(Exception):
-    """A block part's tensors do not line up with the source model's tensor names."""
 
 
 @dataclass(frozen=True)
@@ -189,32 +178,54 @@ def begin_staging(out_dir: Path, job_fingerprint: str, resolved_spec: dict) -> N
     write_atomic(staging, staging / JOB_FILE, json_writer(job))
 
 
-def write_block_part(out_dir: Path, block_idx: int, tensors: dict[str, Tensor]) -> None:
-    """Write block block_idx's tensors (checkpoint names -> CPU tensors) as its part file, atomically.
+def open_shard_path(out_dir: Path, shard: PlannedShard) -> Path:
+    """Where a planned shard lives: out_dir/<name> once closed, before that its open file in staging."""
+    final = Path(out_dir) / shard.name
+    return final if final.is_file() else Path(out_dir) / STAGING / shard.name
+
+
+def resume_point(out_dir: Path, plan: ShardPlan, done_blocks: int) -> int:
+    """The first block to quantize: done_blocks, or earlier where a marked block's shard is not intact
+    (deleted or damaged after the fact); markers from there on are removed, so those blocks are redone.
+    """
+    staging = _require_staging(Path(out_dir))
+    resume = done_blocks
+    for shard in plan.shards:
+        marked = [b for b in shard.blocks if b < done_blocks]
+        if marked and not shard_is_intact(open_shard_path(out_dir, shard), shard):
+            resume = min(resume, marked[0])
+    for b in range(resume, done_blocks):
+        (staging / _marker_name(b)).unlink(missing_ok=True)
+    return resume
+
+
+def mark_block_done(out_dir: Path, block_idx: int, layers: list[dict] | None = None,
+                    stats: dict | None = None) -> None:
+    """Record that block block_idx's tensors are durable in their shard: the resume point moves past it.
+
+    The marker also keeps the block's report records (`layers`, JSON-serialisable dicts) and the
+    run's measurements of it (`stats`: seconds, memory), so a resumed job rebuilds the same report
+    and run stats without solving the block again. Call only after the block's bytes are fsynced.
 
     Raises:
         StagingIncomplete: begin_staging has not run for out_dir.
     """
     staging = _require_staging(Path(out_dir))
-    part = {name: tensors[name].detach().cpu().contiguous() for name in sorted(tensors)}
-    write_atomic(staging, staging / _part_name(block_idx), _safetensors_writer(part))
-
-
-def mark_block_done(out_dir: Path, block_idx: int, layers: list[dict] | None = None,
-                    stats: dict | None = None) -> None:
-    """Record that block block_idx's part is durable, making it part of the resume point.
-
-    The marker also keeps the block's report records (`layers`, JSON-serialisable dicts) and the
-    run's measurements of it (`stats`: seconds, memory), so a resumed job rebuilds the same report
-    and run stats without solving the block again.
-
-    Raises:
-        StagingIncomplete: no staging area, or block block_idx has no part file.
-    """
-    staging = _require_staging(Path(out_dir))
-    _require_part(staging, block_idx)
     marker = {"block_idx": block_idx, "layers": layers, "stats": stats}
     write_atomic(staging, staging / _marker_name(block_idx), json_writer(marker))
+
+
+def close_shard(out_dir: Path, shard: PlannedShard) -> None:
+    """Move a shard whose every tensor is durable to its final name; record its checksum for the manifest."""
+    out_dir = Path(out_dir)
+    staging = _require_staging(out_dir)
+    final = out_dir / shard.name
+    if final.is_file() and not (staging / shard.name).is_file():
+        return  # closed by an earlier run
+    entry = file_entry(staging, shard.name)
+    write_atomic(staging, staging / _closed_name(shard.name), json_writer(entry))
+    os.replace(staging / shard.name, final)
+    fsync_dir(out_dir)
 
 
 def read_block_layers(out_dir: Path, block_idx: int) -> list[dict]:
@@ -239,17 +250,6 @@ def read_block_stats(out_dir: Path, block_idx: int) -> dict:
     return marker.get("stats") or {}
 
 
-def read_block_part(out_dir: Path, block_idx: int) -> dict[str, Tensor]:
-    """Block block_idx's tensors from its part file (CPU), by name in sorted order.
-
-    Raises:
-        StagingIncomplete: no staging area, or block block_idx has no part file.
-    """
-    staging = _require_staging(Path(out_dir))
-    tensors = load_file(_require_part(staging, block_idx))
-    return {name: tensors[name] for name in sorted(tensors)}
-
-
 def discard_staging(out_dir: Path) -> None:
     """Remove the staging area, and out_dir itself if nothing else is left in it."""
     out_dir = Path(out_dir)
@@ -258,29 +258,24 @@ def discard_staging(out_dir: Path) -> None:
         out_dir.rmdir()
 
 
-def assemble_checkpoint(
+def finish_checkpoint(
     out_dir: Path,
     source: ModelSource,
-    n_blocks: int,
+    plan: ShardPlan,
     quantization_config: dict,
     report: dict,
     resolved_spec: dict,
-    max_shard_bytes: int = 4 * 2**30,
     run_stats: dict | None = None,
 ) -> list[str]:
-    """Write the checkpoint from the block parts and the source, manifest last; remove staging.
+    """Write what the blocks did not: the non-block tensors, index, config, tokenizer files, model card,
+    report; then the manifest, last; remove staging. Returns the files, the manifest last.
 
-    `run_stats` (seconds per stage, memory per worker) goes to RUN_STATS_FILE, which is the one file
-    outside the manifest: it records this run, not the model, and would break byte-identical reruns.
-
-    Tensors keep the source's name order: names of blocks 0..n_blocks-1 come from the parts (a
-    quantized linear's `weight` becomes its PACKED_SUFFIXES tensors), all others are copied from
-    the source. Shards are filled in that order up to max_shard_bytes (a larger tensor gets a shard
-    of its own). Returns the files written, relative to out_dir, in publish order: the manifest last.
+    Every block's tensors are already in their shards (workers wrote them; their markers say they
+    are durable). `run_stats` (seconds per stage, memory per worker) goes to RUN_STATS_FILE, the one
+    file outside the manifest: it records this run, not the model, and would break byte-identical reruns.
 
     Raises:
-        StagingIncomplete: no staging area, or a block below n_blocks has no marker.
-        BlockPartMismatch: the parts' tensor names do not line up with the source's.
+        StagingIncomplete: no staging area, or a block of the plan has no marker.
     """
     out_dir = Path(out_dir)
     staging = _require_staging(out_dir)
@@ -291,31 +286,24 @@ def assemble_checkpoint(
         )
     _check_quantization_config(quantization_config)
     _check_report(report)
+    n_blocks = sum(len(shard.blocks) for shard in plan.shards)
     done_blocks = _count_done_blocks(staging)
     if done_blocks < n_blocks:
         raise StagingIncomplete(
-            f"cannot assemble {out_dir}: block {done_blocks} of {n_blocks} has no marker; rerun "
+            f"cannot finish {out_dir}: block {done_blocks} of {n_blocks} has no marker; rerun "
             f"the job with the same spec to resume from block {done_blocks}"
         )
+    for shard in plan.shards:
+        if shard.has_tail and not (out_dir / shard.name).is_file():
+            path = staging / shard.name
+            prepare_shard(path, shard)  # a shard of non-block tensors only is created here
+            names = [t.name for t in shard.block_tensors(None)]
+            write_shard_tensors(path, shard, {n: read_source_tensor(source, n) for n in names}, None)
+        close_shard(out_dir, shard)
+    files = [shard.name for shard in plan.shards]
+    _remove_stale_shards(out_dir, files)
 
-    plan = _plan_tensors(staging, source, n_blocks)
-    shards = _fill_shards(plan, max_shard_bytes)
-    shard_names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    files: list[str] = []
-    for shard_name, shard in zip(shard_names, shards, strict=True):
-        tensors = _load_shard_tensors(staging, source, shard)
-        write_atomic(staging, out_dir / shard_name, _safetensors_writer(tensors))
-        files.append(shard_name)
-    _remove_stale_shards(out_dir, shard_names)
-
-    index = {
-        "metadata": {"total_size": sum(tensor.nbytes for tensor in plan)},
-        "weight_map": {
-            tensor.name: shard_name
-            for shard_name, shard in zip(shard_names, shards, strict=True)
-            for tensor in shard
-        },
-    }
+    index = {"metadata": {"total_size": plan.total_tensor_bytes}, "weight_map": plan.weight_map()}
     json_files = {
         INDEX_FILE: index,
         CONFIG_FILE: _checkpoint_config(source, quantization_config),
@@ -334,6 +322,7 @@ def assemble_checkpoint(
     files.sort()
     if run_stats is not None:
         write_atomic(staging, out_dir / RUN_STATS_FILE, json_writer(run_stats))
+    shard_entries = {shard.name: _read_json_object(staging / _closed_name(shard.name)) for shard in plan.shards}
     manifest = {
         "manifest_format": MANIFEST_FORMAT,
         "quantizer": _quantizer_tag(),
@@ -341,103 +330,16 @@ def assemble_checkpoint(
         "n_blocks": n_blocks,
         "source_revision": source.revision,
         "resolved_spec": resolved_spec,
-        "files": [file_entry(out_dir, name) for name in files],
+        # shards were checksummed when they closed (while later blocks computed), not re-read here
+        "files": [shard_entries.get(name) or file_entry(out_dir, name) for name in files],
     }
     write_atomic(staging, out_dir / MANIFEST_FILE, json_writer(manifest))
     shutil.rmtree(staging)
     return files + [MANIFEST_FILE]
 
 
-@dataclass(frozen=True)
-class _PlannedTensor:
-    name: str  # name in the checkpoint
-    nbytes: int
-    block_idx: int | None  # the block part that holds it; None: copied from the source
-
-
-def _plan_tensors(staging: Path, source: ModelSource, n_blocks: int) -> list[_PlannedTensor]:
-    """Every checkpoint tensor in the source's name order, with its size and where it comes from."""
-    part_tensors: dict[str, tuple[int, int]] = {}  # name -> (block_idx, nbytes)
-    for block_idx in range(n_blocks):
-        for name, info in read_safetensors_header(_require_part(staging, block_idx)).items():
-            if name in part_tensors:
-                raise BlockPartMismatch(
-                    f"tensor {name} is in the parts of blocks {part_tensors[name][0]} and {block_idx} "
-                    f"in {staging}: delete the output directory and rerun the job"
-                )
-            part_tensors[name] = (block_idx, info.nbytes)
-
-    plan: list[_PlannedTensor] = []
-    for name, info in source.tensors.items():
-        names = _checkpoint_names(name, part_tensors)
-        missing = [out_name for out_name in names if out_name not in part_tensors]
-        if missing:
-            raise BlockPartMismatch(
-                f"the part of block {part_tensors[names[0]][0]} has {names[0]} but lacks {missing[0]}: "
-                f"delete the output directory and rerun the job"
-            )
-        for out_name in names:
-            block_idx, nbytes = part_tensors.pop(out_name)
-            plan.append(_PlannedTensor(out_name, nbytes, block_idx))
-        if names:
-            continue
-        block = BLOCK_TENSOR.search(name)
-        if block is not None and int(block.group(1)) < n_blocks:
-            raise BlockPartMismatch(
-                f"the part of block {block.group(1)} lacks source tensor {name} (nor holds its packed "
-                f"{name.removesuffix('.weight')}.qweight): delete the output directory and rerun the job"
-            )
-        plan.append(_PlannedTensor(name, info.nbytes, None))
-    if part_tensors:
-        name, (block_idx, _) = next(iter(sorted(part_tensors.items())))
-        raise BlockPartMismatch(
-            f"the part of block {block_idx} holds {name}, which matches no tensor of the source "
-            f"model (revision {source.revision[:12]}): the staging area comes from another model; "
-            f"delete the output directory and rerun the job"
-        )
-    return plan
-
-
-def _checkpoint_names(source_name: str, part_tensors: dict[str, tuple[int, int]]) -> list[str]:
-    """The part tensors that replace source_name: itself, its packed tensors, or none (copy it)."""
-    if source_name in part_tensors:
-        return [source_name]
-    stem = source_name.removesuffix(".weight")
-    if stem != source_name and f"{stem}.qweight" in part_tensors:
-        return [f"{stem}.{suffix}" for suffix in PACKED_SUFFIXES]
-    return []
-
-
-def _fill_shards(plan: list[_PlannedTensor], max_shard_bytes: int) -> list[list[_PlannedTensor]]:
-    """Consecutive runs of the plan, each at most max_shard_bytes unless one tensor alone is larger."""
-    shards: list[list[_PlannedTensor]] = [[]]
-    size = 0
-    for tensor in plan:
-        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += tensor.nbytes
-    return shards
-
-
-def _load_shard_tensors(staging: Path, source: ModelSource, shard: list[_PlannedTensor]) -> dict[str, Tensor]:
-    tensors: dict[str, Tensor] = {}
-    with ExitStack() as stack:
-        parts: dict[int, safe_open] = {}
-        for tensor in shard:
-            if tensor.block_idx is None:
-                tensors[tensor.name] = read_source_tensor(source, tensor.name)
-                continue
-            if tensor.block_idx not in parts:
-                path = staging / _part_name(tensor.block_idx)
-                parts[tensor.block_idx] = stack.enter_context(safe_open(path, framework="pt"))
-            tensors[tensor.name] = parts[tensor.block_idx].get_tensor(tensor.name)
-    return tensors
-
-
 def _remove_stale_shards(out_dir: Path, shard_names: list[str]) -> None:
-    """Shards an interrupted earlier assembly wrote under another shard count."""
+    """Shards in out_dir that are not in the plan (left by an output of another shard count)."""
     keep = set(shard_names)
     for path in out_dir.glob("model-?????-of-?????.safetensors"):
         if path.name not in keep:
@@ -487,12 +389,12 @@ def _count_done_blocks(staging: Path) -> int:
     return n
 
 
-def _part_name(block_idx: int) -> str:
-    return f"block-{block_idx:05d}.safetensors"
-
-
 def _marker_name(block_idx: int) -> str:
     return f"block-{block_idx:05d}.done"
+
+
+def _closed_name(shard_name: str) -> str:
+    return f"{shard_name}.closed.json"
 
 
 def _require_staging(out_dir: Path) -> Path:
@@ -505,16 +407,6 @@ def _require_staging(out_dir: Path) -> Path:
     return staging
 
 
-def _require_part(staging: Path, block_idx: int) -> Path:
-    path = staging / _part_name(block_idx)
-    if not path.is_file():
-        raise StagingIncomplete(
-            f"{staging} has no part file for block {block_idx} ({path.name}); rerun the job with "
-            f"the same spec to recompute it from block {block_idx}"
-        )
-    return path
-
-
 def _read_json_object(path: Path) -> dict | None:
     """The JSON object in path; None if the file is missing or holds no JSON object."""
     try:
@@ -522,7 +414,3 @@ def _read_json_object(path: Path) -> dict | None:
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return parsed if isinstance(parsed, dict) else None
-
-
-def _safetensors_writer(tensors: dict[str, Tensor]) -> Callable[[Path], None]:
-    return lambda path: save_file(tensors, path, metadata=_SAFETENSORS_METADATA)

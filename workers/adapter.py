@@ -258,6 +258,12 @@ def forward_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
 
 
 @torch.no_grad()
+def quantizable_linears(block: nn.Module) -> list[str]:
+    """The block's linears GPTQ quantizes (names relative to the block): every linear but a router."""
+    return [name for name, mod in block.named_modules()
+            if isinstance(mod, nn.Linear) and name.rpartition(".")[2] not in ROUTER_NAMES]
+
+
 def find_input_groups(block: nn.Module, inp: BlockInput) -> list[InputGroup]:
     """Group the block's linears by the identity of the tensor they read, in forward order."""
     seen: list[tuple[torch.Tensor, list[str]]] = []
@@ -274,9 +280,8 @@ def find_input_groups(block: nn.Module, inp: BlockInput) -> list[InputGroup]:
             seen.append((x, [name]))
         return record
 
-    for name, mod in block.named_modules():
-        if isinstance(mod, nn.Linear) and name.rpartition(".")[2] not in ROUTER_NAMES:
-            hooks.append(mod.register_forward_pre_hook(hook(name)))
+    for name in quantizable_linears(block):
+        hooks.append(block.get_submodule(name).register_forward_pre_hook(hook(name)))
     try:
         forward_block(block, inp)
     finally:

@@ -29,11 +29,12 @@ from rayquant.kernels.dequant_gemm import dequant_gemm
 from rayquant.kernels.validation import KernelMismatch, validate_packed_layer
 from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefinite, dequantize, solve_input_group
 from rayquant.solver.hessian import accumulate_hessian, mirror_upper
-from rayquant.solver.grid import count_groups
-from rayquant.solver.pack import PackedLinear, dequantize_packed, pack_linear, packed_bits
+from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, dequantize_packed, pack_linear, packed_bits, packed_shapes
 from rayquant.solver.rtn import quantize_rtn, rtn_weight
 from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
-from rayquant.storage.safetensors_reader import DTYPES
+from rayquant.storage.safetensors_reader import DTYPES, TensorInfo
+from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
+from rayquant.workers.prefetch import Prefetch
 from rayquant.workers.evaluation import window_nll
 from rayquant.workers.adapter import (
     BlockInput,
@@ -67,8 +68,6 @@ from rayquant.workers.moe import (
 )
 
 log = structlog.get_logger()
-
-PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 class _StageCollected(Exception):
@@ -108,7 +107,7 @@ class WorkerSetup:
 class BlockTask:
     job_id: str
     block_idx: int
-    replay: dict[str, torch.Tensor] | None = None  # part-file tensors: advance only (resume)
+    replay: bool = False  # the block is durable in its shard: read it back, advance only (resume)
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ class BlockResult:
     rank: int
     seconds: dict[str, float]
     layers: list[LayerReport] = field(default_factory=list)
-    tensors: dict[str, torch.Tensor] | None = None  # rank 0 only: the block's part file (output names)
+    tensors: dict[str, torch.Tensor] | None = None  # rank 0 started without an output: the block's tensors (output names)
     peak_memory_bytes: int = 0  # GPU: peak allocated in this block; CPU: the process's peak RSS so far
     bytes_received: dict[str, int] = field(default_factory=dict)  # per stage, by this rank (sum over ranks = traffic)
     rows_solved: int = 0  # output rows this rank ran GPTQ on, over all linears of the block
@@ -165,6 +164,9 @@ class BlockWorker:
         self._groups_by_structure: dict[tuple, list[InputGroup]] = {}
         self._once_called_by_structure: dict[tuple, frozenset[str]] = {}  # children one block forward calls once
         self.stage: tuple[int | None, str] = (None, "starting")  # (block, stage) now running, for progress
+        self.output: OutputTarget | None = None  # set by start()
+        self.writer: BlockWriter | None = None  # rank 0 with an output: writes blocks in the background
+        self._prefetch = Prefetch()  # this rank's share of the next block, read while this one computes
 
     # ---- lifetime ---------------------------------------------------------------------------
 
@@ -175,12 +177,18 @@ class BlockWorker:
             s.bind((host, 0))
             return f"tcp://{host}:{s.getsockname()[1]}"
 
-    def start(self, rendezvous: str, samples: torch.Tensor, eval_samples: torch.Tensor | None = None) -> int:
+    def start(self, rendezvous: str, samples: torch.Tensor, eval_samples: torch.Tensor | None = None,
+              output: OutputTarget | None = None) -> int:
         """Join the process group, build the skeleton, embed the calibration shard `samples` [n_w, T] and
         the held-out windows `eval_samples` [e_w, T] (if setup.eval_on). Returns the block count.
 
-        The shard comes here, not in the setup, so the actor's process can start (and import) while
-        the driver still cuts the calibration windows."""
+        `output`: where rank 0 writes each quantized block (its planned shard) on a background thread;
+        None: rank 0 returns the block's tensors in BlockResult.tensors instead (in-process callers).
+        These come here, not in the setup, so the actor's process can start (and import) while the
+        driver still cuts the calibration windows and plans the shards."""
+        self.output = output
+        if output is not None and self.rank == 0:
+            self.writer = BlockWriter(output)
         self._bind(block=None)
         torch.set_num_threads(self.setup.num_threads)  # a reused Ray worker may keep 1
         torch.manual_seed(0)
@@ -223,7 +231,10 @@ class BlockWorker:
 
     @torch.no_grad()
     def run_block(self, task: BlockTask) -> BlockResult:
-        """Quantize block `task.block_idx` (or replay it from its part file) and advance the shard."""
+        """Quantize block `task.block_idx` (or replay it from its shard) and advance the calibration shard.
+
+        Rank 0 queues the quantized block for its background writer (setup.output) and returns without
+        waiting for the disk; `wait_durable` says when the bytes are on disk."""
         self._bind(block=task.block_idx)
         self.stage = (task.block_idx, "load")
         seconds: dict[str, float] = {}
@@ -231,17 +242,19 @@ class BlockWorker:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         source_tensors = None
-        if task.replay is None or self._eval_on:  # a replayed block still moves the fp eval stream
+        if not task.replay or self._eval_on:  # a replayed block still moves the fp eval stream
             with self._timed("load", seconds):
                 source_tensors = self._load(task.block_idx)
-        if task.replay is not None:
-            part = task.replay
+            if task.block_idx + 1 < self.layout.n_blocks:
+                self._prefetch.start(task.block_idx + 1, self._read_share, self.device)
+        if task.replay:
+            part = read_durable_block(self.output, task.block_idx)
             layers: list[LayerReport] = []
         else:
             part, layers = self._quantize(task.block_idx, source_tensors, seconds)
-        # rank 0 hands the part back to the driver: its copy to host memory overlaps the advance
+        # rank 0 copies the block to host memory for the writer; the copy overlaps the advance
         with self._timed("handoff", seconds):
-            to_host = _HostCopy(part, self.device) if self.rank == 0 and task.replay is None else None
+            to_host = _HostCopy(part, self.device) if self.rank == 0 and not task.replay else None
         with self._timed("advance", seconds):
             quantized = self._advance(task.block_idx, part)
         if self._eval_on:
@@ -249,25 +262,37 @@ class BlockWorker:
                 self._advance_eval(task.block_idx, quantized, part, source_tensors)
         peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # process peak RSS (KiB on Linux)
-        log.info("block_stages_done", rank=self.rank, replay=task.replay is not None,
+        log.info("block_stages_done", rank=self.rank, replay=task.replay,
                  **{k: round(v, 3) for k, v in seconds.items()})
-        with self._timed("handoff", seconds):
-            host_part = to_host.result() if to_host is not None else None
+        host_part = None
+        with self._timed("handoff", seconds):  # waits only while the writer has a block queued already
+            if to_host is not None and self.writer is not None:
+                self.writer.submit(task.block_idx, to_host)
+            elif to_host is not None:
+                host_part = to_host.result()
         return BlockResult(block_idx=task.block_idx, rank=self.rank, seconds=seconds, layers=layers,
                            tensors=host_part, peak_memory_bytes=peak,
                            bytes_received=dict(self.received), rows_solved=self.rows_solved)
 
+    def wait_durable(self, block_idx: int) -> float:
+        """Seconds rank 0's writer took for block block_idx, once its bytes are fsynced (0 elsewhere).
+
+        Called from a second actor thread while the next block runs.
+
+        Raises:
+            the write's error (a full disk, a removed output directory).
+        """
+        return self.writer.wait_durable(block_idx) if self.writer is not None else 0.0
+
     def _load(self, block_idx: int) -> dict[str, torch.Tensor]:
-        """Read 1/W of the block's tensors (largest first, to the least-loaded rank), broadcast the rest."""
-        prefix = self.layout.block_prefix(block_idx)
-        infos = {n: i for n, i in self.source.tensors.items() if n.startswith(prefix)}
-        readers = _balance({n: i.end - i.start for n, i in infos.items()}, self.world)
+        """Read 1/W of the block's tensors (largest first, to the least-loaded rank), broadcast the rest.
+
+        This rank's share was usually read while the previous block computed (workers/prefetch.py)."""
+        infos, readers = self._shares(block_idx)
         mine: dict[str, torch.Tensor] = {}
         err = None
         try:
-            for name, reader in readers.items():
-                if reader == self.rank:
-                    mine[name] = read_source_tensor(self.source, name, self.device)
+            mine = self._prefetch.take(block_idx) or self._read_share(block_idx)
         except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
             err = e
         self._agree(err)
@@ -279,6 +304,18 @@ class BlockWorker:
                 template = torch.empty(info.shape, dtype=DTYPES[info.dtype], device=self.device)
             out[name] = self._broadcast(template, src=readers[name], stage="load")
         return out
+
+    def _shares(self, block_idx: int) -> tuple[dict[str, TensorInfo], dict[str, int]]:
+        """The block's source tensors and the rank that reads each."""
+        prefix = self.layout.block_prefix(block_idx)
+        infos = {n: i for n, i in self.source.tensors.items() if n.startswith(prefix)}
+        return infos, _balance({n: i.end - i.start for n, i in infos.items()}, self.world)
+
+    def _read_share(self, block_idx: int) -> dict[str, torch.Tensor]:
+        """This rank's 1/W of the block's source tensors, on its device."""
+        _, readers = self._shares(block_idx)
+        return {name: read_source_tensor(self.source, name, self.device)
+                for name, reader in readers.items() if reader == self.rank}
 
     def _quantize(self, block_idx: int, source: dict[str, torch.Tensor],
                   seconds: dict[str, float]) -> tuple[dict[str, torch.Tensor], list[LayerReport]]:
@@ -782,13 +819,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _empty_packed(out_features: int, in_features: int, cfg: GPTQConfig) -> PackedLinear:
-    n_groups = count_groups(cfg.group_size, in_features)
-    return PackedLinear(
-        qweight=torch.empty(in_features * cfg.bits // 32, out_features, dtype=torch.int32),
-        qzeros=torch.empty(n_groups, out_features * cfg.bits // 32, dtype=torch.int32),
-        scales=torch.empty(n_groups, out_features, dtype=torch.float16),
-        g_idx=torch.empty(in_features, dtype=torch.int32),
-    )
+    shapes = packed_shapes(out_features, in_features, cfg.bits, cfg.group_size)
+    return PackedLinear(**{f: torch.empty(shape, dtype=dtype) for f, (shape, dtype) in shapes.items()})
 
 
 def _install(linear: nn.Linear, packed: PackedLinear, bits: int, dtype: torch.dtype) -> None:
