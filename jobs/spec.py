@@ -157,6 +157,9 @@ class ClusterSpec(_Strict):
 
 class OutputSpec(_Strict):
     uri: str = "./outputs/tiny-llama-w4g128"  # local directory (s3://, hf:// later)
+    # the directory is a mount every Ray node sees at this path: required with cluster.address, because
+    # workers write the shards themselves (embedded Ray: one node, always shared)
+    shared: bool = False
 
     @field_validator("uri")
     @classmethod
@@ -181,6 +184,16 @@ class JobSpec(_Strict):
                 f"calibration.n_samples={self.calibration.n_samples} is smaller than "
                 f"cluster.num_workers={self.cluster.num_workers}: every worker needs at least one "
                 "sample; raise calibration.n_samples or lower cluster.num_workers"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _remote_workers_reach_the_output(self) -> JobSpec:
+        if self.cluster.address is not None and not self.output.shared:
+            raise ValueError(
+                f"cluster.address={self.cluster.address!r} with output.uri={self.output.uri!r}: the workers write "
+                "the shards, and a local directory of this machine is not theirs; set output.shared: true if "
+                "output.uri is a mount every Ray node sees at that path, or run without cluster.address"
             )
         return self
 

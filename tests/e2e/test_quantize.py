@@ -16,6 +16,7 @@ import pytest
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage.calibration import load_calibration
 from rayquant.storage.model_source import open_model_source
+from rayquant.storage.safetensors_reader import read_safetensors_header
 from rayquant.workers.evaluation import perplexity, window_nll
 
 from .models import (REPO, SPEC, dequantized_model, fp_model, log_events, logit_mse, logits, output_files, rtn_model,
@@ -150,7 +151,10 @@ def test_one_and_two_workers_agree_on_losses_and_logit_error(run_w2, run_w1_with
     assert abs(err1 - err2) <= 0.02 * err2
 
 
-def test_sigkill_after_a_block_marker_then_resume_writes_identical_bytes(run_w2, tmp_path):
+def test_sigkill_after_a_block_marker_and_mid_write_then_resume_writes_identical_bytes(run_w2, tmp_path):
+    """Killed after a marker while the next blocks are being written into the open shard: the resumed
+    job rewrites their regions (here scribbled over, as a write cut short leaves them) and ends
+    byte-identical to an uninterrupted run."""
     _, reference = run_w2
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rayquant.jobs.cli", "quantize", str(SPEC), "--set", f"output.uri={out}"]
@@ -166,10 +170,25 @@ def test_sigkill_after_a_block_marker_then_resume_writes_identical_bytes(run_w2,
     proc.wait()
     assert not (out / "rayquant-manifest.json").exists(), "the job finished before it was killed"
     done_before = len(list(staging.glob("*.done")))
-    assert 1 <= done_before <= 4  # 4: killed while assembling, which must resume just as well
+    assert 1 <= done_before <= 4  # 4: killed while finishing, which must resume just as well
+    (shard,) = staging.glob("model-*.safetensors")  # the tiny model's one shard, still open
+    scribbled = _scribble_blocks_from(shard, done_before)
+    assert scribbled or done_before == 4
 
     resumed = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     planned = log_events(resumed.stderr, "job_planned")
     assert planned and planned[0]["resume_from"] == done_before, (done_before, resumed.stderr[-3000:])
     assert output_files(out) == output_files(reference)
+
+
+def _scribble_blocks_from(shard: Path, first_block: int) -> int:
+    """Overwrite the bytes of every tensor of blocks >= first_block with noise; returns how many."""
+    header = read_safetensors_header(shard)
+    noise = [info for name, info in header.items()
+             if name.startswith("model.layers.") and int(name.split(".")[2]) >= first_block]
+    with shard.open("r+b") as f:
+        for info in noise:
+            f.seek(info.start)
+            f.write(os.urandom(info.nbytes))
+    return len(noise)

@@ -31,6 +31,7 @@ def test_shipped_spec_loads_and_set_overrides_nested_fields():
         ("quant.damp_percent=0", "quant.damp_percent"),
         ("calibration.n_samples=1", "raise calibration.n_samples or lower cluster.num_workers"),
         ("output.uri=s3://bucket/x", "only local directories"),
+        ("cluster.address=ray://head:10001", "set output.shared: true if output.uri is a mount every Ray node sees"),
         ("quant.lm_head=true", "quant.lm_head: false"),
         ("quant.overrides=[{pattern: '(', bits: 8}]", "quant.overrides.0.pattern: pattern '(' is not a valid regular"),
         ("quant.overrides=[{pattern: x, bits: 5}]", "quant.overrides.0.bits: bits=5 is not supported; use 2, 3, 4 or 8"),
@@ -78,3 +79,8 @@ def test_example_spec_lists_every_key_at_its_default() -> None:
     raw = yaml.safe_load(EXAMPLE_SPEC.read_text())
     assert load_spec(EXAMPLE_SPEC) == JobSpec()  # the annotated values are the defaults
     assert _leaf_paths(raw) == _leaf_paths(JobSpec().model_dump(mode="json"))  # and no key is left out
+
+
+def test_a_remote_cluster_writes_into_an_output_declared_shared():
+    spec = load_spec(SPECS / "tiny-llama.yaml", ["cluster.address=ray://head:10001", "output.shared=true"])
+    assert spec.output.shared and "shared" not in spec.resolved().get("output", {})  # where, not what: no fingerprint change
