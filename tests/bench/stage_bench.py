@@ -2,8 +2,8 @@
 
     python tests/bench/stage_bench.py [--set key.path=value ...]
 
-Prints one table per worker count (load, collect, reduce, solve, validate, share, advance,
-persist for every block, and the bytes that crossed between workers in load / reduce / share)
+Prints one table per worker count (every stage of driver.STAGES for every block; persist runs behind
+the next block and is in run-stats.json), and the bytes that crossed between workers in load / reduce / share)
 and the total wall time of each job. `--workers 1,2,4` checks the communication model.
 """
 
