@@ -45,6 +45,7 @@ MANIFEST_FILE = "rayquant-manifest.json"
 CONFIG_FILE = "config.json"
 MODEL_CARD_FILE = "README.md"
 REPORT_FILE = "report.json"
+SHARD_GLOB = "model-?????-of-?????.safetensors"
 RUN_STATS_FILE = "run-stats.json"  # timings and memory of the run that wrote the output; not in the manifest
 MANIFEST_FORMAT = 1  # bump when the manifest's fields change meaning
 
@@ -251,9 +252,15 @@ def read_block_stats(out_dir: Path, block_idx: int) -> dict:
 
 
 def discard_staging(out_dir: Path) -> None:
-    """Remove the staging area, and out_dir itself if nothing else is left in it."""
+    """Remove the staging area and the shards a fresh job closed, and out_dir itself if nothing else is left.
+
+    For a job that started on an empty output (inspect_output refuses any other): every shard in it is
+    this job's.
+    """
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir / STAGING, ignore_errors=True)
+    for shard in out_dir.glob(SHARD_GLOB):
+        shard.unlink()
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
 
@@ -341,7 +348,7 @@ def finish_checkpoint(
 def _remove_stale_shards(out_dir: Path, shard_names: list[str]) -> None:
     """Shards in out_dir that are not in the plan (left by an output of another shard count)."""
     keep = set(shard_names)
-    for path in out_dir.glob("model-?????-of-?????.safetensors"):
+    for path in out_dir.glob(SHARD_GLOB):
         if path.name not in keep:
             path.unlink()
 
