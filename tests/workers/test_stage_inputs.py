@@ -196,12 +196,26 @@ def test_a_job_writes_the_same_bytes_with_and_without_replayed_stages(preset, tm
     proc = run_cli("-v", "quantize", str(SPEC), *[a for s in sets for a in ("--set", s)], "--set", f"output.uri={on}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the workers' debug line (JSON, forwarded by Ray with -v): the shortcut ran
-    # raw_decode: Ray's log forwarding can append another worker's line to this one
-    replays = [json.JSONDecoder().raw_decode(line[line.index("{"):])[0]["stages"] for line in proc.stderr.splitlines()
-               if '"stages_on_recorded_inputs"' in line]
+    replays = [event["stages"] for event in _json_events(proc.stderr) if event.get("event") == "stages_on_recorded_inputs"]
     assert replays and replays[0] == REPLAYED[preset][0], proc.stderr[-3000:]
     assert "\x1b[" not in proc.stderr  # no colour codes in a file
     proc = subprocess.run([sys.executable, "-c", OFF_JOB, str(SPEC), *sets, f"output.uri={off}"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert output_files(on) == output_files(off)
+
+
+def _json_events(stderr: str) -> list[dict]:
+    """Every JSON object in the output, also where Ray's log forwarding put two workers' lines on one."""
+    decoder, events = json.JSONDecoder(), []
+    for line in stderr.splitlines():
+        at = line.find("{")
+        while at != -1:
+            try:
+                event, end = decoder.raw_decode(line, at)
+            except json.JSONDecodeError:
+                at = line.find("{", at + 1)
+                continue
+            events.append(event)
+            at = line.find("{", end)
+    return events
