@@ -3,18 +3,21 @@
 Nothing but config.json and a small byte-level BPE tokenizer is written (its ids are valid in any
 larger vocabulary); every weight is drawn on the device that reads it, from a generator seeded by
 the tensor's name, so a 405B-shaped model needs neither disk nor host memory. Benchmarks use these
-to run the real block pipeline at real shapes.
+to run the real block pipeline at real shapes. `write_generated_model` writes the same tensors as
+real safetensors shards (optionally only the first blocks), so a benchmark can also measure loading.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from rayquant.storage.safetensors_reader import TensorInfo
+from rayquant.storage.safetensors_reader import INDEX_FILE, TensorInfo
 
 INIT_STD = 0.02  # transformers' default initializer_range
 _LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
@@ -38,21 +41,59 @@ GENERATED_PRESETS: dict[str, dict] = {
                         max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=0,
                         eos_token_id=1, tie_word_embeddings=False, dtype="bfloat16",
                         architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3"),
+    # Qwen3-30B-A3B: 48 blocks of 128 routed experts of 2048 -> 768 (top-8), no shared expert; 30.5B parameters
+    "qwen3-30b-a3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+                          norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                          max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645,
+                          tie_word_embeddings=False, dtype="bfloat16", architectures=["Qwen3MoeForCausalLM"],
+                          model_type="qwen3_moe"),
 }
+_BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
 def materialize_generated(preset: str, cache_dir: Path) -> Path:
     """Write the preset's config.json and tokenizer under cache_dir once; return the directory."""
-    from rayquant.storage.synthetic import write_tokenizer  # builds from the shipped text
-
     target = Path(cache_dir) / f"{preset}-generated"
-    config_path = target / "config.json"
-    if not config_path.is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        write_tokenizer(target, vocab_size=1024, model_max_length=GENERATED_PRESETS[preset]["max_position_embeddings"])
-        tmp = target / "config.json.tmp"
-        tmp.write_text(json.dumps(GENERATED_PRESETS[preset], indent=2, sort_keys=True) + "\n")
-        tmp.replace(config_path)
+    if not (target / "config.json").is_file():
+        _write_config_and_tokenizer(target, GENERATED_PRESETS[preset])
+    return target
+
+
+def write_generated_model(preset: str, target_dir: Path, n_blocks: int | None = None,
+                          device: torch.device | str = "cpu", max_shard_bytes: int = 4 * 2**30) -> Path:
+    """Write the preset as a model directory with real safetensors shards; return the directory.
+
+    The tensors are generate_tensor's, so a job on the directory sees the weights of
+    synthetic://<preset>; with n_blocks, only the first n_blocks blocks (config.json says so).
+    Weights are drawn on `device` (cuda is far faster) one shard at a time: host memory holds one
+    shard of at most max_shard_bytes (or one larger tensor). config.json is written last, so an
+    interrupted write leaves no openable model.
+
+    Raises:
+        ValueError: n_blocks is not in 1..num_hidden_layers.
+    """
+    config = dict(GENERATED_PRESETS[preset])
+    if n_blocks is not None:
+        if not 1 <= n_blocks <= config["num_hidden_layers"]:
+            raise ValueError(f"n_blocks={n_blocks}: {preset} has {config['num_hidden_layers']} blocks; pass 1 to that")
+        config["num_hidden_layers"] = n_blocks
+    target = Path(target_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    infos = generated_tensor_infos(config, target)
+    shards = _plan_shards(infos, max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(shards, start=1):
+        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: generate_tensor(name, infos[name], device).cpu() for name in names}
+        save_file(tensors, target / file_name, {"format": "pt"})
+        del tensors  # freed before the next shard is drawn
+        weight_map.update(dict.fromkeys(names, file_name))
+    total_size = sum(info.end - info.start for info in infos.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    _write_config_and_tokenizer(target, config)
     return target
 
 
@@ -84,3 +125,32 @@ def generate_tensor(name: str, info: TensorInfo, device: torch.device | str = "c
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") & (2**63 - 1)
     gen = torch.Generator(device=device).manual_seed(seed)
     return (torch.randn(info.shape, generator=gen, device=device) * INIT_STD).to(torch.bfloat16)
+
+
+def _plan_shards(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names cut into shards of at most max_shard_bytes, in block order (non-block tensors first)."""
+    def block_order(name: str) -> tuple[int, str]:
+        block = _BLOCK_INDEX.search(name)
+        return (int(block[1]) if block else -1, name)
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(infos, key=block_order):
+        nbytes = infos[name].end - infos[name].start
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_config_and_tokenizer(target: Path, config: dict) -> None:
+    """The tokenizer, then config.json (renamed into place last: its presence means the directory is whole)."""
+    from rayquant.storage.synthetic import write_tokenizer  # builds from the shipped text
+
+    target.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(target, vocab_size=1024, model_max_length=config["max_position_embeddings"])
+    tmp = target / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.replace(target / "config.json")
