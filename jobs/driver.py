@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,7 @@ def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbo
     model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(job.source.path)
     workers = []
     progress = None
+    tail_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="non-block")
     try:
         # the actors' processes start and import while the shards are planned and the windows cut here
         workers = create_workers(worker_class, _worker_setups(spec, job_id, model_path),
@@ -165,6 +167,9 @@ def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbo
         calib = calibrate(spec, job.source)
         checkpoint.begin_staging(out_dir, job.fingerprint, job.resolved)
         resume = checkpoint.resume_point(out_dir, plan, state.done_blocks)
+        checkpoint.prepare_shards(out_dir, plan)
+        # embeddings, final norm and head go into their shard while the blocks run, not in the tail
+        non_block = tail_pool.submit(checkpoint.write_non_block_tensors, out_dir, job.source, plan)
         log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12], output=str(out_dir),
                  workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
                  resume_from=resume, shards=len(plan.shards), output_bytes=plan.total_tensor_bytes,
@@ -188,16 +193,19 @@ def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbo
         stats = {"job_id": job_id, "workers": spec.cluster.num_workers, "blocks": blocks.run_stats,
                  "eval_seconds": round(time.perf_counter() - t, 3)}
         t = time.perf_counter()
+        non_block.result()
         checkpoint.finish_checkpoint(out_dir, job.source, plan, quantization_config(spec), report, job.resolved,
-                                     run_stats=stats)
+                                     run_stats=stats, non_block_written=True)
         log.info("job_done", output=str(out_dir), blocks=n_blocks, blocks_seconds=round(t - t_job, 2),
                  finish_seconds=round(time.perf_counter() - t, 2))
         return JobOutcome(str(out_dir), n_blocks, resume, False, blocks.stage_seconds, blocks.bytes_moved)
     except INPUT_ERRORS:
         if fresh:  # this input can never finish; a fixed input is a different job
+            tail_pool.shutdown(wait=True)  # its writes end before the files go
             checkpoint.discard_staging(out_dir)
         raise
     finally:
+        tail_pool.shutdown(wait=True)  # never leave a thread writing into a staging area being removed
         if progress is not None:
             progress.close()
         for w in workers:

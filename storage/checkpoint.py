@@ -200,6 +200,27 @@ def resume_point(out_dir: Path, plan: ShardPlan, done_blocks: int) -> int:
     return resume
 
 
+def prepare_shards(out_dir: Path, plan: ShardPlan) -> None:
+    """Create every shard not closed yet at its full size with its header (the data still holes), so the
+    block writer and the non-block writer only ever fill disjoint regions of existing files."""
+    out_dir = Path(out_dir)
+    staging = _require_staging(out_dir)
+    for shard in plan.shards:
+        if not (out_dir / shard.name).is_file():
+            prepare_shard(staging / shard.name, shard)
+
+
+def write_non_block_tensors(out_dir: Path, source: ModelSource, plan: ShardPlan) -> None:
+    """Copy the source's non-block tensors (embeddings, final norm, head) into their shards (made by
+    prepare_shards); runs beside the blocks, which write other regions of the same files."""
+    out_dir = Path(out_dir)
+    staging = _require_staging(out_dir)
+    for shard in plan.shards:
+        if shard.has_tail and not (out_dir / shard.name).is_file():
+            names = [t.name for t in shard.block_tensors(None)]
+            write_shard_tensors(staging / shard.name, shard, {n: read_source_tensor(source, n) for n in names}, None)
+
+
 def mark_block_done(out_dir: Path, block_idx: int, layers: list[dict] | None = None,
                     stats: dict | None = None) -> None:
     """Record that block block_idx's tensors are durable in their shard: the resume point moves past it.
@@ -273,9 +294,11 @@ def finish_checkpoint(
     report: dict,
     resolved_spec: dict,
     run_stats: dict | None = None,
+    non_block_written: bool = False,
 ) -> list[str]:
-    """Write what the blocks did not: the non-block tensors, index, config, tokenizer files, model card,
-    report; then the manifest, last; remove staging. Returns the files, the manifest last.
+    """Write what the blocks did not: the non-block tensors (unless `non_block_written`: the driver wrote
+    them beside the blocks), index, config, tokenizer files, model card, report; then the manifest, last;
+    remove staging. Returns the files, the manifest last.
 
     Every block's tensors are already in their shards (workers wrote them; their markers say they
     are durable). `run_stats` (seconds per stage, memory per worker) goes to RUN_STATS_FILE, the one
@@ -300,12 +323,10 @@ def finish_checkpoint(
             f"cannot finish {out_dir}: block {done_blocks} of {n_blocks} has no marker; rerun "
             f"the job with the same spec to resume from block {done_blocks}"
         )
+    if not non_block_written:
+        prepare_shards(out_dir, plan)
+        write_non_block_tensors(out_dir, source, plan)
     for shard in plan.shards:
-        if shard.has_tail and not (out_dir / shard.name).is_file():
-            path = staging / shard.name
-            prepare_shard(path, shard)  # a shard of non-block tensors only is created here
-            names = [t.name for t in shard.block_tensors(None)]
-            write_shard_tensors(path, shard, {n: read_source_tensor(source, n) for n in names}, None)
         close_shard(out_dir, shard)
     files = [shard.name for shard in plan.shards]
     _remove_stale_shards(out_dir, files)

@@ -127,7 +127,7 @@ def read_source_tensor(source: ModelSource, name: str, device: torch.device | st
         )
     if source.generated:
         return generate_tensor(name, source.tensors[name], device)
-    return read_tensor(source.tensors[name], name).to(device)
+    return read_tensor(source.tensors[name], name, device)
 
 
 def list_aux_files(source: ModelSource) -> list[Path]:

@@ -183,28 +183,31 @@ def _check_ranges(path: Path, tensors: dict[str, TensorInfo], file_size: int) ->
             previous_name, previous_end = name, info.end
 
 
-def read_tensor(info: TensorInfo, name: str) -> Tensor:
-    """Read one tensor with a single seek + read of exactly its byte range (CPU, source dtype).
+def read_tensor(info: TensorInfo, name: str, device: torch.device | str = "cpu") -> Tensor:
+    """Read one tensor with a single seek + read of exactly its byte range (source dtype), onto `device`.
+
+    The NaN/Inf check runs on `device`, after the copy: on a GPU it costs nothing, where on the host it
+    would compete with the block being computed while the next one is prefetched.
 
     Raises:
         CorruptSafetensors: the file got shorter since its header was read.
         NonFiniteWeights: a floating-point tensor holds NaN or Inf.
     """
     dtype = DTYPES[info.dtype]
-    buffer = bytearray(info.nbytes)
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)  # not zero-filled: the read is the one pass
     with info.file.open("rb") as f:
         f.seek(info.start)
-        n_read = f.readinto(buffer)
+        n_read = f.readinto(buffer.numpy())
     if n_read != info.nbytes:
         raise CorruptSafetensors(
             f"{info.file}: tensor {name} spans bytes [{info.start}, {info.end}) but only "
             f"{n_read} of its {info.nbytes} bytes could be read: the file is truncated; {_FIX}"
         )
     if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=dtype)
+        return torch.empty(info.shape, dtype=dtype, device=device)
     # the bytes are little-endian as on every host torch supports; view reinterprets them
     # (bf16 and float8 have no buffer-protocol type of their own)
-    tensor = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(info.shape)
+    tensor = buffer.view(dtype).reshape(info.shape).to(device)
     if dtype.is_floating_point:
         _check_finite(tensor, info, name)
     return tensor
