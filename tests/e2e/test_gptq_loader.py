@@ -1,8 +1,8 @@
 """The independent loader reads checkpoints written by rayquant's packer and checkpoint writer.
 
 Each case quantizes synthetic://llama-tiny's 28 block linears with RTN (act-order g_idx from a
-calibration-like Hessian where asked), packs them with solver.pack, stages and assembles them with
-storage.checkpoint, and loads the result through transformers' GPTQ path. Its logits must equal
+calibration-like Hessian where asked), packs them with solver.pack, writes them into planned shards
+and finishes the checkpoint with storage.checkpoint, and loads the result through transformers' GPTQ path. Its logits must equal
 rayquant's own dequantized model with float16-rounded weights (what GPTQModel's torch kernel
 computes, see gptq_loader.py) — and must not equal the unquantized model's.
 """
@@ -15,23 +15,26 @@ import pytest
 import torch
 
 from rayquant.solver.gptq import GPTQConfig
-from rayquant.solver.pack import pack_linear
+from rayquant.solver.pack import PACKED_FIELDS, pack_linear
 from rayquant.solver.rtn import quantize_rtn
 from rayquant.storage.checkpoint import (
-    assemble_checkpoint,
     begin_staging,
+    finish_checkpoint,
     gptq_quantization_config,
     mark_block_done,
-    write_block_part,
+    open_shard_path,
+    prepare_shards,
 )
 from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
+from rayquant.storage.safetensors_reader import DTYPES
+from rayquant.storage.shard_files import write_shard_tensors
+from rayquant.storage.shard_plan import PlannedTensor, plan_shards
 
 from .gptq_loader import load_gptq_logits
 from .models import dequantized_model, fp_model, logit_mse, logits
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 N_TOKENS = 256
 
 
@@ -54,12 +57,13 @@ def _hessian_sum(in_features: int, seed: int) -> torch.Tensor:
 
 
 def _write_checkpoint(source: ModelSource, out: Path, cfg: GPTQConfig) -> None:
-    """Quantize, pack, stage and assemble every block the way the driver does, RTN instead of GPTQ."""
+    """Quantize and pack every block, write it into its planned shard and finish, the way a job does,
+    RTN instead of GPTQ."""
     n_blocks = source.config["num_hidden_layers"]
     spec = {"name": "loader-test", "model": {"source": "synthetic://llama-tiny"}}
     fingerprint = f"loader-test-{cfg}"
     begin_staging(out, fingerprint, spec)
-    report_layers = []
+    report_layers, parts = [], []
     for b in range(n_blocks):
         prefix = f"model.layers.{b}."
         part, block_layers = {}, []
@@ -73,14 +77,24 @@ def _write_checkpoint(source: ModelSource, out: Path, cfg: GPTQConfig) -> None:
             packed = pack_linear(result, cfg.bits)
             part.update({f"{stem}.{field}": getattr(packed, field) for field in PACKED_FIELDS})
             block_layers.append({"name": stem, "gptq_loss": result.loss, "rtn_loss": result.loss, "damp_percent": 0.0})
-        write_block_part(out, b, part)
-        mark_block_done(out, b, layers=block_layers)
+        parts.append(part)
         report_layers += block_layers
+    dtype_names = {dtype: name for name, dtype in DTYPES.items()}
+    planned = [PlannedTensor(name, dtype_names[t.dtype], tuple(t.shape), b)
+               for b, part in enumerate(parts) for name, t in part.items()]
+    planned += [PlannedTensor(name, info.dtype, info.shape, None)
+                for name, info in source.tensors.items() if not name.startswith("model.layers.")]
+    plan = plan_shards(planned)
+    prepare_shards(out, plan)
+    for b, part in enumerate(parts):
+        shard = plan.shard_of_block(b)
+        write_shard_tensors(open_shard_path(out, shard), shard, part, b)
+        mark_block_done(out, b, layers=[layer for layer in report_layers if layer["name"].startswith(f"model.layers.{b}.")])
     quantization_config = gptq_quantization_config(
         bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act, sym=cfg.sym,
         damp_percent=cfg.damp_percent, true_sequential=True, static_groups=cfg.static_groups,
     )
-    assemble_checkpoint(out, source, n_blocks, quantization_config, {"layers": report_layers}, spec)
+    finish_checkpoint(out, source, plan, quantization_config, {"layers": report_layers}, spec)
 
 
 def _float16_weights(model: torch.nn.Module) -> torch.nn.Module:
