@@ -58,12 +58,15 @@ def _quantize(args: argparse.Namespace) -> int:
                                 workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
                                 cpus_per_worker=c.cpus_per_worker)
     # Ray starts on this thread (its processes live as long as the thread that started them) while
-    # torch, transformers and the driver are imported on the other.
+    # torch, transformers and the driver are imported on the other; the worker actors follow Ray at once.
     with ThreadPoolExecutor(1, thread_name_prefix="import-driver") as pool:
         driver = pool.submit(importlib.import_module, "rayquant.jobs.driver")
         cluster = ray_cluster.connect(c, verbose=args.verbose)
         try:
-            outcome = driver.result().run_job(spec, job_id, cluster=cluster, verbose=args.verbose)
+            # the worker processes start and import torch now, beside this process's import of the driver
+            workers = ray_cluster.create_workers(ray_cluster.WORKER_CLASS, c.num_workers, c.cpus_per_worker,
+                                                 c.gpus_per_worker, args.verbose)
+            outcome = driver.result().run_job(spec, job_id, cluster=cluster, verbose=args.verbose, workers=workers)
         finally:
             ray_cluster.disconnect(cluster)
     print(Path(outcome.uri).resolve() if "://" not in outcome.uri else outcome.uri)

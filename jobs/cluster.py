@@ -8,6 +8,7 @@ actors only when the job asks for no runtime environment (one second of start-up
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -59,25 +60,46 @@ def disconnect(cluster: Cluster) -> None:
         ray.shutdown()
 
 
-def create_workers(worker_class: type, setups: list, num_cpus: int, num_gpus: int, verbose: bool = False) -> list:
-    """One actor per setup, returned at once: each process starts and imports while the driver goes on.
+# the worker class a job runs, by name: the driver creates the actors before it has imported torch
+WORKER_CLASS = "rayquant.workers.block_worker:BlockWorker"
 
-    Three concurrent calls per actor: the block stages, `wait_durable` for the block being written,
-    and `current_stage` for the progress bar.
+
+class WorkerHost:
+    """One worker's actor: imports the worker class as its process starts, then hosts one instance.
+
+    Created right after Ray is up (the driver needs no torch for it), so every worker process imports
+    torch and transformers while the driver imports its own and prepares the job. Logging is set up
+    first: JSON lines into the worker's Ray log file (on the user's stderr with `-v`), debug with `-v`.
     """
-    actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-                             max_concurrency=3)(_logging_first(worker_class, verbose))
-    return [actor_class.remote(setup) for setup in setups]
 
-
-def _logging_first(worker_class: type, verbose: bool) -> type:
-    """`worker_class` whose instances first set up the job's logging in their own process: JSON lines
-    into the worker's Ray log file (on the user's stderr with `-v`), debug events with `-v`."""
-    def __init__(self, setup) -> None:
+    def __init__(self, worker_class: str | type, verbose: bool):
         configure_logging(verbose, terminal=False)
-        worker_class.__init__(self, setup)
+        if isinstance(worker_class, str):
+            module, _, name = worker_class.partition(":")
+            worker_class = getattr(importlib.import_module(module), name)
+        self._class = worker_class
+        self.worker = None
 
-    return type(worker_class.__name__, (worker_class,), {"__init__": __init__, "__module__": __name__})
+    def setup(self, setup: Any) -> None:
+        self.worker = self._class(setup)
+
+    def call(self, method: str, *args: Any) -> Any:
+        """worker.<method>(*args) in this process; the driver's one way into the worker."""
+        return getattr(self.worker, method)(*args)
+
+    def current_stage(self) -> tuple[int | None, str]:
+        return self.worker.current_stage() if self.worker is not None else (None, "starting")
+
+
+def create_workers(worker_class: str | type, n: int, num_cpus: int, num_gpus: int, verbose: bool = False) -> list:
+    """n worker actors, returned at once: each process starts and imports the worker class meanwhile.
+
+    `worker_class`: "module:Class" (imported in the worker process only) or a class. Three concurrent
+    calls per actor: the block stages, `wait_durable` for the block being written, and `current_stage`
+    for the progress bar.
+    """
+    actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=3)(WorkerHost)
+    return [actor_class.remote(worker_class, verbose) for _ in range(n)]
 
 
 def wait_all(refs: list, on_wait: Callable[[], None] | None = None, poll_seconds: float = 0.5) -> list:

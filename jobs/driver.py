@@ -20,7 +20,7 @@ import ray
 import structlog
 import torch
 
-from rayquant.jobs.cluster import Cluster, connect, create_workers, current_stage, disconnect, wait_all
+from rayquant.jobs.cluster import WORKER_CLASS, Cluster, connect, create_workers, current_stage, disconnect, wait_all
 from rayquant.jobs.input_errors import INPUT_ERRORS
 from rayquant.jobs.logs import stderr_is_terminal
 from rayquant.jobs.progress import JobProgress
@@ -33,7 +33,7 @@ from rayquant.storage.shard_plan import ShardPlan
 from rayquant.workers.adapter import build_skeleton, check_decoder_architecture, find_layout
 from rayquant.workers.moe import MoEConfig, unfuse_experts
 from rayquant.workers.evaluation import perplexity
-from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
+from rayquant.workers.block_worker import BlockTask, WorkerSetup
 from rayquant.workers.block_writer import OutputTarget
 from rayquant.workers.output_plan import plan_output
 from rayquant.workers.layer_overrides import (LayerOverride, block_linear_names, check_fused_units,
@@ -123,13 +123,15 @@ def calibrate(spec: JobSpec, source: ModelSource) -> CalibrationSet:
                             vocab_size=vocab_size_of(source.config))
 
 
-def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = BlockWorker,
-            cluster: Cluster | None = None, verbose: bool = False) -> JobOutcome:
+def run_job(spec: JobSpec, job_id: str | None = None, worker_class: str | type = WORKER_CLASS,
+            cluster: Cluster | None = None, verbose: bool = False, workers: list | None = None) -> JobOutcome:
     """Quantize the spec's model into its output; resume from block markers if present.
 
     Runs on `cluster` if given (the CLI starts Ray while this module is imported), else connects
-    itself (embedded Ray without cluster.address) and disconnects at the end. `verbose`: the workers
-    log debug events too.
+    itself (embedded Ray without cluster.address) and disconnects at the end. `workers`: the actors
+    (`cluster.create_workers`) if the caller created them already (the CLI does, as soon as Ray is up);
+    else they are created here from `worker_class`. Either way they are killed at the end.
+    `verbose`: the workers log debug events too.
 
     Raises:
         the typed input errors of spec, storage and workers (jobs.input_errors.INPUT_ERRORS).
@@ -140,29 +142,31 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: type = Block
     if own:
         cluster = connect(spec.cluster, verbose=verbose)
     try:
-        return _run(spec, job_id, worker_class, cluster, verbose)
+        if workers is None:
+            c = spec.cluster
+            workers = create_workers(worker_class, c.num_workers, c.cpus_per_worker, c.gpus_per_worker, verbose)
+        return _run(spec, job_id, workers, cluster)
     finally:
         if own:
             disconnect(cluster)
 
 
-def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbose: bool) -> JobOutcome:
+def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutcome:
     out_dir = Path(spec.output.uri)
     job = open_job(spec)
     state = job.state
     if state.complete:
         log.info("job_already_complete", output=str(out_dir))
+        _kill(workers)
         return JobOutcome(str(out_dir), 0, 0, True, [], [])
     fresh = state.done_blocks == 0 and not (out_dir / checkpoint.STAGING).exists()
     # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared
     model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(job.source.path)
-    workers = []
     progress = None
     tail_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="non-block")
     try:
-        # the actors' processes start and import while the shards are planned and the windows cut here
-        workers = create_workers(worker_class, _worker_setups(spec, job_id, model_path),
-                                 spec.cluster.cpus_per_worker, spec.cluster.gpus_per_worker, verbose)
+        # the actors' processes import (since Ray started) while the shards are planned and the windows cut
+        setups = [w.setup.remote(s) for w, s in zip(workers, _worker_setups(spec, job_id, model_path), strict=True)]
         plan = plan_shards(spec, job.source)
         calib = calibrate(spec, job.source)
         checkpoint.begin_staging(out_dir, job.fingerprint, job.resolved)
@@ -174,6 +178,7 @@ def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbo
                  workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
                  resume_from=resume, shards=len(plan.shards), output_bytes=plan.total_tensor_bytes,
                  windows_sha256=calib.window_sha256[:16])
+        wait_all(setups)
         n_blocks = _start_workers(workers, calib, spec.cluster.num_workers, OutputTarget(str(out_dir), plan))
         c = spec.cluster
         log.info("workers_ready", ray=cluster.where, workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
@@ -185,7 +190,7 @@ def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbo
         progress.close()
         structlog.contextvars.bind_contextvars(block=None)
         t = time.perf_counter()
-        streams = wait_all([w.evaluate.remote() for w in workers])[0]
+        streams = wait_all([w.call.remote("evaluate") for w in workers])[0]
         evaluation = _evaluation(spec, streams, calib)
         log.info("eval_done", seconds=round(time.perf_counter() - t, 2),
                  **{k: v for k, v in evaluation.items() if k.endswith("_ppl")})
@@ -208,8 +213,12 @@ def _run(spec: JobSpec, job_id: str, worker_class: type, cluster: Cluster, verbo
         tail_pool.shutdown(wait=True)  # never leave a thread writing into a staging area being removed
         if progress is not None:
             progress.close()
-        for w in workers:
-            ray.kill(w)
+        _kill(workers)
+
+
+def _kill(workers: list) -> None:
+    for w in workers:
+        ray.kill(w)
 
 
 def _worker_setups(spec: JobSpec, job_id: str, model_path: str) -> list[WorkerSetup]:
@@ -228,8 +237,8 @@ def _start_workers(workers: list, calib: CalibrationSet, world: int, output: Out
     model's block count."""
     shards = calib.samples.tensor_split(world)
     eval_shards = calib.eval_samples.tensor_split(world)
-    rendezvous = ray.get(workers[0].rendezvous_address.remote())
-    return wait_all([w.start.remote(rendezvous, shard.clone(), eval_shard.clone(), output)
+    rendezvous = ray.get(workers[0].call.remote("rendezvous_address"))
+    return wait_all([w.call.remote("start", rendezvous, shard.clone(), eval_shard.clone(), output)
                      for w, shard, eval_shard in zip(workers, shards, eval_shards, strict=True)])[0]
 
 
@@ -256,7 +265,7 @@ def _run_blocks(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_bl
         structlog.contextvars.bind_contextvars(block=b)
         replay = b < resume
         t = time.perf_counter()
-        refs = [w.run_block.remote(BlockTask(job_id, b, replay)) for w in workers]
+        refs = [w.call.remote("run_block", BlockTask(job_id, b, replay)) for w in workers]
         if unmarked is not None:
             _mark_durable(workers[0], out_dir, plan, *unmarked)
             unmarked = None
@@ -285,7 +294,7 @@ def _run_blocks(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_bl
 def _mark_durable(rank0, out_dir: Path, plan: ShardPlan, block_idx: int, layers: list[dict], stats: dict) -> None:
     """Wait until rank 0's writer has block_idx on disk, then mark it done (and close its shard if last)."""
     t = time.perf_counter()
-    stats["seconds"]["persist"] = round(ray.get(rank0.wait_durable.remote(block_idx)), 4)
+    stats["seconds"]["persist"] = round(ray.get(rank0.call.remote("wait_durable", block_idx)), 4)
     checkpoint.mark_block_done(out_dir, block_idx, layers=layers, stats=stats)
     shard = plan.closes_with(block_idx)
     if shard is not None:
