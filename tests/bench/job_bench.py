@@ -41,7 +41,7 @@ from rayquant.storage.generated import GENERATED_PRESETS, write_generated_model
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "jobs" / "specs" / "tiny-llama.yaml"
-EVENTS = ("job_starting", "workers_ready", "block_done", "eval_done", "job_done")
+EVENTS = ("job_starting", "job_planned", "workers_ready", "block_done", "eval_done", "job_done")
 IN_PROCESS_BLOCKS = 4  # block_bench runs blocks 0..3 at most: past warm-up, and DeepSeek-V3's first MoE block
 
 
@@ -124,6 +124,7 @@ def in_process_block_wall(args: argparse.Namespace, n_blocks: int) -> tuple[int,
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"block_bench failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    print("".join(line + "\n" for line in out.stdout.splitlines() if line.startswith(("stage ", "block "))), flush=True)
     block = re.search(r"reporting block (\d+)", out.stdout)
     wall = re.search(r"block wall ([\d.]+) s", out.stdout)
     if not (block and wall):
