@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,7 +108,8 @@ def plan_shards(spec: JobSpec, source: ModelSource) -> ShardPlan:
     """Every output tensor's shard and offset, from shapes alone (the skeleton is on the meta device)."""
     skeleton = build_skeleton(source.config, torch.bfloat16)
     unfuse_experts(skeleton)  # MoE: the per-expert linears the workers quantize
-    return plan_output(source, skeleton, find_layout(skeleton), gptq_config(spec), layer_overrides(spec))
+    return plan_output(source, skeleton, find_layout(skeleton), gptq_config(spec), layer_overrides(spec),
+                       spec.output.max_shard_bytes)
 
 
 def calibrate(spec: JobSpec, source: ModelSource) -> CalibrationSet:
@@ -257,9 +258,20 @@ def _run_blocks(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_bl
     """Every block in order: blocks below `resume` are replayed from their shards, the rest quantized.
 
     Block b's marker is written while block b+1 runs, as soon as rank 0 reports b's bytes durable;
-    a shard whose last block is durable is closed then too (checksummed, moved to its final name).
+    a shard whose last block is durable is then closed (checksummed, moved to its final name) on a
+    thread of its own, so hashing gigabytes never delays the next block.
     """
     run = _BlocksRun()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="close-shard") as closer:
+        closed = _block_loop(workers, job_id, out_dir, plan, n_blocks, resume, progress, run, closer)
+        for future in closed:
+            future.result()  # a failed close fails the job here
+    return run
+
+
+def _block_loop(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_blocks: int, resume: int,
+                progress: JobProgress, run: _BlocksRun, closer: ThreadPoolExecutor) -> list[Future]:
+    closed: list[Future] = []
     unmarked: tuple | None = None  # (block, layers, stats) written but not yet durable
     for b in range(n_blocks):
         structlog.contextvars.bind_contextvars(block=b)
@@ -267,7 +279,7 @@ def _run_blocks(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_bl
         t = time.perf_counter()
         refs = [w.call.remote("run_block", BlockTask(job_id, b, replay)) for w in workers]
         if unmarked is not None:
-            _mark_durable(workers[0], out_dir, plan, *unmarked)
+            closed += _mark_durable(workers[0], out_dir, plan, closer, *unmarked)
             unmarked = None
         results = wait_all(refs, on_wait=_stage_poller(workers[0], progress) if progress.shows_stages else None)
         seconds = {k: max(r.seconds.get(k, 0.0) for r in results) for k in STAGES}
@@ -287,20 +299,21 @@ def _run_blocks(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_bl
                             mib_moved=round(sum(moved.values()) / 2**20, 2),
                             stages={k: round(v, 3) for k, v in seconds.items()})
     if unmarked is not None:
-        _mark_durable(workers[0], out_dir, plan, *unmarked)
-    return run
+        closed += _mark_durable(workers[0], out_dir, plan, closer, *unmarked)
+    return closed
 
 
-def _mark_durable(rank0, out_dir: Path, plan: ShardPlan, block_idx: int, layers: list[dict], stats: dict) -> None:
-    """Wait until rank 0's writer has block_idx on disk, then mark it done (and close its shard if last)."""
+def _mark_durable(rank0, out_dir: Path, plan: ShardPlan, closer: ThreadPoolExecutor, block_idx: int,
+                  layers: list[dict], stats: dict) -> list[Future]:
+    """Wait until rank 0's writer has block_idx on disk, then mark it done; its shard, if this was the
+    shard's last block, starts closing on `closer`."""
     t = time.perf_counter()
     stats["seconds"]["persist"] = round(ray.get(rank0.call.remote("wait_durable", block_idx)), 4)
     checkpoint.mark_block_done(out_dir, block_idx, layers=layers, stats=stats)
     shard = plan.closes_with(block_idx)
-    if shard is not None:
-        checkpoint.close_shard(out_dir, shard)
     log.debug("block_durable", block=block_idx, waited_seconds=round(time.perf_counter() - t, 3),
-              closed=shard.name if shard is not None else None)
+              closing=shard.name if shard is not None else None)
+    return [closer.submit(checkpoint.close_shard, out_dir, shard)] if shard is not None else []
 
 
 def _stage_poller(rank0, progress: JobProgress):

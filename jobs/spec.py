@@ -160,6 +160,9 @@ class OutputSpec(_Strict):
     # the directory is a mount every Ray node sees at this path: required with cluster.address, because
     # workers write the shards themselves (embedded Ray: one node, always shared)
     shared: bool = False
+    # shards hold whole blocks up to this size (a larger block gets one of its own); the files change, the
+    # tensors do not. HF's save_pretrained default is 5 GB; smaller shards upload and retry in smaller steps
+    max_shard_bytes: int = Field(4 * 2**30, ge=1)
 
     @field_validator("uri")
     @classmethod

@@ -192,3 +192,45 @@ def _scribble_blocks_from(shard: Path, first_block: int) -> int:
             f.seek(info.start)
             f.write(os.urandom(info.nbytes))
     return len(noise)
+
+
+def test_small_shards_close_during_the_job_and_resume_after_sigkill_to_the_same_bytes(run_w2, tmp_path):
+    """With shards of about one block, shards close (move to their final names) while later blocks run;
+    a job killed after the first one closed resumes to the bytes of an uninterrupted run, and the
+    tensors are the one-shard run's."""
+    _, one_shard = run_w2
+    small = ["--set", "output.max_shard_bytes=120000"]
+    whole = tmp_path / "whole"
+    proc = run_cli("quantize", str(SPEC), *small, "--set", f"output.uri={whole}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = sorted(whole.glob("model-*.safetensors"))
+    assert len(shards) >= 3, [s.name for s in shards]
+    assert _tensors(whole) == _tensors(one_shard)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rayquant.jobs.cli", "quantize", str(SPEC), *small, "--set", f"output.uri={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("model-*.safetensors")):  # a closed shard
+        assert proc.poll() is None, "the job ended before closing its first shard"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "rayquant-manifest.json").exists(), "the job finished before it was killed"
+    resumed = run_cli("quantize", str(SPEC), *small, "--set", f"output.uri={out}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert log_events(resumed.stderr, "job_planned")[0]["resume_from"] >= 1
+    assert output_files(out) == output_files(whole)
+
+
+def _tensors(out: Path) -> dict[str, bytes]:
+    """Every tensor of an output by name, as raw bytes, whichever shard holds it."""
+    tensors = {}
+    for shard in out.glob("model-*.safetensors"):
+        for name, info in read_safetensors_header(shard).items():
+            with shard.open("rb") as f:
+                f.seek(info.start)
+                tensors[name] = (info.dtype, info.shape, f.read(info.nbytes))
+    return tensors
