@@ -82,34 +82,30 @@ class OpenedJob:
     fingerprint: str  # the output's identity (spec + source revision)
     resolved: dict  # the spec with defaults filled in, as the manifest records it
     state: checkpoint.OutputState  # what the output directory already holds
+    plan: ShardPlan  # every output tensor's shard and offset
 
 
 def open_job(spec: JobSpec) -> OpenedJob:
-    """Open the model source (config and headers), check the overrides, inspect the output.
+    """Open the model source (config and headers), check the overrides, plan the shards, inspect the output.
 
     Raises:
         the typed input errors of storage and workers (jobs.input_errors.INPUT_ERRORS).
     """
     source = open_model_source(spec.model.source)
     check_decoder_architecture(source.config)
-    if spec.quant.overrides:  # the skeleton is on the meta device: listing its linears reads no weights
-        skeleton = build_skeleton(source.config, torch.bfloat16)
-        unfuse_experts(skeleton)  # MoE: rules see the per-expert linears the workers quantize
-        linear_names = block_linear_names(skeleton, find_layout(skeleton))
-        overrides = layer_overrides(spec)
+    # the skeleton is on the meta device: its linears and shapes cost no weights
+    skeleton = build_skeleton(source.config, torch.bfloat16)
+    unfuse_experts(skeleton)  # MoE: the per-expert linears the workers quantize (and overrides see)
+    layout = find_layout(skeleton)
+    overrides = layer_overrides(spec)
+    if overrides:
+        linear_names = block_linear_names(skeleton, layout)
         check_overrides_match(overrides, linear_names)
         check_fused_units(overrides, gptq_config(spec), linear_names)
+    plan = plan_output(source, skeleton, layout, gptq_config(spec), overrides, spec.output.max_shard_bytes)
     fingerprint = spec.fingerprint(source.revision)
     return OpenedJob(source=source, fingerprint=fingerprint, resolved=spec.resolved(),
-                     state=checkpoint.inspect_output(Path(spec.output.uri), fingerprint))
-
-
-def plan_shards(spec: JobSpec, source: ModelSource) -> ShardPlan:
-    """Every output tensor's shard and offset, from shapes alone (the skeleton is on the meta device)."""
-    skeleton = build_skeleton(source.config, torch.bfloat16)
-    unfuse_experts(skeleton)  # MoE: the per-expert linears the workers quantize
-    return plan_output(source, skeleton, find_layout(skeleton), gptq_config(spec), layer_overrides(spec),
-                       spec.output.max_shard_bytes)
+                     state=checkpoint.inspect_output(Path(spec.output.uri), fingerprint), plan=plan)
 
 
 def calibrate(spec: JobSpec, source: ModelSource) -> CalibrationSet:
@@ -166,9 +162,9 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
     progress = None
     tail_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="non-block")
     try:
-        # the actors' processes import (since Ray started) while the shards are planned and the windows cut
-        setups = [w.setup.remote(s) for w, s in zip(workers, _worker_setups(spec, job_id, model_path), strict=True)]
-        plan = plan_shards(spec, job.source)
+        # the actors' processes import (since Ray started) while the calibration windows are cut here
+        setups = [w.setup.remote(s) for w, s in zip(workers, worker_setups(spec, job_id, model_path), strict=True)]
+        plan = job.plan
         calib = calibrate(spec, job.source)
         checkpoint.begin_staging(out_dir, job.fingerprint, job.resolved)
         resume = checkpoint.resume_point(out_dir, plan, state.done_blocks)
@@ -222,7 +218,7 @@ def _kill(workers: list) -> None:
         ray.kill(w)
 
 
-def _worker_setups(spec: JobSpec, job_id: str, model_path: str) -> list[WorkerSetup]:
+def worker_setups(spec: JobSpec, job_id: str, model_path: str) -> list[WorkerSetup]:
     c = spec.cluster
     return [WorkerSetup(
         job_id=job_id, rank=rank, world_size=c.num_workers, loopback=c.address is None, model_path=model_path,

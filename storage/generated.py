@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from rayquant.storage.safetensors_reader import INDEX_FILE, TensorInfo
+from rayquant.storage.shard_plan import PlannedTensor, plan_shards
 
 INIT_STD = 0.02  # transformers' default initializer_range
 _LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
@@ -82,16 +83,13 @@ def write_generated_model(preset: str, target_dir: Path, n_blocks: int | None = 
     target = Path(target_dir)
     target.mkdir(parents=True, exist_ok=True)
     infos = generated_tensor_infos(config, target)
-    shards = _plan_shards(infos, max_shard_bytes)
-    weight_map: dict[str, str] = {}
-    for i, names in enumerate(shards, start=1):
-        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: generate_tensor(name, infos[name], device).cpu() for name in names}
-        save_file(tensors, target / file_name, {"format": "pt"})
+    plan = plan_shards([PlannedTensor(name, info.dtype, info.shape, _block_of(name)) for name, info in infos.items()],
+                       max_shard_bytes)  # whole blocks per shard, as rayquant's own outputs
+    for shard in plan.shards:
+        tensors = {t.name: generate_tensor(t.name, infos[t.name], device).cpu() for t in shard.tensors}
+        save_file(tensors, target / shard.name, {"format": "pt"})
         del tensors  # freed before the next shard is drawn
-        weight_map.update(dict.fromkeys(names, file_name))
-    total_size = sum(info.end - info.start for info in infos.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {"metadata": {"total_size": plan.total_tensor_bytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
     (target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     _write_config_and_tokenizer(target, config)
     return target
@@ -127,22 +125,9 @@ def generate_tensor(name: str, info: TensorInfo, device: torch.device | str = "c
     return (torch.randn(info.shape, generator=gen, device=device) * INIT_STD).to(torch.bfloat16)
 
 
-def _plan_shards(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[list[str]]:
-    """Tensor names cut into shards of at most max_shard_bytes, in block order (non-block tensors first)."""
-    def block_order(name: str) -> tuple[int, str]:
-        block = _BLOCK_INDEX.search(name)
-        return (int(block[1]) if block else -1, name)
-
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in sorted(infos, key=block_order):
-        nbytes = infos[name].end - infos[name].start
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+def _block_of(name: str) -> int | None:
+    block = _BLOCK_INDEX.search(name)
+    return int(block[1]) if block else None
 
 
 def _write_config_and_tokenizer(target: Path, config: dict) -> None:

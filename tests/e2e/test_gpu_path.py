@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from rayquant.jobs.driver import _worker_setups, calibrate, open_job
+from rayquant.jobs.driver import worker_setups, calibrate, open_job
 from rayquant.jobs.spec import load_spec
 from rayquant.workers.block_worker import BlockTask, BlockWorker
 
@@ -38,7 +38,7 @@ def test_cli_on_a_gpu_writes_what_the_in_process_worker_computes(tmp_path, prese
     spec = load_spec(SPEC, sets)
     job = open_job(spec)
     calib = calibrate(spec, job.source)
-    worker = BlockWorker(_worker_setups(spec, "in-process", spec.model.source)[0])
+    worker = BlockWorker(worker_setups(spec, "in-process", spec.model.source)[0])
     assert worker.device.type == "cuda"
     n_blocks = worker.start(_free_address(), calib.samples, calib.eval_samples)
     weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
