@@ -16,7 +16,7 @@ import structlog
 import torch
 from torch import nn
 
-from rayquant.solver.pack import PackedLinear, dequantize_packed
+from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, dequantize_packed
 from rayquant.storage.gptq_checkpoint import GPTQCheckpoint, InvalidGPTQCheckpoint, read_packed_tensors
 from rayquant.storage.model_source import read_source_tensor
 from rayquant.workers.adapter import build_skeleton, move_buffers
@@ -50,7 +50,7 @@ def load_dequantized_model(checkpoint: GPTQCheckpoint, device: torch.device | st
         tensors = read_packed_tensors(checkpoint, linear)
         W = dequantize_packed(PackedLinear(**tensors), linear.bits)  # [N, K] float32
         state[f"{linear.name}.weight"] = W.to(device=device, dtype=dtype)
-    packed_tensors = {f"{name}.{suffix}" for name in packed for suffix in ("qweight", "qzeros", "scales", "g_idx")}
+    packed_tensors = {f"{name}.{suffix}" for name in packed for suffix in PACKED_FIELDS}
     for name in source.tensors:
         if name not in packed_tensors:
             tensor = read_source_tensor(source, name, device)

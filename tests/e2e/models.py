@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from rayquant.solver.gptq import GPTQConfig, dequantize
-from rayquant.solver.pack import PackedLinear, dequantize_packed, packed_bits
+from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, dequantize_packed, packed_bits
 from rayquant.solver.rtn import quantize_rtn
 from rayquant.storage.checkpoint import RUN_STATS_FILE
 
@@ -47,7 +47,7 @@ def dequantized_model(source_dir: Path, checkpoint_dir: Path) -> torch.nn.Module
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     params = dict(model.named_parameters())
     for name in [k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")]:
-        packed = PackedLinear(**{f: tensors[f"{name}.{f}"] for f in ("qweight", "qzeros", "scales", "g_idx")})
+        packed = PackedLinear(**{f: tensors[f"{name}.{f}"] for f in PACKED_FIELDS})
         with torch.no_grad():
             params[f"{name}.weight"].copy_(dequantize_packed(packed, packed_bits(packed)))
     return model

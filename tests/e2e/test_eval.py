@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from rayquant.jobs.cli import main
 from rayquant.solver.gptq import GPTQConfig
-from rayquant.solver.pack import PackedLinear, dequantize_packed, pack_qweight, pack_qzeros, unpack_linear
+from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, dequantize_packed, pack_qweight, pack_qzeros, unpack_linear
 from rayquant.storage.calibration import load_calibration
 from rayquant.workers.checkpoint_eval import evaluate_perplexity
 from rayquant.workers.evaluation import perplexity, window_nll
@@ -147,13 +147,13 @@ def _rewrite(checkpoint: Path, dest: Path, edit_tensors=None, edit_qc=None) -> P
 
 def _repack_at_8_bits(tensors: dict) -> None:
     """LAYER's 4-bit codes and zero points stored as 8-bit values: the same weights, another bit width."""
-    u = unpack_linear(PackedLinear(**{f: tensors[f"{LAYER}.{f}"] for f in ("qweight", "qzeros", "scales", "g_idx")}), 4)
+    u = unpack_linear(PackedLinear(**{f: tensors[f"{LAYER}.{f}"] for f in PACKED_FIELDS}), 4)
     tensors[f"{LAYER}.qweight"] = pack_qweight(u.codes, 8)
     tensors[f"{LAYER}.qzeros"] = pack_qzeros(u.zeros, 8)
 
 
 def _unquantize(tensors: dict) -> None:
-    packed = PackedLinear(**{f: tensors.pop(f"{LAYER}.{f}") for f in ("qweight", "qzeros", "scales", "g_idx")})
+    packed = PackedLinear(**{f: tensors.pop(f"{LAYER}.{f}") for f in PACKED_FIELDS})
     tensors[f"{LAYER}.weight"] = dequantize_packed(packed, 4).contiguous()
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from rayquant.solver.gptq import GPTQConfig
-from rayquant.solver.pack import PackedLinear, dequantize_packed, packed_bits
+from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, dequantize_packed, packed_bits
 from rayquant.solver.rtn import rtn_weight
 from rayquant.storage.calibration import load_calibration
 from rayquant.storage.model_source import open_model_source
@@ -65,9 +65,9 @@ def _quantizable(source: Path) -> set[str]:
 def _dequantized(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The output's tensors with every packed linear replaced by its dequantized `.weight`."""
     tensors = _read_tensors(checkpoint)
-    out = {k: v for k, v in tensors.items() if k.rpartition(".")[2] not in ("qweight", "qzeros", "scales", "g_idx")}
+    out = {k: v for k, v in tensors.items() if k.rpartition(".")[2] not in PACKED_FIELDS}
     for name in [k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")]:
-        packed = PackedLinear(**{f: tensors[f"{name}.{f}"] for f in ("qweight", "qzeros", "scales", "g_idx")})
+        packed = PackedLinear(**{f: tensors[f"{name}.{f}"] for f in PACKED_FIELDS})
         out[f"{name}.weight"] = dequantize_packed(packed, packed_bits(packed)).float().contiguous()
     return out
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from rayquant.solver.gptq import GPTQConfig
-from rayquant.solver.pack import PackedLinear, dequantize_packed, pack_linear
+from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, dequantize_packed, pack_linear
 from rayquant.solver.rtn import quantize_rtn
 from rayquant.storage.gptq_checkpoint import InvalidGPTQCheckpoint, open_gptq_checkpoint, read_packed_tensors
 from rayquant.storage.model_source import open_model_source, read_source_tensor
@@ -29,7 +29,7 @@ def _checkpoint(llama_tiny_dir: Path, dest: Path, bits: dict[str, int], qc: dict
         W = tensors.pop(f"{name}.weight").float()
         result = quantize_rtn(W, torch.eye(W.shape[1]), 1, GPTQConfig(bits=b, group_size=64))
         packed = pack_linear(result, b)
-        tensors.update({f"{name}.{f}": getattr(packed, f) for f in ("qweight", "qzeros", "scales", "g_idx")})
+        tensors.update({f"{name}.{f}": getattr(packed, f) for f in PACKED_FIELDS})
         if not g_idx:
             del tensors[f"{name}.g_idx"]
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})

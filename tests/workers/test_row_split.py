@@ -12,7 +12,8 @@ import torch
 from rayquant.solver.gptq import GPTQConfig, GPTQResult
 from rayquant.solver.grid import max_level
 from rayquant.solver.pack import PackedLinear, pack_linear
-from rayquant.workers.block_worker import PACKED_FIELDS, BlockTask, BlockWorker, WorkerSetup
+from rayquant.solver.pack import PACKED_FIELDS
+from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
 from rayquant.workers.row_split import ROW_ALIGN, concat_packed, row_bounds
 from tests.spawned_ranks import run_ranks
 
