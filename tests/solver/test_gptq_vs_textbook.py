@@ -17,13 +17,44 @@ from tests.solver.calibration_cases import LayerCase, textbook_layer, textbook_r
 from tests.solver.textbook_gptq import TextbookResult
 
 ALL_BITS = (2, 3, 4, 8)
-DYNAMIC = [dict(bits=b, group_size=g, desc_act=a, sym=s)
-           for b, g, a, s in itertools.product(ALL_BITS, (-1, 32, 128), (False, True), (False, True))]
-STATIC = [dict(bits=b, group_size=g, desc_act=a, sym=s, static_groups=True)
-          for b, g, a, s in itertools.product(ALL_BITS, (32, 128), (False, True), (False, True))]
+
+
+def all_pairs(options: dict[str, tuple], valid=lambda combo: True) -> list[dict]:
+    """Valid combinations of the options in which every pair of values of two options occurs at least once
+    (every valid pair): each option's effect and each two options' interplay, without the whole product.
+    Greedy: repeatedly take the combination covering the most pairs not yet covered (ties: product order)."""
+    names = list(options)
+    combos = [dict(zip(names, values, strict=True)) for values in itertools.product(*options.values())]
+    combos = [c for c in combos if valid(c)]
+
+    def pairs(combo: dict) -> set:
+        return {((a, combo[a]), (b, combo[b])) for a, b in itertools.combinations(names, 2)}
+
+    uncovered = set().union(*(pairs(c) for c in combos))
+    chosen = []
+    while uncovered:
+        best = max(combos, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+# every option value and every pair of them; the whole product (120 combinations) is in FULL_MATRIX
+DYNAMIC = all_pairs(dict(bits=ALL_BITS, group_size=(-1, 32, 128), desc_act=(False, True), sym=(False, True)))
+STATIC = [dict(c, static_groups=True)
+          for c in all_pairs(dict(bits=ALL_BITS, group_size=(32, 128), desc_act=(False, True), sym=(False, True)))]
 # group-aware act-order (GAR); group size 96 of 256 in_features leaves a partial group, which must stay last
-GAR = [dict(bits=b, group_size=g, act_group_aware=True, sym=s, static_groups=st)
+GAR = [dict(c, act_group_aware=True)
+       for c in all_pairs(dict(bits=ALL_BITS, group_size=(-1, 32, 96), sym=(False, True), static_groups=(False, True)),
+                          valid=lambda c: c["group_size"] != -1 or not c["static_groups"])]
+FULL_MATRIX = (
+    [dict(bits=b, group_size=g, desc_act=a, sym=s)
+     for b, g, a, s in itertools.product(ALL_BITS, (-1, 32, 128), (False, True), (False, True))]
+    + [dict(bits=b, group_size=g, desc_act=a, sym=s, static_groups=True)
+       for b, g, a, s in itertools.product(ALL_BITS, (32, 128), (False, True), (False, True))]
+    + [dict(bits=b, group_size=g, act_group_aware=True, sym=s, static_groups=st)
        for b, g, s, st in itertools.product(ALL_BITS, (-1, 32, 96), (False, True), (False, True)) if g != -1 or not st]
+)
 
 
 def _id(params: dict) -> str:
@@ -74,6 +105,22 @@ def test_float64_codes_equal_textbook_gptq(params: dict) -> None:
 @pytest.mark.parametrize("params", DYNAMIC + STATIC + GAR, ids=_id)
 def test_float32_loss_within_0p1_percent_of_textbook_and_below_rtn(params: dict) -> None:
     _assert_production_loss_near_textbook_and_below_rtn(GPTQConfig(**params))
+
+
+@pytest.mark.full_matrix
+@pytest.mark.parametrize("params", [p for p in FULL_MATRIX if p not in DYNAMIC + STATIC + GAR], ids=_id)
+def test_float64_codes_equal_textbook_gptq_in_every_other_combination(params: dict) -> None:
+    """The rest of the product (`pytest -m full_matrix`): for a change to the grid or the column loop."""
+    _assert_same_as_textbook_in_float64(GPTQConfig(**params))
+
+
+def test_all_pairs_covers_every_pair_of_option_values_with_fewer_combinations() -> None:
+    options = dict(bits=ALL_BITS, group_size=(-1, 32, 128), desc_act=(False, True), sym=(False, True))
+    chosen = all_pairs(options)
+    for (a, values_a), (b, values_b) in itertools.combinations(options.items(), 2):
+        for va, vb in itertools.product(values_a, values_b):
+            assert any(c[a] == va and c[b] == vb for c in chosen), (a, va, b, vb)
+    assert len(chosen) < len(list(itertools.product(*options.values())))
 
 
 @pytest.mark.parametrize("params", [
