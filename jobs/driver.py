@@ -58,7 +58,7 @@ def gptq_config(spec: JobSpec) -> GPTQConfig:
     q = spec.quant
     return GPTQConfig(bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym,
                       static_groups=q.static_groups, damp_percent=q.damp_percent,
-                      damp_auto_increment=q.damp_auto_increment, act_group_aware=q.act_group_aware and not q.desc_act)
+                      damp_auto_increment=q.damp_auto_increment, act_group_aware=q.act_group_aware)
 
 
 def quantization_config(spec: JobSpec) -> dict:

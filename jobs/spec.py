@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rayquant.solver.valid_settings import (bits_problem, damp_increment_problem, damp_problem, group_size_problem)
+
 
 class SpecError(Exception):
     """The job spec is invalid; the message names the field and the fix."""
@@ -34,6 +36,14 @@ class MoESpec(_Strict):
     # what a starved expert gets: error (stop, exit 2), calibrate_all (GPTQ on the all-token Hessian
     # every expert is calibrated with), rtn (round-to-nearest); recorded per expert in report.json
     starved_experts: Literal["error", "calibrate_all", "rtn"] = "calibrate_all"
+
+
+def _checked(value, problem, prefix: str = ""):
+    """value, or the solver's own rule (solver/gptq.py) as this field's error."""
+    message = problem(value)
+    if message is not None:
+        raise ValueError(prefix + message)
+    return value
 
 
 class OverrideSpec(_Strict):
@@ -57,19 +67,15 @@ class OverrideSpec(_Strict):
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int | None) -> int | None:
-        if v is not None and v not in (2, 3, 4, 8):
-            raise ValueError(f"bits={v} is not supported; use 2, 3, 4 or 8")
-        return v
+        return v if v is None else _checked(v, bits_problem)
 
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, v: int | None) -> int | None:
-        if v is not None and (v == 0 or v < -1):
-            raise ValueError(f"group_size={v}; use -1 (one group per row) or a positive size such as 128")
-        return v
+        return v if v is None else _checked(v, group_size_problem)
 
     @model_validator(mode="after")
-    def _does_something(self) -> OverrideSpec:
+    def _changes_something(self) -> OverrideSpec:
         if self.skip and (self.bits is not None or self.group_size is not None):
             raise ValueError(f"override {self.pattern!r} sets skip together with bits/group_size; "
                              "a skipped module is not quantized: drop one of them")
@@ -85,7 +91,8 @@ class QuantSpec(_Strict):
     sym: bool = True  # symmetric grid (fixed zero point); asym fits skewed rows better
     static_groups: bool = False  # grids fixed before the solve; makes desc_act cheap at inference
     # group-aware act-order (GAR): solve each 128-channel group's columns, and the groups, by activation
-    # size; g_idx stays sequential, so inference is as fast as without act-order. Ignored with desc_act.
+    # size; g_idx stays sequential, so inference is as fast as without act-order. desc_act: true turns it
+    # off (the resolved spec, the fingerprint and quantization_config then say false)
     act_group_aware: bool = True
     damp_percent: float = 0.01  # Hessian damping relative to mean(diag H)
     damp_auto_increment: float = 0.01  # added to damp_percent each time Cholesky fails
@@ -99,30 +106,28 @@ class QuantSpec(_Strict):
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int) -> int:
-        if v not in (2, 3, 4, 8):
-            raise ValueError(f"quant.bits={v} is not supported; use 2, 3, 4 or 8")
-        return v
+        return _checked(v, bits_problem, "quant.")
 
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, v: int) -> int:
-        if v == 0 or v < -1:
-            raise ValueError(f"quant.group_size={v}; use -1 (one group per row) or a positive size such as 128")
-        return v
+        return _checked(v, group_size_problem, "quant.")
 
     @field_validator("damp_percent")
     @classmethod
     def _damp(cls, v: float) -> float:
-        if not 0 < v < 1:
-            raise ValueError(f"quant.damp_percent={v}; use a value in (0, 1), e.g. 0.01")
-        return v
+        return _checked(v, damp_problem, "quant.")
 
     @field_validator("damp_auto_increment")
     @classmethod
     def _damp_inc(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError(f"quant.damp_auto_increment={v}; use a value in [0, 1), e.g. 0.01")
-        return v
+        return _checked(v, damp_increment_problem, "quant.")
+
+    @model_validator(mode="after")
+    def _one_solve_order(self) -> QuantSpec:
+        if self.desc_act and self.act_group_aware:  # the documented decision: desc_act wins
+            object.__setattr__(self, "act_group_aware", False)  # frozen model: set while it is being built
+        return self
 
     @field_validator("lm_head")
     @classmethod

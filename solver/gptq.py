@@ -38,7 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rayquant.solver.grid import (SUPPORTED_BITS, act_order, count_groups, dequantize, find_grid,
+from rayquant.solver.valid_settings import (bits_problem, damp_increment_problem, damp_problem, group_size_problem,
+                                             solve_order_problem)
+from rayquant.solver.grid import (act_order, count_groups, dequantize, find_grid,
                                   find_group_grids, group_aware_order, group_index, group_width, max_level, quantize_to_grid)
 from rayquant.solver.hessian import InvalidSolverInput, layer_loss, layer_objective
 
@@ -73,21 +75,14 @@ class GPTQConfig:
     column_batch: int = 128       # lazy-update width (paper's B); speed only, the result is the same
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.bits not in SUPPORTED_BITS:
-            problems.append(f"quant.bits={self.bits} is not one of {SUPPORTED_BITS}")
-        if self.group_size != -1 and self.group_size < 1:
-            problems.append(f"quant.group_size={self.group_size} must be -1 (one group) or positive")
-        if not self.damp_percent >= 0:
-            problems.append(f"quant.damp_percent={self.damp_percent} must be >= 0")
-        if not self.damp_auto_increment >= 0:
-            problems.append(f"quant.damp_auto_increment={self.damp_auto_increment} must be >= 0")
+        problems = [f"quant.{p}" for p in (
+            bits_problem(self.bits), group_size_problem(self.group_size), damp_problem(self.damp_percent),
+            damp_increment_problem(self.damp_auto_increment),
+            solve_order_problem(self.desc_act, self.act_group_aware)) if p is not None]
         if not self.damp_cap >= self.damp_percent:
             problems.append(f"damp_cap={self.damp_cap} must be >= quant.damp_percent={self.damp_percent}")
         if self.column_batch < 1:
             problems.append(f"column_batch={self.column_batch} must be positive")
-        if self.act_group_aware and self.desc_act:
-            problems.append("quant.act_group_aware and quant.desc_act are two solve orders; choose one")
         if problems:
             raise InvalidGPTQConfig("; ".join(problems))
 

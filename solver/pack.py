@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from rayquant.solver.gptq import GPTQResult
-from rayquant.solver.grid import SUPPORTED_BITS, count_groups, dequantize, max_level
+from rayquant.solver.grid import count_groups, dequantize, max_level
+from rayquant.solver.valid_settings import SUPPORTED_BITS
 
 WORD_BITS = 32
 _WORD_MASK = (1 << WORD_BITS) - 1

@@ -84,3 +84,28 @@ def test_example_spec_lists_every_key_at_its_default() -> None:
 def test_a_remote_cluster_writes_into_an_output_declared_shared():
     spec = load_spec(SPECS / "tiny-llama.yaml", ["cluster.address=ray://head:10001", "output.shared=true"])
     assert spec.output.shared and "shared" not in spec.resolved().get("output", {})  # where, not what: no fingerprint change
+
+
+def test_desc_act_turns_group_aware_order_off_in_the_spec_itself():
+    """One decision for the two solve orders: desc_act wins, and the resolved spec (fingerprint, manifest)
+    says so, as the solver's config does."""
+    spec = load_spec(SPECS / "tiny-llama.yaml", ["quant.desc_act=true"])
+    assert spec.quant.act_group_aware is False and spec.resolved()["quant"]["act_group_aware"] is False
+    assert load_spec(SPECS / "tiny-llama.yaml", []).quant.act_group_aware is True  # the default elsewhere
+
+
+@pytest.mark.parametrize("override, message", [
+    ("quant.bits=5", "quant.bits=5 is not supported; use 2, 3, 4 or 8"),
+    ("quant.damp_percent=1.0", "quant.damp_percent=1.0; use a value in (0, 1)"),
+    ("quant.damp_auto_increment=-0.1", "quant.damp_auto_increment=-0.1; use a value in [0, 1)"),
+])
+def test_spec_and_solver_refuse_a_setting_with_the_same_words(override, message):
+    from rayquant.solver.gptq import GPTQConfig, InvalidGPTQConfig
+
+    with pytest.raises(SpecError) as spec_err:
+        load_spec(SPECS / "tiny-llama.yaml", [override])
+    key, value = override.split("=")
+    with pytest.raises(InvalidGPTQConfig) as solver_err:
+        GPTQConfig(**{key.removeprefix("quant."): float(value) if "." in value else int(value)})
+    assert message in str(spec_err.value) and message in str(solver_err.value)
+
