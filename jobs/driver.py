@@ -155,7 +155,8 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
     if state.complete:
         log.info("job_already_complete", output=str(out_dir))
         _kill(workers)
-        return JobOutcome(str(out_dir), 0, 0, True, [], [])
+        return JobOutcome(uri=str(out_dir), n_blocks=0, resumed_from=0, already_complete=True,
+                          stage_seconds=[], bytes_moved=[])
     fresh = state.done_blocks == 0 and not (out_dir / checkpoint.STAGING).exists()
     # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared
     model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(job.source.path)
@@ -200,7 +201,8 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
                                      run_stats=stats, non_block_written=True)
         log.info("job_done", output=str(out_dir), blocks=n_blocks, blocks_seconds=round(t - t_job, 2),
                  finish_seconds=round(time.perf_counter() - t, 2))
-        return JobOutcome(str(out_dir), n_blocks, resume, False, blocks.stage_seconds, blocks.bytes_moved)
+        return JobOutcome(uri=str(out_dir), n_blocks=n_blocks, resumed_from=resume, already_complete=False,
+                          stage_seconds=blocks.stage_seconds, bytes_moved=blocks.bytes_moved)
     except INPUT_ERRORS:
         if fresh:  # this input can never finish; a fixed input is a different job
             tail_pool.shutdown(wait=True)  # its writes end before the files go
