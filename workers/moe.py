@@ -210,21 +210,30 @@ def reset_routed_tokens(block: nn.Module) -> None:
         m.routed_tokens = None
 
 
-def expert_of(block: nn.Module, group: InputGroup) -> tuple[str, int, str] | None:
-    """(experts module path, expert index, role) of an input group inside RoutedExperts, else None."""
+@dataclass(frozen=True)
+class ExpertGroup:
+    """Where an input group sits inside a RoutedExperts module."""
+
+    experts_path: str  # the RoutedExperts module, relative to the block
+    index: int  # the expert
+    role: str  # its projection: one of ROLES
+
+
+def expert_of(block: nn.Module, group: InputGroup) -> ExpertGroup | None:
+    """The expert an input group belongs to, or None outside RoutedExperts."""
     path, _, leaf = group.linears[0].rpartition(".")
     experts_path, _, index = path.rpartition(".")
     if not index.isdigit() or not experts_path or not isinstance(block.get_submodule(experts_path), RoutedExperts):
         return None
     expert = block.get_submodule(path)
-    return experts_path, int(index), ROLES[expert.names.index(leaf)]
+    return ExpertGroup(experts_path, int(index), ROLES[expert.names.index(leaf)])
 
 
 def local_routed_tokens(block: nn.Module, group: InputGroup) -> int:
     """Tokens this rank's shard routed to the group's expert since the last reset (0 if none ran)."""
-    experts_path, e, _ = expert_of(block, group)
-    counts = block.get_submodule(experts_path).routed_tokens
-    return 0 if counts is None else int(counts[e].item())
+    where = expert_of(block, group)
+    counts = block.get_submodule(where.experts_path).routed_tokens
+    return 0 if counts is None else int(counts[where.index].item())
 
 
 def shared_hessians(block: nn.Module, stage: list[InputGroup]) -> dict[str, str]:
@@ -235,12 +244,12 @@ def shared_hessians(block: nn.Module, stage: list[InputGroup]) -> dict[str, str]
     aliases: dict[str, str] = {}
     for g in stage:
         where = expert_of(block, g)
-        if where is None or where[2] == "down" or not block.get_submodule(where[0]).calibrate_all:
+        if where is None or where.role == "down" or not block.get_submodule(where.experts_path).calibrate_all:
             continue
-        if where[0] in first:
-            aliases[g.name] = first[where[0]]
+        if where.experts_path in first:
+            aliases[g.name] = first[where.experts_path]
         else:
-            first[where[0]] = g.name
+            first[where.experts_path] = g.name
     return aliases
 
 
@@ -254,7 +263,7 @@ def sequential_stages(block: nn.Module, groups: list[InputGroup]) -> list[list[I
         if where is None:
             stages.append([g])
             continue
-        key = (where[0], "down" if where[2] == "down" else "gate_up")
+        key = (where.experts_path, "down" if where.role == "down" else "gate_up")
         if key not in by_key:
             by_key[key] = []
             stages.append(by_key[key])

@@ -81,15 +81,15 @@ def test_every_expert_is_its_own_input_group_and_routers_are_never_quantized(fam
     assert not {lin for lin in linears if lin.rpartition(".")[2] in ("gate", "shared_expert_gate", "router")}
     experts = [g for g in groups if expert_of(block, g) is not None]
     assert len(experts) == 2 * N_EXPERTS  # gate+up, then down, of each expert
-    assert sorted({expert_of(block, g)[1] for g in experts}) == list(range(N_EXPERTS))
-    assert all(len(g.linears) == (1 if expert_of(block, g)[2] == "down" else 2) for g in experts)
+    assert sorted({expert_of(block, g).index for g in experts}) == list(range(N_EXPERTS))
+    assert all(len(g.linears) == (1 if expert_of(block, g).role == "down" else 2) for g in experts)
     stages = sequential_stages(block, groups)
     expert_stages = [s for s in stages if expert_of(block, s[0]) is not None]
     assert [len(s) for s in expert_stages] == [N_EXPERTS, N_EXPERTS]  # all gate/up, then all down
     # routed counts: every token to exactly top-k experts (calibration mode runs all, counts the routed)
     reset_routed_tokens(block)
     block(inp.hidden, **inp.kwargs)
-    counts = [local_routed_tokens(block, g) for g in experts if expert_of(block, g)[2] == "down"]
+    counts = [local_routed_tokens(block, g) for g in experts if expert_of(block, g).role == "down"]
     assert sum(counts) == inp.hidden.shape[0] * inp.hidden.shape[1] * source.config["num_experts_per_tok"]
 
 
