@@ -559,13 +559,12 @@ class BlockWorker:
         summed over the slices in rank order, the largest kernel error, the row-weighted mean error."""
         prefix = self.layout.block_prefix(block_idx)
         split = [(g, lin) for g in stage for linears, _ in self._configs_of(block_idx, g) for lin in linears]
-        # per linear: gptq_loss, rtn_loss, damp_percent, max_rel_err, mean_rel_err, rows (0: no slice here)
-        mine = torch.zeros(len(split), 6, dtype=torch.float64, device=self.device)
+        # per linear, _SLICE_FIELDS of this rank's slice (out_features = its rows; 0: no slice here)
+        mine = torch.zeros(len(split), len(_SLICE_FIELDS), dtype=torch.float64, device=self.device)
         for i, (_, lin) in enumerate(split):
             x = slice_reports.get(prefix + lin)
             if x is not None:
-                mine[i] = torch.tensor([x.gptq_loss, x.rtn_loss, x.damp_percent, x.max_rel_err, x.mean_rel_err,
-                                        x.out_features], dtype=torch.float64)
+                mine[i] = torch.tensor([getattr(x, f) for f in _SLICE_FIELDS], dtype=torch.float64)
         parts = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(parts, mine)
         self._count("share", (self.world - 1) * _nbytes(mine))
@@ -573,15 +572,16 @@ class BlockWorker:
             return []
         reports = []
         for i, (g, lin) in enumerate(split):
-            values = [p[i].tolist() for p in parts]  # rank order
-            solved = [v for v in values if v[5] > 0]
+            slices = [dict(zip(_SLICE_FIELDS, p[i].tolist(), strict=True)) for p in parts]  # rank order
+            solved = [v for v in slices if v["out_features"] > 0]
+            rows = [v["out_features"] for v in solved]
             linear = block.get_submodule(lin)
             reports.append(LayerReport(
                 name=prefix + lin, input_group=g.name, in_features=linear.in_features,
-                out_features=linear.out_features, gptq_loss=sum(v[0] for v in solved),
-                rtn_loss=sum(v[1] for v in solved), damp_percent=solved[0][2], n_tokens=reduced[g.name][1],
-                owner=-1, max_rel_err=max(v[3] for v in solved),
-                mean_rel_err=sum(v[4] * v[5] for v in solved) / sum(v[5] for v in solved),
+                out_features=linear.out_features, gptq_loss=sum(v["gptq_loss"] for v in solved),
+                rtn_loss=sum(v["rtn_loss"] for v in solved), damp_percent=solved[0]["damp_percent"],
+                n_tokens=reduced[g.name][1], owner=-1, max_rel_err=max(v["max_rel_err"] for v in solved),
+                mean_rel_err=sum(v["mean_rel_err"] * r for v, r in zip(solved, rows, strict=True)) / sum(rows),
                 routed_tokens=routed.get(g.name), starved_policy=self._starved_policy(routed.get(g.name)),
             ))
         return reports
@@ -795,6 +795,10 @@ class _HostCopy:
         if self.stream is not None:
             self.stream.synchronize()
         return self.tensors
+
+
+# the LayerReport fields of a row slice that _merge_reports gathers from every rank
+_SLICE_FIELDS = ("gptq_loss", "rtn_loss", "damp_percent", "max_rel_err", "mean_rel_err", "out_features")
 
 
 def _balance(sizes: dict[str, int], world: int) -> dict[str, int]:
