@@ -199,8 +199,7 @@ class BlockWorker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=rendezvous, rank=self.rank,
                                 world_size=self.world, timeout=timedelta(minutes=30))
-        err = None
-        try:
+        with self._peers_agree():
             self.source = open_model_source(self.setup.model_path)
             self.model = build_skeleton(self.source.config, self.dtype)
             unfuse_experts(self.model)  # MoE: one linear per expert, under the checkpoint's names
@@ -213,9 +212,6 @@ class BlockWorker:
             for ids in samples.split(self.setup.micro_batch):
                 self.inputs.append(capture_block_inputs(self.model, self.layout, ids.to(self.device)))
             self._start_eval(eval_samples)
-        except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
-            err = e
-        self._agree(err)
         log.info("worker_started", rank=self.rank, samples=len(samples), blocks=self.layout.n_blocks)
         return self.layout.n_blocks
 
@@ -290,12 +286,8 @@ class BlockWorker:
         This rank's share was usually read while the previous block computed (workers/prefetch.py)."""
         infos, readers = self._shares(block_idx)
         mine: dict[str, torch.Tensor] = {}
-        err = None
-        try:
+        with self._peers_agree():
             mine = self._prefetch.take(block_idx) or self._read_share(block_idx)
-        except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
-            err = e
-        self._agree(err)
         out = {}
         for name in sorted(infos):
             info = infos[name]
@@ -353,10 +345,9 @@ class BlockWorker:
                     reduced[first] = self._share_hessian(reduced[first], owners[first], sums[first])
                 for name, first in aliases.items():
                     reduced[name], samples[name] = reduced[first], samples[first]
-            err = None
             mine: dict[str, PackedLinear] = {}  # split: this rank's row slices
             slice_reports: dict[str, LayerReport] = {}  # split: this rank's slices' losses and errors
-            try:
+            with self._peers_agree():
                 for g in stage:
                     if split or owners[g.name] == self.rank:
                         H, n = reduced[g.name]
@@ -373,9 +364,6 @@ class BlockWorker:
                                 slice_reports.update((x.name, x) for x in reports)
                             else:
                                 layers.extend(reports)
-            except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
-                err = e
-            self._agree(err)
             with self._timed("share", seconds):
                 for g in stage:
                     for lin in g.linears:
@@ -706,8 +694,7 @@ class BlockWorker:
         """
         self._bind(block=None)
         totals: dict[str, tuple[float, int]] = {}
-        err = None
-        try:
+        with self._peers_agree():
             if self._eval_on:
                 self._load_head()
             for name, stream in self.eval_streams.items():
@@ -719,9 +706,6 @@ class BlockWorker:
                         part_nll, part_count = window_nll(logits, window)
                         nll, count = nll + part_nll, count + part_count
                 totals[name] = (nll, count)
-        except Exception as e:  # noqa: BLE001 - re-raised after the peers agree
-            err = e
-        self._agree(err)
         out = {}
         for name in sorted(totals):
             # every rank's totals, added in rank order: the same float result on every rank
@@ -744,6 +728,17 @@ class BlockWorker:
         raw = t.reshape(-1).view(torch.uint8)
         dist.broadcast(raw, src=src)
         return raw.view(t.dtype).reshape(t.shape)
+
+    @contextmanager
+    def _peers_agree(self) -> Iterator[None]:
+        """Run the body, then let every rank learn whether any rank's body failed: a failing rank raises
+        its own error, the others PeerFailed, and none waits forever in the next collective."""
+        err = None
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - re-raised by _agree once the peers know
+            err = e
+        self._agree(err)
 
     def _agree(self, err: BaseException | None) -> None:
         """Every rank learns whether any rank failed, so none waits forever in the next collective."""
