@@ -229,7 +229,7 @@ class BlockWorker:
     def run_block(self, task: BlockTask) -> BlockResult:
         """Quantize block `task.block_idx` (or replay it from its shard) and advance the calibration shard.
 
-        Rank 0 queues the quantized block for its background writer (setup.output) and returns without
+        Rank 0 queues the quantized block for its background writer (start's `output`) and returns without
         waiting for the disk; `wait_durable` says when the bytes are on disk."""
         self._bind(block=task.block_idx)
         self.stage = (task.block_idx, "load")
