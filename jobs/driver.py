@@ -35,7 +35,6 @@ from rayquant.workers.moe import MoEConfig, unfuse_experts
 from rayquant.workers.evaluation import perplexity
 from rayquant.workers.block_worker import BlockTask, WorkerSetup
 from rayquant.workers.block_writer import OutputTarget
-from rayquant.workers.output_plan import plan_output
 from rayquant.workers.layer_overrides import (LayerOverride, block_linear_names, check_fused_units,
                                              check_overrides_match, gptq_dynamic)
 
@@ -82,30 +81,26 @@ class OpenedJob:
     fingerprint: str  # the output's identity (spec + source revision)
     resolved: dict  # the spec with defaults filled in, as the manifest records it
     state: checkpoint.OutputState  # what the output directory already holds
-    plan: ShardPlan  # every output tensor's shard and offset
 
 
 def open_job(spec: JobSpec) -> OpenedJob:
-    """Open the model source (config and headers), check the overrides, plan the shards, inspect the output.
+    """Open the model source (config and headers), check the overrides, inspect the output.
 
     Raises:
         the typed input errors of storage and workers (jobs.input_errors.INPUT_ERRORS).
     """
     source = open_model_source(spec.model.source)
     check_decoder_architecture(source.config)
-    # the skeleton is on the meta device: its linears and shapes cost no weights
-    skeleton = build_skeleton(source.config, torch.bfloat16)
-    unfuse_experts(skeleton)  # MoE: the per-expert linears the workers quantize (and overrides see)
-    layout = find_layout(skeleton)
-    overrides = layer_overrides(spec)
-    if overrides:
-        linear_names = block_linear_names(skeleton, layout)
+    if spec.quant.overrides:  # the skeleton is on the meta device: listing its linears reads no weights
+        skeleton = build_skeleton(source.config, torch.bfloat16)
+        unfuse_experts(skeleton)  # MoE: rules see the per-expert linears the workers quantize
+        linear_names = block_linear_names(skeleton, find_layout(skeleton))
+        overrides = layer_overrides(spec)
         check_overrides_match(overrides, linear_names)
         check_fused_units(overrides, gptq_config(spec), linear_names)
-    plan = plan_output(source, skeleton, layout, gptq_config(spec), overrides, spec.output.max_shard_bytes)
     fingerprint = spec.fingerprint(source.revision)
     return OpenedJob(source=source, fingerprint=fingerprint, resolved=spec.resolved(),
-                     state=checkpoint.inspect_output(Path(spec.output.uri), fingerprint), plan=plan)
+                     state=checkpoint.inspect_output(Path(spec.output.uri), fingerprint))
 
 
 def calibrate(spec: JobSpec, source: ModelSource) -> CalibrationSet:
@@ -165,8 +160,11 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
     try:
         # the actors' processes import (since Ray started) while the calibration windows are cut here
         setups = [w.setup.remote(s) for w, s in zip(workers, worker_setups(spec, job_id, model_path), strict=True)]
-        plan = job.plan
         calib = calibrate(spec, job.source)
+        wait_all(setups)
+        n_blocks = _start_workers(workers, calib, spec.cluster.num_workers)
+        # rank 0 plans the shards from the skeleton it has built: the driver needs no model classes
+        plan = ray.get(workers[0].call.remote("plan_output", spec.output.max_shard_bytes))
         checkpoint.begin_staging(out_dir, job.fingerprint, job.resolved)
         resume = checkpoint.resume_point(out_dir, plan, state.done_blocks)
         checkpoint.prepare_shards(out_dir, plan)
@@ -176,8 +174,7 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
                  workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
                  resume_from=resume, shards=len(plan.shards), output_bytes=plan.total_tensor_bytes,
                  windows_sha256=calib.window_sha256[:16])
-        wait_all(setups)
-        n_blocks = _start_workers(workers, calib, spec.cluster.num_workers, OutputTarget(str(out_dir), plan))
+        wait_all([w.call.remote("set_output", OutputTarget(str(out_dir), plan)) for w in workers])
         c = spec.cluster
         log.info("workers_ready", ray=cluster.where, workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
                  cpus_per_worker=c.cpus_per_worker, ray_seconds=round(cluster.seconds, 2),
@@ -231,13 +228,12 @@ def worker_setups(spec: JobSpec, job_id: str, model_path: str) -> list[WorkerSet
     ) for rank in range(c.num_workers)]
 
 
-def _start_workers(workers: list, calib: CalibrationSet, world: int, output: OutputTarget) -> int:
-    """Hand each rank its 1/W of the calibration and held-out windows and the output; returns the
-    model's block count."""
+def _start_workers(workers: list, calib: CalibrationSet, world: int) -> int:
+    """Hand each rank its 1/W of the calibration and held-out windows; returns the model's block count."""
     shards = calib.samples.tensor_split(world)
     eval_shards = calib.eval_samples.tensor_split(world)
     rendezvous = ray.get(workers[0].call.remote("rendezvous_address"))
-    return wait_all([w.call.remote("start", rendezvous, shard.clone(), eval_shard.clone(), output)
+    return wait_all([w.call.remote("start", rendezvous, shard.clone(), eval_shard.clone())
                      for w, shard, eval_shard in zip(workers, shards, eval_shards, strict=True)])[0]
 
 

@@ -34,7 +34,9 @@ from rayquant.solver.rtn import quantize_rtn, rtn_weight
 from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
 from rayquant.storage.safetensors_reader import DTYPES, TensorInfo
 from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
+from rayquant.workers.output_plan import plan_output
 from rayquant.workers.prefetch import Prefetch
+from rayquant.storage.shard_plan import ShardPlan
 from rayquant.workers.evaluation import window_nll
 from rayquant.workers.adapter import (
     BlockInput,
@@ -133,7 +135,7 @@ class BlockResult:
     rank: int
     seconds: dict[str, float]
     layers: list[LayerReport] = field(default_factory=list)
-    tensors: dict[str, torch.Tensor] | None = None  # rank 0 started without an output: the block's tensors (output names)
+    tensors: dict[str, torch.Tensor] | None = None  # rank 0 without set_output: the block's tensors (output names)
     peak_memory_bytes: int = 0  # GPU: peak allocated in this block; CPU: the process's peak RSS so far
     bytes_received: dict[str, int] = field(default_factory=dict)  # per stage, by this rank (sum over ranks = traffic)
     rows_solved: int = 0  # output rows this rank ran GPTQ on, over all linears of the block
@@ -164,7 +166,7 @@ class BlockWorker:
         self._groups_by_structure: dict[tuple, list[InputGroup]] = {}
         self._once_called_by_structure: dict[tuple, frozenset[str]] = {}  # children one block forward calls once
         self.stage: tuple[int | None, str] = (None, "starting")  # (block, stage) now running, for progress
-        self.output: OutputTarget | None = None  # set by start()
+        self.output: OutputTarget | None = None  # set by set_output()
         self.writer: BlockWriter | None = None  # rank 0 with an output: writes blocks in the background
         self._prefetch = Prefetch()  # this rank's share of the next block, read while this one computes
 
@@ -177,18 +179,12 @@ class BlockWorker:
             s.bind((host, 0))
             return f"tcp://{host}:{s.getsockname()[1]}"
 
-    def start(self, rendezvous: str, samples: torch.Tensor, eval_samples: torch.Tensor | None = None,
-              output: OutputTarget | None = None) -> int:
+    def start(self, rendezvous: str, samples: torch.Tensor, eval_samples: torch.Tensor | None = None) -> int:
         """Join the process group, build the skeleton, embed the calibration shard `samples` [n_w, T] and
         the held-out windows `eval_samples` [e_w, T] (if setup.eval_on). Returns the block count.
 
-        `output`: where rank 0 writes each quantized block (its planned shard) on a background thread;
-        None: rank 0 returns the block's tensors in BlockResult.tensors instead (in-process callers).
-        These come here, not in the setup, so the actor's process can start (and import) while the
-        driver still cuts the calibration windows and plans the shards."""
-        self.output = output
-        if output is not None and self.rank == 0:
-            self.writer = BlockWriter(output)
+        The shard comes here, not in the setup, so the actor's process can start (and import) while
+        the driver still cuts the calibration windows."""
         self._bind(block=None)
         torch.set_num_threads(self.setup.num_threads)  # a reused Ray worker may keep 1
         torch.manual_seed(0)
@@ -215,6 +211,20 @@ class BlockWorker:
         log.info("worker_started", rank=self.rank, samples=len(samples), blocks=self.layout.n_blocks)
         return self.layout.n_blocks
 
+    def plan_output(self, max_shard_bytes: int) -> ShardPlan:
+        """The checkpoint's shard plan, from this worker's skeleton (asked of rank 0 after start(), so the
+        driver never imports transformers' model classes just to plan)."""
+        return plan_output(self.source, self.model, self.layout, self.setup.gptq, self.setup.overrides,
+                           max_shard_bytes)
+
+    def set_output(self, output: OutputTarget) -> None:
+        """Where rank 0 writes each quantized block (its planned shard) on a background thread, and every
+        rank reads replayed blocks back from. Without it rank 0 returns the block's tensors in
+        BlockResult.tensors instead (in-process callers)."""
+        self.output = output
+        if self.rank == 0:
+            self.writer = BlockWriter(output)
+
     def stop(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -229,7 +239,7 @@ class BlockWorker:
     def run_block(self, task: BlockTask) -> BlockResult:
         """Quantize block `task.block_idx` (or replay it from its shard) and advance the calibration shard.
 
-        Rank 0 queues the quantized block for its background writer (start's `output`) and returns without
+        Rank 0 queues the quantized block for its background writer (set_output) and returns without
         waiting for the disk; `wait_durable` says when the bytes are on disk."""
         self._bind(block=task.block_idx)
         self.stage = (task.block_idx, "load")

@@ -82,7 +82,7 @@ class BlockWriter:
 def read_durable_block(target: OutputTarget | None, block_idx: int) -> dict[str, Tensor]:
     """A durable block's tensors, read back from its shard (resume replays the blocks before it)."""
     if target is None:
-        raise ValueError("replaying a block needs the output its shards were written to: start(..., output=...)")
+        raise ValueError("replaying a block needs the output its shards were written to: set_output(...) first")
     shard = target.plan.shard_of_block(block_idx)
     path = open_shard_path(Path(target.out_dir), shard)
     return read_shard_tensors(path, [t.name for t in shard.block_tensors(block_idx)])

@@ -65,6 +65,7 @@ def test_example_spec_command_prints_a_spec_that_runs_with_the_defaults(capsys):
 
 def test_off_a_terminal_every_log_line_is_one_json_object(capsys):
     configure_logging(verbose=False, terminal=False)
+    structlog.contextvars.clear_contextvars()  # an in-process worker test may have bound its rank here
     structlog.contextvars.bind_contextvars(job_id="j1", block=3)
     try:
         progress = JobProgress("job", n_blocks=4, first_block=0, terminal=False)

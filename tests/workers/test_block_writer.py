@@ -191,4 +191,4 @@ def test_read_durable_block_returns_what_was_written_before_and_after_its_shard_
 def test_replaying_a_block_without_an_output_names_the_setting():
     with pytest.raises(ValueError) as err:
         read_durable_block(None, 0)
-    assert "start(..., output=...)" in str(err.value)
+    assert "set_output(...) first" in str(err.value)
