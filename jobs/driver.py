@@ -1,4 +1,4 @@
-"""The job driver: preflight, start the workers, run the per-block loop, resume, assemble.
+"""The job driver: preflight, start the workers, run the per-block loop, resume, finish.
 
 Turns the JobSpec into frozen records before anything crosses into workers. The per-block loop
 is DESIGN.md's: every worker runs the block's stages together; rank 0 writes the packed block into

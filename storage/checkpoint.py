@@ -65,7 +65,7 @@ class OutputConflict(Exception):
 
 
 class StagingIncomplete(Exception):
-    """The staging area lacks what the next step needs (job.json, a block part or marker)."""
+    """The staging area lacks what the next step needs (job.json or a block marker)."""
 
 
 @dataclass(frozen=True)

@@ -639,7 +639,7 @@ class BlockWorker:
         return PackedLinear(**{f: self._broadcast(getattr(mine, f), src=owner, stage="share") for f in PACKED_FIELDS})
 
     def _advance(self, block_idx: int, part: dict[str, torch.Tensor]) -> nn.Module:
-        """Forward the shard through the quantized block, built from its part file as a reader would."""
+        """Forward the shard through the quantized block, built from its packed tensors as a reader would."""
         prefix = self.layout.block_prefix(block_idx)
         part = {k: v.to(self.device) for k, v in part.items()}  # unpack on the GPU, not the host
         state = {}
