@@ -80,8 +80,17 @@ class WorkerHost:
         self._class = worker_class
         self.worker = None
 
-    def setup(self, setup: Any) -> None:
+    def rendezvous_address(self, loopback: bool) -> str:
+        """A free TCP address on this actor's node for the process group's store (asked of rank 0)."""
+        from rayquant.workers.collectives import free_tcp_address  # imported with the worker class already
+
+        return free_tcp_address(loopback)
+
+    def setup(self, setup: Any, rendezvous: str) -> Any:
+        """Build the worker and join the job's process group at `rendezvous`: everything the worker
+        can do before the calibration windows arrive. Returns what the worker's join returns."""
         self.worker = self._class(setup)
+        return self.worker.join(rendezvous)
 
     def call(self, method: str, *args: Any) -> Any:
         """worker.<method>(*args) in this process; the driver's one way into the worker."""

@@ -158,13 +158,17 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
     progress = None
     tail_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="non-block")
     try:
-        # the actors' processes import (since Ray started) while the calibration windows are cut here
-        setups = [w.setup.remote(s) for w, s in zip(workers, worker_setups(spec, job_id, model_path), strict=True)]
+        # the actors import (since Ray started), join the process group and build their skeletons
+        # while the calibration windows are cut here
+        rendezvous = workers[0].rendezvous_address.remote(spec.cluster.address is None)
+        joined = [w.setup.remote(s, rendezvous) for w, s in zip(workers, worker_setups(spec, job_id, model_path),
+                                                                strict=True)]
         calib = calibrate(spec, job.source)
-        wait_all(setups)
-        n_blocks = _start_workers(workers, calib, spec.cluster.num_workers)
-        # rank 0 plans the shards from the skeleton it has built: the driver needs no model classes
+        n_blocks = wait_all(joined)[0]
+        # rank 0 plans the shards from the skeleton it has built: the driver needs no model classes.
+        # Before the embedding: capturing block 0's inputs swaps modules of that skeleton for a moment.
         plan = ray.get(workers[0].call.remote("plan_output", spec.output.max_shard_bytes))
+        embedded = _embed(workers, calib)  # while the output is prepared here
         checkpoint.begin_staging(out_dir, job.fingerprint, job.resolved)
         resume = checkpoint.resume_point(out_dir, plan, state.done_blocks)
         checkpoint.prepare_shards(out_dir, plan)
@@ -174,7 +178,7 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
                  workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
                  resume_from=resume, shards=len(plan.shards), output_bytes=plan.total_tensor_bytes,
                  windows_sha256=calib.window_sha256[:16])
-        wait_all([w.call.remote("set_output", OutputTarget(str(out_dir), plan)) for w in workers])
+        wait_all(embedded + [w.call.remote("set_output", OutputTarget(str(out_dir), plan)) for w in workers])
         c = spec.cluster
         log.info("workers_ready", ray=cluster.where, workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
                  cpus_per_worker=c.cpus_per_worker, ray_seconds=round(cluster.seconds, 2),
@@ -228,13 +232,13 @@ def worker_setups(spec: JobSpec, job_id: str, model_path: str) -> list[WorkerSet
     ) for rank in range(c.num_workers)]
 
 
-def _start_workers(workers: list, calib: CalibrationSet, world: int) -> int:
-    """Hand each rank its 1/W of the calibration and held-out windows; returns the model's block count."""
+def _embed(workers: list, calib: CalibrationSet) -> list:
+    """Hand each rank its 1/W of the calibration and held-out windows (contiguous slices) to embed."""
+    world = len(workers)
     shards = calib.samples.tensor_split(world)
     eval_shards = calib.eval_samples.tensor_split(world)
-    rendezvous = ray.get(workers[0].call.remote("rendezvous_address"))
-    return wait_all([w.call.remote("start", rendezvous, shard.clone(), eval_shard.clone())
-                     for w, shard, eval_shard in zip(workers, shards, eval_shards, strict=True)])[0]
+    return [w.call.remote("embed", shard.clone(), eval_shard.clone())
+            for w, shard, eval_shard in zip(workers, shards, eval_shards, strict=True)]
 
 
 @dataclass

@@ -13,7 +13,6 @@ per sub-stage: collect Σxᵀx → reduce to the input group's owner, or to ever
 from __future__ import annotations
 
 import resource
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,7 +52,7 @@ from rayquant.workers.adapter import (
     materialize_embedding_stage,
     move_buffers,
 )
-from rayquant.workers.collectives import gather_sum, sum_to_all_
+from rayquant.workers.collectives import free_tcp_address, gather_sum, sum_to_all_
 from rayquant.workers.layer_overrides import LayerOverride, layer_config
 from rayquant.workers.row_split import OUTPUT_DIM, concat_packed, row_bounds
 from rayquant.workers.stage_inputs import StageInputs, once_called_children
@@ -174,17 +173,20 @@ class BlockWorker:
 
     def rendezvous_address(self) -> str:
         """A free TCP address on this worker's node for the process group's store (asked of rank 0)."""
-        host = "127.0.0.1" if self.setup.loopback else socket.gethostbyname(socket.gethostname())
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return f"tcp://{host}:{s.getsockname()[1]}"
+        return free_tcp_address(self.setup.loopback)
 
     def start(self, rendezvous: str, samples: torch.Tensor, eval_samples: torch.Tensor | None = None) -> int:
-        """Join the process group, build the skeleton, embed the calibration shard `samples` [n_w, T] and
-        the held-out windows `eval_samples` [e_w, T] (if setup.eval_on). Returns the block count.
+        """join() then embed(), for callers that have the calibration windows already (in-process
+        benchmarks and tests). Returns the block count."""
+        n_blocks = self.join(rendezvous)
+        self.embed(samples, eval_samples)
+        return n_blocks
 
-        The shard comes here, not in the setup, so the actor's process can start (and import) while
-        the driver still cuts the calibration windows."""
+    def join(self, rendezvous: str) -> int:
+        """Everything before the calibration windows: the process group, the model's skeleton, the
+        embedding stage's weights on the device. Returns the block count.
+
+        The job calls it as soon as the actor exists, so it runs while the driver cuts the windows."""
         self._bind(block=None)
         torch.set_num_threads(self.setup.num_threads)  # a reused Ray worker may keep 1
         torch.manual_seed(0)
@@ -205,14 +207,21 @@ class BlockWorker:
             tensors = {n: read_source_tensor(self.source, n, self.device) for n in names if n in self.source.tensors}
             materialize_embedding_stage(self.model, tensors, self.dtype)
             move_buffers(self.model, self.device)
+        log.info("worker_joined", rank=self.rank, blocks=self.layout.n_blocks)
+        return self.layout.n_blocks
+
+    def embed(self, samples: torch.Tensor, eval_samples: torch.Tensor | None = None) -> None:
+        """Embed this rank's calibration shard `samples` [n_w, T] and its held-out windows `eval_samples`
+        [e_w, T] (if setup.eval_on): the block-0 inputs every later block advances."""
+        self._bind(block=None)
+        with self._peers_agree():
             for ids in samples.split(self.setup.micro_batch):
                 self.inputs.append(capture_block_inputs(self.model, self.layout, ids.to(self.device)))
             self._start_eval(eval_samples)
-        log.info("worker_started", rank=self.rank, samples=len(samples), blocks=self.layout.n_blocks)
-        return self.layout.n_blocks
+        log.info("worker_started", rank=self.rank, samples=len(samples))
 
     def plan_output(self, max_shard_bytes: int) -> ShardPlan:
-        """The checkpoint's shard plan, from this worker's skeleton (asked of rank 0 after start(), so the
+        """The checkpoint's shard plan, from this worker's skeleton (asked of rank 0 after join(), so the
         driver never imports transformers' model classes just to plan)."""
         return plan_output(self.source, self.model, self.layout, self.setup.gptq, self.setup.overrides,
                            max_shard_bytes)

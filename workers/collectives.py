@@ -7,11 +7,22 @@ Llama-405B down_proj Hessian on 8 GPUs: more than the GPU has), so the sum trave
 most GATHER_CHUNK_BYTES per rank; the additions, element by element, are the same.
 """
 
+import socket
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 GATHER_CHUNK_BYTES = 256 * 2**20  # per rank and chunk: the owner holds W of these at a time
+
+
+def free_tcp_address(loopback: bool) -> str:
+    """A free TCP address on this node for the process group's store (rank 0 picks it): 127.0.0.1 on
+    a single node, else the node's own address."""
+    host = "127.0.0.1" if loopback else socket.gethostbyname(socket.gethostname())
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
 
 
 def gather_sum(tensor: Tensor, owner: int, rank: int, world: int,

@@ -41,7 +41,7 @@ from rayquant.storage.generated import GENERATED_PRESETS, write_generated_model
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "jobs" / "specs" / "tiny-llama.yaml"
-EVENTS = ("job_starting", "job_planned", "workers_ready", "block_done", "eval_done", "job_done")
+EVENTS = ("job_starting", "calibration_records", "job_planned", "workers_ready", "block_done", "eval_done", "job_done")
 IN_PROCESS_BLOCKS = 4  # block_bench runs blocks 0..3 at most: past warm-up, and DeepSeek-V3's first MoE block
 
 
@@ -89,7 +89,10 @@ def run_job(source: str, out: Path, args: argparse.Namespace, gpu: bool) -> JobT
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events, other = [], []
+    log = args.log.open("w") if args.log else None
     for line in proc.stderr:  # echoed as it comes: a full-size job runs for hours
+        if log is not None:
+            log.write(line)
         event = json.loads(line) if line.startswith("{") else None
         if event is None or event["event"] not in EVENTS:
             other.append(line)
@@ -98,6 +101,8 @@ def run_job(source: str, out: Path, args: argparse.Namespace, gpu: bool) -> JobT
         detail = f"block {event['progress']}, {event['seconds']:.1f} s" if event["event"] == "block_done" else ""
         print(f"  {time.time() - t0:8.1f} s  {event['event']} {detail}", flush=True)
     proc.wait()
+    if log is not None:
+        log.close()
     t_exit = time.time()
     if proc.returncode != 0:
         sys.exit(f"rayquant quantize failed ({proc.returncode}):\n{''.join(other)[-3000:]}")
@@ -146,6 +151,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more spec overrides")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/rayquant-job-bench"))
     parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--log", type=Path, help="keep the CLI's log lines (stderr) here")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     args.cpus_per_worker = args.cpus_per_worker or (4 if gpu else max(1, torch.get_num_threads() // args.workers))
