@@ -35,6 +35,7 @@ from rayquant.storage.safetensors_reader import DTYPES, TensorInfo
 from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
 from rayquant.workers.output_plan import plan_output
 from rayquant.workers.prefetch import Prefetch
+from rayquant.storage.job_records import LayerReport
 from rayquant.storage.shard_plan import ShardPlan
 from rayquant.workers.evaluation import window_nll
 from rayquant.workers.adapter import (
@@ -109,23 +110,6 @@ class BlockTask:
     job_id: str
     block_idx: int
     replay: bool = False  # the block is durable in its shard: read it back, advance only (resume)
-
-
-@dataclass(frozen=True)
-class LayerReport:
-    name: str  # full tensor prefix, e.g. model.layers.3.mlp.down_proj
-    input_group: str
-    in_features: int
-    out_features: int
-    gptq_loss: float
-    rtn_loss: float
-    damp_percent: float
-    n_tokens: int
-    owner: int  # the rank that solved every row; -1: rows split over all ranks (workers/row_split.py)
-    max_rel_err: float
-    mean_rel_err: float
-    routed_tokens: int | None = None  # MoE experts: calibration tokens the router sent it (all ranks)
-    starved_policy: str | None = None  # MoE experts below quant.moe.min_tokens: the policy applied to it
 
 
 @dataclass(frozen=True)
