@@ -15,6 +15,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -34,6 +35,7 @@ from rayquant.storage.model_source import ModelSource, open_model_source, read_s
 from rayquant.storage.safetensors_reader import DTYPES, TensorInfo
 from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
 from rayquant.workers.output_plan import plan_output
+from rayquant.workers.kernel_warmup import finish_warm_up, job_shapes, start_warm_up
 from rayquant.workers.prefetch import Prefetch
 from rayquant.storage.job_records import LayerReport
 from rayquant.storage.shard_plan import ShardPlan
@@ -152,6 +154,7 @@ class BlockWorker:
         self.output: OutputTarget | None = None  # set by set_output()
         self.writer: BlockWriter | None = None  # rank 0 with an output: writes blocks in the background
         self._prefetch = Prefetch()  # this rank's share of the next block, read while this one computes
+        self._warm_up: Future | None = None  # GPU: block kernels compiling on a thread (workers/kernel_warmup.py)
 
     # ---- lifetime ---------------------------------------------------------------------------
 
@@ -191,6 +194,9 @@ class BlockWorker:
             tensors = {n: read_source_tensor(self.source, n, self.device) for n in names if n in self.source.tensors}
             materialize_embedding_stage(self.model, tensors, self.dtype)
             move_buffers(self.model, self.device)
+        if self.device.type == "cuda":  # compile block 0's kernels while the driver cuts the windows
+            shapes = job_shapes(self.blocks, self.layout, self.setup.gptq, self.setup.overrides)
+            self._warm_up = start_warm_up(shapes, self.device, self.dtype, self.hessian_dtype, self.setup.validate_tokens)
         log.info("worker_joined", rank=self.rank, blocks=self.layout.n_blocks)
         return self.layout.n_blocks
 
@@ -202,6 +208,9 @@ class BlockWorker:
             for ids in samples.split(self.setup.micro_batch):
                 self.inputs.append(capture_block_inputs(self.model, self.layout, ids.to(self.device)))
             self._start_eval(eval_samples)
+        if self._warm_up is not None:
+            finish_warm_up(self._warm_up)
+            self._warm_up = None
         log.info("worker_started", rank=self.rank, samples=len(samples))
 
     def plan_output(self, max_shard_bytes: int) -> ShardPlan:

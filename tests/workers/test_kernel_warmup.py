@@ -1,0 +1,52 @@
+"""The kernel warm-up: which shapes it runs, and (on a GPU) that block 0's kernels are compiled by it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rayquant.solver.gptq import GPTQConfig
+from rayquant.workers.kernel_warmup import LinearShape, distinct_shapes, start_warm_up, warm_up
+
+G128 = GPTQConfig(bits=4, group_size=128)
+G64_8BIT = GPTQConfig(bits=8, group_size=64)
+
+
+def test_distinct_shapes_keeps_one_per_shape_and_config_in_first_seen_order_and_skips_unquantized():
+    linears = [(512, 256, G128), (256, 512, G128), (512, 256, G128), (512, 256, G64_8BIT), (64, 64, None)]
+    assert distinct_shapes(linears) == [LinearShape(512, 256, G128), LinearShape(256, 512, G128),
+                                        LinearShape(512, 256, G64_8BIT)]
+
+
+def test_warm_up_runs_every_shape_through_the_solver_on_cpu():
+    shapes = distinct_shapes([(256, 128, G128), (128, 256, G64_8BIT)])
+    done = start_warm_up(shapes, torch.device("cpu"), torch.float32, torch.float64, validate_tokens=64)
+    shapes_run, seconds = done.result(timeout=120)
+    assert shapes_run == 2 and seconds > 0
+
+
+# in a fresh interpreter: this process may have compiled the same kernel variants for other tests
+_COUNT_COMPILED = """
+import json, torch
+from rayquant.kernels import triton_dequant_gemm
+from rayquant.solver import gptq_fused, hessian_triton
+from rayquant.solver.gptq import GPTQConfig
+from rayquant.workers.kernel_warmup import LinearShape, warm_up
+
+kernels = (hessian_triton._xtx_tiles_kernel, gptq_fused._column_batch_kernel, triton_dequant_gemm._dequant_mm_kernel)
+count = lambda: [sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels]
+before = count()
+warm_up([LinearShape(768, 1536, GPTQConfig(bits=4, group_size=128, act_group_aware=True))],
+        torch.device("cuda"), torch.bfloat16, torch.float32, validate_tokens=64)
+print(json.dumps({"before": before, "after": count()}))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels)")
+def test_warm_up_compiles_the_hessian_fused_gptq_and_dequant_kernels_a_block_uses():
+    out = subprocess.run([sys.executable, "-c", _COUNT_COMPILED], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["before"] == [0, 0, 0] and all(n > 0 for n in counts["after"]), counts
