@@ -188,6 +188,8 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         blocks = _run_blocks(workers, job_id, out_dir, plan, n_blocks, resume, progress)
         progress.close()
         structlog.contextvars.bind_contextvars(block=None)
+        # the shards holding non-block tensors close (hash, rename) after those are written, during the eval
+        tail_closed = tail_pool.submit(_close_tail_shards, out_dir, plan, non_block)
         t = time.perf_counter()
         streams = wait_all([w.call.remote("evaluate") for w in workers])[0]
         evaluation = _evaluation(spec, streams, calib)
@@ -197,7 +199,7 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         stats = {"job_id": job_id, "workers": spec.cluster.num_workers, "blocks": blocks.run_stats,
                  "eval_seconds": round(time.perf_counter() - t, 3)}
         t = time.perf_counter()
-        non_block.result()
+        tail_closed.result()
         checkpoint.finish_checkpoint(out_dir, job.source, plan, quantization_config(spec), report, job.resolved,
                                      run_stats=stats, non_block_written=True)
         log.info("job_done", output=str(out_dir), blocks=n_blocks, blocks_seconds=round(t - t_job, 2),
@@ -214,6 +216,13 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         if progress is not None:
             progress.close()
         _kill(workers)
+
+
+def _close_tail_shards(out_dir: Path, plan: ShardPlan, non_block: Future) -> None:
+    non_block.result()  # the same single-thread pool ran it first: done, or its error raised here
+    for shard in plan.shards:
+        if shard.has_tail:
+            checkpoint.close_shard(out_dir, shard)
 
 
 def _kill(workers: list) -> None:
