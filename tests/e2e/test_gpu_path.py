@@ -54,3 +54,34 @@ def test_cli_on_a_gpu_writes_what_the_in_process_worker_computes(tmp_path, prese
     finally:
         worker.stop()
     assert compared == sum(1 for name in weight_map if name.startswith("model.layers."))
+
+
+def _layer_losses(out) -> dict[str, float]:
+    report = json.loads((out / "report.json").read_text())
+    return {layer["name"]: layer["gptq_loss"] for layer in report["layers"]}
+
+
+@pytest.fixture(scope="module")
+def cpu_losses(tmp_path_factory) -> dict[str, float]:
+    """The tiny Llama job's layer losses on CPU workers (float32 activations, float64 Hessian sums)."""
+    out = tmp_path_factory.mktemp("cpu") / "out"
+    proc = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}", "--set", "cluster.num_workers=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _layer_losses(out)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_on_gpus_matches_the_cpu_run_layer_by_layer(tmp_path, cpu_losses, workers):
+    """bf16 activations and fp32 Hessians on the GPU against the CPU's: every layer's GPTQ loss within 0.5 %."""
+    if torch.cuda.device_count() < workers:
+        pytest.skip(f"needs {workers} GPUs (NCCL puts one rank on each)")
+    out = tmp_path / "gpu"
+    proc = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}", "--set", f"cluster.num_workers={workers}",
+                   "--set", "cluster.gpus_per_worker=1", "--set", "cluster.cpus_per_worker=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gpu_losses = _layer_losses(out)
+    assert gpu_losses.keys() == cpu_losses.keys()
+    rel = {name: abs(gpu_losses[name] - cpu_losses[name]) / cpu_losses[name] for name in cpu_losses}
+    worst = max(rel, key=rel.get)
+    print(f"W={workers}: worst layer {worst} GPU/CPU loss differs by {rel[worst]:.3%}")
+    assert rel[worst] <= 0.005, (worst, gpu_losses[worst], cpu_losses[worst])
