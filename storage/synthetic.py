@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 import transformers  # lazy: a model class's module is imported when a builder first names it
 
-from rayquant.storage.calibration import BUILTIN_TEXT_PATH
+from rayquant.storage.text_sources import BUILTIN_TEXT_PATH
 from rayquant.storage.safetensors_reader import INDEX_FILE
 
 if TYPE_CHECKING:

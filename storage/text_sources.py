@@ -19,7 +19,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayquant.storage.s3_files import read_s3_object
 
 # Python 3.11 documentation prose, PSF License; see data/NOTICE
 BUILTIN_TEXT_PATH = Path(__file__).parent / "data" / "builtin_text.txt"
@@ -73,6 +72,8 @@ def read_text_records(dataset: str, text_field: str = "text", split: str = "trai
         records = _read_hf(dataset, text_field, split, hf_cache_dir)
     elif dataset.startswith("s3://"):
         suffix = _suffix(dataset)
+        from rayquant.storage.s3_files import read_s3_object  # boto3 only for an s3:// dataset
+
         records = _parse(dataset, read_s3_object(dataset), suffix, text_field)
     elif "://" in dataset:
         raise UnsupportedDataset(f"calibration.dataset {dataset!r}: unknown scheme; use {FORMS}")
