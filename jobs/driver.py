@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -26,9 +26,12 @@ from rayquant.jobs.logs import stderr_is_terminal
 from rayquant.jobs.progress import JobProgress
 from rayquant.jobs.spec import JobSpec
 from rayquant.solver.gptq import GPTQConfig
-from rayquant.storage import checkpoint
+from rayquant.storage import staging
 from rayquant.storage.calibration import CalibrationSet, load_calibration, vocab_size_of, windows_sha256
+from rayquant.storage.finished_checkpoint import finish_checkpoint, gptq_quantization_config
+from rayquant.storage.job_records import BlockStats, EvalReport, JobReport, LayerReport, QuantizationConfig, RunStats
 from rayquant.storage.model_source import ModelSource, open_model_source
+from rayquant.storage.output_layout import STAGING
 from rayquant.storage.shard_plan import ShardPlan
 from rayquant.workers.adapter import build_skeleton, check_decoder_architecture, find_layout
 from rayquant.workers.moe import MoEConfig, unfuse_experts
@@ -60,9 +63,9 @@ def gptq_config(spec: JobSpec) -> GPTQConfig:
                       damp_auto_increment=q.damp_auto_increment, act_group_aware=q.act_group_aware)
 
 
-def quantization_config(spec: JobSpec) -> dict:
+def quantization_config(spec: JobSpec) -> QuantizationConfig:
     cfg = gptq_config(spec)
-    return checkpoint.gptq_quantization_config(
+    return gptq_quantization_config(
         bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act, sym=cfg.sym, damp_percent=cfg.damp_percent,
         true_sequential=spec.quant.true_sequential, static_groups=cfg.static_groups,
         dynamic=gptq_dynamic(layer_overrides(spec)), act_group_aware=cfg.act_group_aware)
@@ -80,7 +83,7 @@ class OpenedJob:
     source: ModelSource
     fingerprint: str  # the output's identity (spec + source revision)
     resolved: dict  # the spec with defaults filled in, as the manifest records it
-    state: checkpoint.OutputState  # what the output directory already holds
+    state: staging.OutputState  # what the output directory already holds
 
 
 def open_job(spec: JobSpec) -> OpenedJob:
@@ -100,7 +103,7 @@ def open_job(spec: JobSpec) -> OpenedJob:
         check_fused_units(overrides, gptq_config(spec), linear_names)
     fingerprint = spec.fingerprint(source.revision)
     return OpenedJob(source=source, fingerprint=fingerprint, resolved=spec.resolved(),
-                     state=checkpoint.inspect_output(Path(spec.output.uri), fingerprint))
+                     state=staging.inspect_output(Path(spec.output.uri), fingerprint))
 
 
 def calibrate(spec: JobSpec, source: ModelSource) -> CalibrationSet:
@@ -152,7 +155,7 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         _kill(workers)
         return JobOutcome(uri=str(out_dir), n_blocks=0, resumed_from=0, already_complete=True,
                           stage_seconds=[], bytes_moved=[])
-    fresh = state.done_blocks == 0 and not (out_dir / checkpoint.STAGING).exists()
+    fresh = state.done_blocks == 0 and not (out_dir / STAGING).exists()
     # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared
     model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(job.source.path)
     progress = None
@@ -169,11 +172,11 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         # Before the embedding: capturing block 0's inputs swaps modules of that skeleton for a moment.
         plan = ray.get(workers[0].call.remote("plan_output", spec.output.max_shard_bytes))
         embedded = _embed(workers, calib)  # while the output is prepared here
-        checkpoint.begin_staging(out_dir, job.fingerprint, job.resolved)
-        resume = checkpoint.resume_point(out_dir, plan, state.done_blocks)
-        checkpoint.prepare_shards(out_dir, plan)
+        staging.begin_staging(out_dir, job.fingerprint, job.resolved)
+        resume = staging.resume_point(out_dir, plan, state.done_blocks)
+        staging.prepare_shards(out_dir, plan)
         # embeddings, final norm and head go into their shard while the blocks run, not in the tail
-        non_block = tail_pool.submit(checkpoint.write_non_block_tensors, out_dir, job.source, plan)
+        non_block = tail_pool.submit(staging.write_non_block_tensors, out_dir, job.source, plan)
         log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12], output=str(out_dir),
                  workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
                  resume_from=resume, shards=len(plan.shards), output_bytes=plan.total_tensor_bytes,
@@ -194,14 +197,13 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         streams = wait_all([w.call.remote("evaluate") for w in workers])[0]
         evaluation = _evaluation(spec, streams, calib)
         log.info("eval_done", seconds=round(time.perf_counter() - t, 2),
-                 **{k: v for k, v in evaluation.items() if k.endswith("_ppl")})
+                 **(evaluation.perplexities() if evaluation is not None else {}))
         report = _report(spec, job.source.revision, calib, blocks.layers, evaluation)
-        stats = {"job_id": job_id, "workers": spec.cluster.num_workers, "blocks": blocks.run_stats,
-                 "eval_seconds": round(time.perf_counter() - t, 3)}
+        stats = RunStats(job_id=job_id, workers=spec.cluster.num_workers, blocks=tuple(blocks.run_stats),
+                         eval_seconds=round(time.perf_counter() - t, 3))
         t = time.perf_counter()
         tail_closed.result()
-        checkpoint.finish_checkpoint(out_dir, job.source, plan, quantization_config(spec), report, job.resolved,
-                                     run_stats=stats, non_block_written=True)
+        finish_checkpoint(out_dir, job.source, plan, report, job.resolved, run_stats=stats, non_block_written=True)
         log.info("job_done", output=str(out_dir), blocks=n_blocks, blocks_seconds=round(t - t_job, 2),
                  finish_seconds=round(time.perf_counter() - t, 2))
         return JobOutcome(uri=str(out_dir), n_blocks=n_blocks, resumed_from=resume, already_complete=False,
@@ -209,7 +211,7 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
     except INPUT_ERRORS:
         if fresh:  # this input can never finish; a fixed input is a different job
             tail_pool.shutdown(wait=True)  # its writes end before the files go
-            checkpoint.discard_staging(out_dir)
+            staging.discard_staging(out_dir)
         raise
     finally:
         tail_pool.shutdown(wait=True)  # never leave a thread writing into a staging area being removed
@@ -222,7 +224,7 @@ def _close_tail_shards(out_dir: Path, plan: ShardPlan, non_block: Future) -> Non
     non_block.result()  # the same single-thread pool ran it first: done, or its error raised here
     for shard in plan.shards:
         if shard.has_tail:
-            checkpoint.close_shard(out_dir, shard)
+            staging.close_shard(out_dir, shard)
 
 
 def _kill(workers: list) -> None:
@@ -254,8 +256,8 @@ def _embed(workers: list, calib: CalibrationSet) -> list:
 class _BlocksRun:
     """What the block loop hands to the report, run-stats.json and JobOutcome."""
 
-    layers: list[dict] = field(default_factory=list)
-    run_stats: list[dict] = field(default_factory=list)  # per block, as its marker keeps them
+    layers: list[LayerReport] = field(default_factory=list)
+    run_stats: list[BlockStats] = field(default_factory=list)  # index = block, as its marker keeps them
     stage_seconds: list[dict[str, float]] = field(default_factory=list)
     bytes_moved: list[dict[str, int]] = field(default_factory=list)
 
@@ -279,22 +281,23 @@ def _run_blocks(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_bl
 def _block_loop(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_blocks: int, resume: int,
                 progress: JobProgress, run: _BlocksRun, closer: ThreadPoolExecutor) -> list[Future]:
     closed: list[Future] = []
-    unmarked: tuple | None = None  # (block, layers, stats) written but not yet durable
+    unmarked: tuple[int, list[LayerReport], BlockStats] | None = None  # written but not yet durable
     for b in range(n_blocks):
         structlog.contextvars.bind_contextvars(block=b)
         replay = b < resume
         t = time.perf_counter()
         refs = [w.call.remote("run_block", BlockTask(job_id, b, replay)) for w in workers]
         if unmarked is not None:
-            closed += _mark_durable(workers[0], out_dir, plan, closer, *unmarked)
+            closed += _mark_durable(workers[0], out_dir, plan, closer, run, *unmarked)
             unmarked = None
         results = wait_all(refs, on_wait=_stage_poller(workers[0], progress) if progress.shows_stages else None)
         seconds = {k: max(r.seconds.get(k, 0.0) for r in results) for k in STAGES}
         if replay:  # the records and stats of the run that quantized it
-            run.layers += checkpoint.read_block_layers(out_dir, b)
-            block_stats = checkpoint.read_block_stats(out_dir, b)
+            marker = staging.read_block_marker(out_dir, b)
+            run.layers += marker.layers
+            block_stats = marker.stats
         else:
-            block_layers = sorted((asdict(x) for r in results for x in r.layers), key=lambda x: x["name"])
+            block_layers = sorted((x for r in results for x in r.layers), key=lambda x: x.name)
             block_stats = _block_stats(b, results, seconds)
             run.layers += block_layers
             unmarked = (b, block_layers, block_stats)
@@ -306,21 +309,22 @@ def _block_loop(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_bl
                             mib_moved=round(sum(moved.values()) / 2**20, 2),
                             stages={k: round(v, 3) for k, v in seconds.items()})
     if unmarked is not None:
-        closed += _mark_durable(workers[0], out_dir, plan, closer, *unmarked)
+        closed += _mark_durable(workers[0], out_dir, plan, closer, run, *unmarked)
     return closed
 
 
-def _mark_durable(rank0, out_dir: Path, plan: ShardPlan, closer: ThreadPoolExecutor, block_idx: int,
-                  layers: list[dict], stats: dict) -> list[Future]:
-    """Wait until rank 0's writer has block_idx on disk, then mark it done; its shard, if this was the
-    shard's last block, starts closing on `closer`."""
+def _mark_durable(rank0, out_dir: Path, plan: ShardPlan, closer: ThreadPoolExecutor, run: _BlocksRun,
+                  block_idx: int, layers: list[LayerReport], stats: BlockStats) -> list[Future]:
+    """Wait until rank 0's writer has block_idx on disk, then mark it done (its stats in `run` gain the
+    writer's seconds); its shard, if this was the shard's last block, starts closing on `closer`."""
     t = time.perf_counter()
-    stats["seconds"]["persist"] = round(ray.get(rank0.call.remote("wait_durable", block_idx)), 4)
-    checkpoint.mark_block_done(out_dir, block_idx, layers=layers, stats=stats)
+    stats = stats.with_persist(round(ray.get(rank0.call.remote("wait_durable", block_idx)), 4))
+    run.run_stats[block_idx] = stats
+    staging.mark_block_done(out_dir, block_idx, layers=layers, stats=stats)
     shard = plan.closes_with(block_idx)
     log.debug("block_durable", block=block_idx, waited_seconds=round(time.perf_counter() - t, 3),
               closing=shard.name if shard is not None else None)
-    return [closer.submit(checkpoint.close_shard, out_dir, shard)] if shard is not None else []
+    return [closer.submit(staging.close_shard, out_dir, shard)] if shard is not None else []
 
 
 def _stage_poller(rank0, progress: JobProgress):
@@ -332,39 +336,28 @@ def _stage_poller(rank0, progress: JobProgress):
     return poll
 
 
-def _report(spec: JobSpec, revision: str, calib: CalibrationSet, layers: list[dict], evaluation: dict) -> dict:
-    report = {
-        "job": spec.name,
-        "source_revision": revision,
-        "calibration_dataset": asdict(calib.description),
-        "calibration_windows_sha256": calib.window_sha256,
-        "calibration_window_sha256s": list(calib.window_sha256s),  # one per window, in sample order
-        "quantization": quantization_config(spec),
-        "layers": sorted(layers, key=lambda layer: layer["name"]),
-    }
-    if evaluation:
-        report["eval"] = evaluation
-        report["metrics"] = {k: v for k, v in evaluation.items() if k.endswith("_ppl") or k == "ppl_delta"}
-    return report
+def _report(spec: JobSpec, revision: str, calib: CalibrationSet, layers: list[LayerReport],
+            evaluation: EvalReport | None) -> JobReport:
+    return JobReport(
+        job=spec.name, source_revision=revision, calibration_dataset=calib.description,
+        calibration_windows_sha256=calib.window_sha256, calibration_window_sha256s=calib.window_sha256s,
+        quantization=quantization_config(spec), layers=tuple(sorted(layers, key=lambda layer: layer.name)),
+        eval=evaluation,
+    )
 
 
-def _evaluation(spec: JobSpec, streams: dict[str, tuple[float, int]], calib) -> dict:
+def _evaluation(spec: JobSpec, streams: dict[str, tuple[float, int]], calib) -> EvalReport | None:
     """Perplexities of the held-out windows from the in-pass streams (fp, gptq, rtn if asked)."""
     if not streams:
-        return {}
-    out = {f"{name}_ppl": perplexity(*streams[name]) for name in sorted(streams)}
-    out["ppl_delta"] = out["gptq_ppl"] - out["fp_ppl"]
-    out.update(n_windows=len(calib.eval_samples), seq_len=spec.calibration.seq_len,
-               n_tokens=streams["gptq"][1],
-               windows_sha256=windows_sha256(calib.eval_samples))
-    return out
+        return None
+    ppl = {name: perplexity(*stream) for name, stream in streams.items()}
+    return EvalReport(fp_ppl=ppl["fp"], gptq_ppl=ppl["gptq"], ppl_delta=ppl["gptq"] - ppl["fp"], rtn_ppl=ppl.get("rtn"),
+                      n_windows=len(calib.eval_samples), seq_len=spec.calibration.seq_len,
+                      n_tokens=streams["gptq"][1], windows_sha256=windows_sha256(calib.eval_samples))
 
 
-def _block_stats(block_idx: int, results: list, seconds: dict[str, float]) -> dict:
+def _block_stats(block_idx: int, results: list, seconds: dict[str, float]) -> BlockStats:
     """What this run measured for one block: not part of the output's bytes (see run-stats.json)."""
-    return {
-        "block": block_idx,
-        "seconds": {k: round(v, 4) for k, v in seconds.items()},
-        "peak_memory_bytes": [r.peak_memory_bytes for r in results],
-        "bytes_received": [r.bytes_received for r in results],
-    }
+    return BlockStats(block=block_idx, seconds={k: round(v, 4) for k, v in seconds.items()},
+                      peak_memory_bytes=tuple(r.peak_memory_bytes for r in results),
+                      bytes_received=tuple(r.bytes_received for r in results))

@@ -9,11 +9,11 @@ from rayquant.solver.gptq import HessianNotPositiveDefinite
 from rayquant.storage.calibration import (
     CalibrationTooShort, RecordsShorterThanSeqLen, TokenizerMismatch, TokenizerNotFound, UnsupportedDataset,
 )
-from rayquant.storage.checkpoint import OutputConflict
 from rayquant.storage.gptq_checkpoint import InvalidGPTQCheckpoint, UnsupportedCheckpointFormat
 from rayquant.storage.model_source import InvalidModelFiles, ModelNotFound, TensorNotFound, UnsupportedModelSource
 from rayquant.storage.s3_files import S3AccessDenied, S3ObjectNotFound, S3Unreachable
 from rayquant.storage.safetensors_reader import CorruptSafetensors, NonFiniteWeights
+from rayquant.storage.staging import OutputConflict
 from rayquant.storage.text_sources import DatasetNotCached, DatasetNotFound, EmptyDataset, UnreadableDataset
 from rayquant.workers.adapter import UnsupportedArchitecture
 from rayquant.workers.layer_overrides import OverrideMatchesNothing, OverridesSplitFusedLayer

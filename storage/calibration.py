@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer
 
+from rayquant.storage.job_records import DatasetDescription  # report.json's record, torch-free
 from rayquant.storage.text_sources import (  # noqa: F401  (BUILTIN_*, UnsupportedDataset: this module's API too)
     BUILTIN_DATASETS,
     BUILTIN_TEXT_PATH,
@@ -54,17 +55,6 @@ class CalibrationTooShort(Exception):
 
 class RecordsShorterThanSeqLen(Exception):
     """packing: per_sample with records shorter than calibration.seq_len and no min_length to drop them."""
-
-
-@dataclass(frozen=True)
-class DatasetDescription:
-    source: str  # calibration.dataset as given
-    kind: str  # builtin | txt | jsonl | parquet | hf
-    packing: str  # concat | per_sample
-    min_length: int
-    records_used: int  # calibration records that windows were cut from
-    records_dropped: int  # calibration records with fewer than max(min_length, 1) tokens
-    records_held_out: int  # records (or running texts) the eval windows come from
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from rayquant.storage.job_records import CHECKPOINT_FORMAT, EvalReport, JobReport
 
-def render_model_card(quantization_config: dict, report: dict, resolved_spec: dict, source_revision: str,
-                      quantizer: str) -> str:
+
+def render_model_card(report: JobReport, resolved_spec: dict) -> str:
     """README.md: what was quantized how, and each layer's GPTQ loss beside its RTN baseline."""
     model_source = resolved_spec.get("model", {}).get("source", "(unknown)")
+    quantization = report.quantization
     settings = ", ".join(
-        f"{key}={quantization_config[key]}"
+        f"{key}={getattr(quantization, key)}"
         for key in ("bits", "group_size", "desc_act", "sym", "static_groups", "true_sequential", "damp_percent")
     )
     lines = [
@@ -21,8 +23,8 @@ def render_model_card(quantization_config: dict, report: dict, resolved_spec: di
         "",
         f"# {resolved_spec.get('name', 'GPTQ checkpoint')}",
         "",
-        f"GPTQ {quantization_config['bits']}-bit checkpoint (format `{quantization_config['checkpoint_format']}`) "
-        f"of `{model_source}` (revision `{source_revision[:12]}`), written by {quantizer}.",
+        f"GPTQ {quantization.bits}-bit checkpoint (format `{CHECKPOINT_FORMAT}`) "
+        f"of `{model_source}` (revision `{report.source_revision[:12]}`), written by {quantization.quantizer}.",
         "",
         f"Quantization: {settings}.",
         "",
@@ -31,15 +33,8 @@ def render_model_card(quantization_config: dict, report: dict, resolved_spec: di
         'model = AutoModelForCausalLM.from_pretrained("<this directory>")',
         "```",
     ]
-    metrics = report.get("metrics", {})
-    if metrics:
-        evaluation = report.get("eval", {})
-        lines += ["", "## Evaluation", ""]
-        if evaluation:
-            lines += [f"Perplexity on {evaluation['n_windows']} held-out windows of {evaluation['seq_len']} tokens "
-                      "(never used for calibration), measured in the quantization pass itself.", ""]
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {_format_value(metrics[key])} |" for key in sorted(metrics)]
+    if report.eval is not None:
+        lines += _evaluation_lines(report.eval)
     lines += [
         "",
         "## Layer errors",
@@ -54,13 +49,24 @@ def render_model_card(quantization_config: dict, report: dict, resolved_spec: di
         "| layer | GPTQ loss | RTN loss | GPTQ / RTN | damp_percent | tokens | kernel error |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for layer in report["layers"]:
-        ratio = layer["gptq_loss"] / layer["rtn_loss"] if layer["rtn_loss"] else float("nan")
+    for layer in report.layers:
+        ratio = layer.gptq_loss / layer.rtn_loss if layer.rtn_loss else float("nan")
         lines.append(
-            f"| {layer['name']} | {layer['gptq_loss']:.6g} | {layer['rtn_loss']:.6g} | {ratio:.4f} "
-            f"| {layer['damp_percent']:.4g} | {layer.get('n_tokens', '')} | {_format_value(layer.get('max_rel_err', ''))} |"
+            f"| {layer.name} | {layer.gptq_loss:.6g} | {layer.rtn_loss:.6g} | {ratio:.4f} "
+            f"| {layer.damp_percent:.4g} | {layer.n_tokens} | {_format_value(layer.max_rel_err)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _evaluation_lines(evaluation: EvalReport) -> list[str]:
+    metrics = evaluation.metrics()
+    return [
+        "", "## Evaluation", "",
+        f"Perplexity on {evaluation.n_windows} held-out windows of {evaluation.seq_len} tokens "
+        "(never used for calibration), measured in the quantization pass itself.",
+        "", "| metric | value |", "|---|---|",
+        *(f"| {key} | {_format_value(metrics[key])} |" for key in sorted(metrics)),
+    ]
 
 
 def _format_value(value: object) -> str:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from rayquant.storage.checkpoint import open_shard_path
+from rayquant.storage.staging import open_shard_path
 from rayquant.storage.shard_files import prepare_shard, read_shard_tensors, write_shard_tensors
 from rayquant.storage.shard_plan import ShardPlan
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from rayquant.solver.gptq import GPTQConfig, dequantize
 from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, dequantize_packed, packed_bits
 from rayquant.solver.rtn import quantize_rtn
-from rayquant.storage.checkpoint import RUN_STATS_FILE
+from rayquant.storage.output_layout import RUN_STATS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "jobs" / "specs" / "tiny-llama.yaml"

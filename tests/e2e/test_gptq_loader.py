@@ -2,9 +2,10 @@
 
 Each case quantizes synthetic://llama-tiny's 28 block linears with RTN (act-order g_idx from a
 calibration-like Hessian where asked), packs them with solver.pack, writes them into planned shards
-and finishes the checkpoint with storage.checkpoint, and loads the result through transformers' GPTQ path. Its logits must equal
-rayquant's own dequantized model with float16-rounded weights (what GPTQModel's torch kernel
-computes, see gptq_loader.py) — and must not equal the unquantized model's.
+(storage.staging), finishes the checkpoint (storage.finished_checkpoint), and loads the result through
+transformers' GPTQ path. Its logits must equal rayquant's own dequantized model with float16-rounded
+weights (what GPTQModel's torch kernel computes, see gptq_loader.py) — and must not equal the
+unquantized model's.
 """
 
 from __future__ import annotations
@@ -17,18 +18,13 @@ import torch
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.solver.pack import PACKED_FIELDS, pack_linear
 from rayquant.solver.rtn import quantize_rtn
-from rayquant.storage.checkpoint import (
-    begin_staging,
-    finish_checkpoint,
-    gptq_quantization_config,
-    mark_block_done,
-    open_shard_path,
-    prepare_shards,
-)
+from rayquant.storage.finished_checkpoint import finish_checkpoint, gptq_quantization_config
+from rayquant.storage.job_records import BlockStats, DatasetDescription, JobReport, LayerReport
 from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
 from rayquant.storage.safetensors_reader import DTYPES
 from rayquant.storage.shard_files import write_shard_tensors
 from rayquant.storage.shard_plan import PlannedTensor, plan_shards
+from rayquant.storage.staging import begin_staging, mark_block_done, open_shard_path, prepare_shards
 
 from .gptq_loader import load_gptq_logits
 from .models import dequantized_model, fp_model, logit_mse, logits
@@ -76,7 +72,10 @@ def _write_checkpoint(source: ModelSource, out: Path, cfg: GPTQConfig) -> None:
             result = quantize_rtn(weight, _hessian_sum(weight.shape[1], seed=len(block_layers)), N_TOKENS, cfg)
             packed = pack_linear(result, cfg.bits)
             part.update({f"{stem}.{field}": getattr(packed, field) for field in PACKED_FIELDS})
-            block_layers.append({"name": stem, "gptq_loss": result.loss, "rtn_loss": result.loss, "damp_percent": 0.0})
+            block_layers.append(LayerReport(
+                name=stem, input_group=stem.removeprefix(prefix), in_features=weight.shape[1],
+                out_features=weight.shape[0], gptq_loss=result.loss, rtn_loss=result.loss, damp_percent=0.0,
+                n_tokens=N_TOKENS, owner=0, max_rel_err=0.0, mean_rel_err=0.0))
         parts.append(part)
         report_layers += block_layers
     dtype_names = {dtype: name for name, dtype in DTYPES.items()}
@@ -89,12 +88,19 @@ def _write_checkpoint(source: ModelSource, out: Path, cfg: GPTQConfig) -> None:
     for b, part in enumerate(parts):
         shard = plan.shard_of_block(b)
         write_shard_tensors(open_shard_path(out, shard), shard, part, b)
-        mark_block_done(out, b, layers=[layer for layer in report_layers if layer["name"].startswith(f"model.layers.{b}.")])
+        layers = [layer for layer in report_layers if layer.name.startswith(f"model.layers.{b}.")]
+        stats = BlockStats(block=b, seconds={}, peak_memory_bytes=(0,), bytes_received=({},))
+        mark_block_done(out, b, layers=layers, stats=stats)
     quantization_config = gptq_quantization_config(
         bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act, sym=cfg.sym,
         damp_percent=cfg.damp_percent, true_sequential=True, static_groups=cfg.static_groups,
     )
-    finish_checkpoint(out, source, plan, quantization_config, {"layers": report_layers}, spec)
+    no_calibration = DatasetDescription(source="(synthetic Hessians)", kind="none", packing="concat", min_length=0,
+                                        records_used=0, records_dropped=0, records_held_out=0)
+    report = JobReport(job=spec["name"], source_revision=source.revision, calibration_dataset=no_calibration,
+                       calibration_windows_sha256="", calibration_window_sha256s=(), quantization=quantization_config,
+                       layers=tuple(sorted(report_layers, key=lambda layer: layer.name)))
+    finish_checkpoint(out, source, plan, report, spec)
 
 
 def _float16_weights(model: torch.nn.Module) -> torch.nn.Module:

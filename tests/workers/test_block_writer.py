@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayquant.storage.checkpoint import STAGING, begin_staging, close_shard, open_shard_path
+from rayquant.storage.output_layout import STAGING
 from rayquant.storage.safetensors_reader import DTYPES
 from rayquant.storage.shard_files import TensorsNotAsPlanned
 from rayquant.storage.shard_plan import PlannedTensor, plan_shards
+from rayquant.storage.staging import begin_staging, close_shard, open_shard_path
 from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
 
 # a writer that never reports a block would hang wait_durable forever
