@@ -7,6 +7,7 @@ import logging
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import structlog
@@ -37,12 +38,12 @@ class RecordingWorker(BlockWorker):
         self.collected: list[tuple[dict, dict, dict]] = []
         self.replayed: list[bool] = []
 
-    def _collect(self, block, stage, seconds, stage_inputs, stage_idx):
-        sums, tokens, samples = super()._collect(block, stage, seconds, stage_inputs, stage_idx)
-        self.collected.append(({k: v.clone() for k, v in sums.items()}, dict(tokens),
-                               {k: v.clone() for k, v in samples.items()}))
+    def _collect(self, block, stage, stage_inputs, stage_idx):
+        collected = super()._collect(block, stage, stage_inputs, stage_idx)
+        self.collected.append(({k: v.clone() for k, v in collected.sums.items()}, dict(collected.tokens),
+                               {k: v.clone() for k, v in collected.samples.items()}))
         self.replayed.append(stage_idx in stage_inputs.replayed)
-        return sums, tokens, samples
+        return collected
 
 
 def _run_blocks(preset: str, shortcut: bool, device: str, blocks: int) -> tuple[RecordingWorker, list]:
@@ -193,14 +194,19 @@ run_job(load_spec(Path(sys.argv[1]), sys.argv[2:]), worker_class=BlockForwardWor
 def test_a_job_writes_the_same_bytes_with_and_without_replayed_stages(preset, tmp_path):
     sets = [f"model.source=synthetic://{preset}", "calibration.eval_samples=0"]
     on, off = tmp_path / "on", tmp_path / "off"
-    proc = run_cli("-v", "quantize", str(SPEC), *[a for s in sets for a in ("--set", s)], "--set", f"output.uri={on}")
+    # both jobs at once: one job alone keeps the 2 cores busy for less than half its time (start-up, Ray)
+    with ThreadPoolExecutor(2) as pool:
+        on_job = pool.submit(run_cli, "-v", "quantize", str(SPEC), *[a for s in sets for a in ("--set", s)],
+                             "--set", f"output.uri={on}")
+        off_job = pool.submit(subprocess.run, [sys.executable, "-c", OFF_JOB, str(SPEC), *sets, f"output.uri={off}"],
+                              capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = on_job.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the workers' debug line (JSON, forwarded by Ray with -v): the shortcut ran
     replays = [event["stages"] for event in _json_events(proc.stderr) if event.get("event") == "stages_on_recorded_inputs"]
     assert replays and replays[0] == REPLAYED[preset][0], proc.stderr[-3000:]
     assert "\x1b[" not in proc.stderr  # no colour codes in a file
-    proc = subprocess.run([sys.executable, "-c", OFF_JOB, str(SPEC), *sets, f"output.uri={off}"],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = off_job.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert output_files(on) == output_files(off)
 
