@@ -5,12 +5,15 @@ into four chunk packages (already Q4_K_M: read it as "a real model after one qua
 transformers reads GGUF (`gguf_file=`, needs the `gguf` package) and dequantizes every tensor on
 load; the result is saved once as an ordinary bf16 safetensors directory with its tokenizer, which
 rayquant then reads like any downloaded model. Measured on the 2-core machine: ~70 s, 2.8 GB peak RSS.
+
+    python -m tests.bench.real_models CACHE_DIR   # builds CACHE_DIR/gemma3-270m if absent, prints its path
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,3 +79,7 @@ def _convert_gguf(package, out: Path) -> None:
     tokenizer.save_pretrained(out)
     shutil.rmtree(gguf_dir)
     log.info("gguf_converted", model=GEMMA3_270M, seconds=round(time.perf_counter() - start, 1))
+
+
+if __name__ == "__main__":
+    print(gemma3_270m_dir(Path(sys.argv[1])))

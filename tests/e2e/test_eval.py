@@ -68,6 +68,16 @@ def eval_cli(uri: Path | str, *extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def eval_main(capsys, uri: Path | str) -> dict:
+    """The same command through the CLI's main() in this process (no interpreter start, no imports: seconds
+    less per checkpoint); the fixtures above run it as a user does."""
+    capsys.readouterr()
+    assert main(["eval", str(uri), *EVAL_ARGS]) == 0
+    captured = capsys.readouterr()
+    assert "eval_progress" in captured.err
+    return json.loads(captured.out.strip().splitlines()[-1])
+
+
 def ppl_of_logits(logits_: torch.Tensor, ids: torch.Tensor) -> float:
     return perplexity(*window_nll(logits_, ids))
 
@@ -105,7 +115,7 @@ def test_eval_reads_the_weights_the_independent_loader_reads(quantized, quantize
     assert ours == pytest.approx(loaded, rel=1e-3)
 
 
-def test_eval_of_a_gptqmodel_checkpoint_agrees_with_the_independent_loader(trained_dir, eval_ids, tmp_path):
+def test_eval_of_a_gptqmodel_checkpoint_agrees_with_the_independent_loader(trained_dir, eval_ids, tmp_path, capsys):
     from .gptq_loader import load_gptq_logits
     from .gptqmodel_quantize import quantize_with_gptqmodel
 
@@ -115,7 +125,7 @@ def test_eval_of_a_gptqmodel_checkpoint_agrees_with_the_independent_loader(train
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["meta"]["quantizer"][0].startswith("gptqmodel:") and qc["checkpoint_format"] == "gptq"
 
-    ours = eval_cli(out)
+    ours = eval_main(capsys, out)
     loaded = ppl_of_logits(load_gptq_logits(out, eval_ids, bits=4), eval_ids)
     fp = evaluate_perplexity(fp_model(trained_dir), eval_ids).ppl
     assert ours["quantized_linears"] == 28
@@ -157,7 +167,7 @@ def _unquantize(tensors: dict) -> None:
     tensors[f"{LAYER}.weight"] = dequantize_packed(packed, 4).contiguous()
 
 
-def test_dynamic_overrides_set_bits_per_module_or_leave_it_unquantized(quantized, quantized_eval, tmp_path):
+def test_dynamic_overrides_set_bits_per_module_or_leave_it_unquantized(quantized, quantized_eval, tmp_path, capsys):
     baseline = quantized_eval
     pattern = r"model\.layers\.0\.mlp\.down_proj"
     eight_bit = _rewrite(quantized, tmp_path / "8bit", _repack_at_8_bits,
@@ -165,21 +175,21 @@ def test_dynamic_overrides_set_bits_per_module_or_leave_it_unquantized(quantized
     plain = _rewrite(quantized, tmp_path / "plain", _unquantize,
                      lambda qc: qc.update(dynamic={f"-:{pattern}": {}}))
 
-    assert eval_cli(eight_bit)["ppl"] == pytest.approx(baseline["ppl"], rel=1e-9)
-    skipped = eval_cli(plain)
+    assert eval_main(capsys, eight_bit)["ppl"] == pytest.approx(baseline["ppl"], rel=1e-9)
+    skipped = eval_main(capsys, plain)
     assert skipped["quantized_linears"] == 27 and skipped["ppl"] == pytest.approx(baseline["ppl"], rel=1e-9)
 
 
-def test_autogptq_quantize_config_json_beside_a_plain_config_is_read(quantized, quantized_eval, tmp_path):
+def test_autogptq_quantize_config_json_beside_a_plain_config_is_read(quantized, quantized_eval, tmp_path, capsys):
     legacy = _rewrite(quantized, tmp_path / "legacy")
     config = json.loads((legacy / "config.json").read_text())
     (legacy / "quantize_config.json").write_text(json.dumps(config.pop("quantization_config")))
     (legacy / "config.json").write_text(json.dumps(config))
-    result = eval_cli(legacy)
+    result = eval_main(capsys, legacy)
     assert result["quantized_linears"] == 28 and result["ppl"] == pytest.approx(quantized_eval["ppl"], rel=1e-9)
 
 
-def test_tied_embeddings_are_read_as_transformers_reads_them(trained_dir, eval_ids, tmp_path):
+def test_tied_embeddings_are_read_as_transformers_reads_them(trained_dir, eval_ids, tmp_path, capsys):
     tied = shutil.copytree(trained_dir, tmp_path / "tied")
     tensors = load_file(tied / "model.safetensors")
     del tensors["lm_head.weight"]
@@ -187,7 +197,7 @@ def test_tied_embeddings_are_read_as_transformers_reads_them(trained_dir, eval_i
     config = json.loads((tied / "config.json").read_text())
     (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
 
-    ours = eval_cli(tied)["ppl"]
+    ours = eval_main(capsys, tied)["ppl"]
     theirs = evaluate_perplexity(fp_model(tied), eval_ids).ppl
     untied = evaluate_perplexity(fp_model(trained_dir), eval_ids).ppl
     assert ours == pytest.approx(theirs, rel=1e-6) and abs(ours - untied) > 1e-3 * untied

@@ -10,7 +10,8 @@ from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage.calibration import load_calibration
 from rayquant.storage.model_source import open_model_source
 
-from .models import SPEC, fp_model, logit_mse, logits, rtn_model, run_cli
+from .models import fp_model, logit_mse, logits, rtn_model
+from .quantize_jobs import selected_params
 
 pytestmark = pytest.mark.slow
 
@@ -20,13 +21,19 @@ LINEARS_PER_BLOCK = {"mistral-tiny": 7, "qwen2-tiny": 7, "qwen3-tiny": 7, "gemma
                      "phi3-tiny": 4, "opt-tiny": 6}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def jobs_in_background(quantize_once, request):
+    for family in selected_params(request, "family"):
+        quantize_once.start(f"model.source=synthetic://{family}")
+    yield
+    quantize_once.finish()
+
+
 @pytest.mark.parametrize("family", list(LINEARS_PER_BLOCK))
-def test_family_quantizes_and_beats_rtn_through_transformers_gptq_path(family, tmp_path):
+def test_family_quantizes_and_beats_rtn_through_transformers_gptq_path(family, quantize_once):
     from .gptq_loader import load_gptq_logits
 
-    out = tmp_path / family
-    proc = run_cli("quantize", str(SPEC), "--set", f"model.source=synthetic://{family}", "--set", f"output.uri={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = quantize_once(f"model.source=synthetic://{family}").output()  # phi3-tiny's also goes to vLLM
     source = open_model_source(f"synthetic://{family}").path
     layers = json.loads((out / "report.json").read_text())["layers"]
     assert len(layers) == 4 * LINEARS_PER_BLOCK[family] and all(x["gptq_loss"] < x["rtn_loss"] for x in layers)

@@ -32,18 +32,31 @@ from rayquant.storage.model_source import open_model_source
 from rayquant.storage.synthetic import STARVED_EXPERTS
 from rayquant.workers.adapter import ROUTER_NAMES
 
-from .models import SPEC, fp_model, logit_mse, logits, run_cli
+from .models import fp_model, logit_mse, logits
+from .quantize_jobs import selected_params
 
 pytestmark = pytest.mark.slow
 
 CFG = GPTQConfig(bits=4, group_size=128, sym=True)  # tiny-llama.yaml's settings
 N_TOKENS = 32 * 256  # calibration.n_samples x seq_len of tiny-llama.yaml
 TOP_K = 2  # num_experts_per_tok of every MoE preset
+STARVED = "deepseek-v3-starved-tiny"  # experts STARVED_EXPERTS never routed to
 
 
-def _quantize(family: str, out: Path, *sets: str):
-    return run_cli("quantize", str(SPEC), "--set", f"model.source=synthetic://{family}", "--set",
-                   f"output.uri={out}", *[a for s in sets for a in ("--set", s)])
+def _sets(family: str, policy: str | None = None) -> tuple[str, ...]:
+    """The job's `--set`s: the family's model, and the starved-expert policy if given."""
+    policy_set = () if policy is None else (f"quant.moe.starved_experts={policy}",)
+    return (f"model.source=synthetic://{family}", *policy_set)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jobs_in_background(quantize_once, request):
+    for family in selected_params(request, "family"):
+        quantize_once.start(*_sets(family))
+    for policy in selected_params(request, "policy"):
+        quantize_once.start(*_sets(STARVED, policy))
+    yield
+    quantize_once.finish()
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -100,12 +113,11 @@ def _rtn_model(source: Path) -> torch.nn.Module:
 
 @pytest.mark.parametrize("family", ["mixtral-tiny", "qwen2-moe-tiny", "qwen3-moe-tiny", "deepseek-v2-tiny",
                                     "deepseek-v3-tiny"])
-def test_moe_family_quantizes_every_expert_and_beats_rtn_through_an_independent_loader(family, tmp_path):
+def test_moe_family_quantizes_every_expert_and_beats_rtn_through_an_independent_loader(family, quantize_once,
+                                                                                      tmp_path):
     from .gptq_loader import gptqmodel_logits, load_gptqmodel
 
-    out = tmp_path / family
-    proc = _quantize(family, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = quantize_once(*_sets(family)).output()
     source = open_model_source(f"synthetic://{family}").path
     layers = json.loads((out / "report.json").read_text())["layers"]
 
@@ -140,9 +152,9 @@ def test_moe_family_quantizes_every_expert_and_beats_rtn_through_an_independent_
 
 
 @pytest.mark.parametrize("policy", ["error", "calibrate_all", "rtn"])
-def test_expert_the_router_never_picks_gets_the_starved_policy(policy, tmp_path):
-    out = tmp_path / policy
-    proc = _quantize("deepseek-v3-starved-tiny", out, f"quant.moe.starved_experts={policy}")
+def test_expert_the_router_never_picks_gets_the_starved_policy(policy, quantize_once):
+    run = quantize_once(*_sets(STARVED, policy))
+    proc, out = run.proc, run.out
     if policy == "error":
         assert proc.returncode == 2, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
@@ -164,7 +176,7 @@ def test_expert_the_router_never_picks_gets_the_starved_policy(policy, tmp_path)
         return
     assert all(x["gptq_loss"] == x["rtn_loss"] for x in starved)
     assert all(x["gptq_loss"] < x["rtn_loss"] for x in layers if x not in starved)
-    source = _read_tensors(open_model_source("synthetic://deepseek-v3-starved-tiny").path)
+    source = _read_tensors(open_model_source(f"synthetic://{STARVED}").path)
     written = _dequantized(out)
     for x in starved:  # the packed codes are RTN's rounding of the source weight
         name = x["name"] + ".weight"

@@ -22,12 +22,9 @@ pytestmark = pytest.mark.slow
 OVERRIDES = r"[{pattern: '.*\.mlp\.down_proj', group_size: 64}, {pattern: 'model\.layers\.1\.self_attn\.o_proj', skip: true}]"
 
 
-def test_vllm_loads_phi3_fused_qkv_and_gate_up_and_matches_transformers(tmp_path):
+def test_vllm_loads_phi3_fused_qkv_and_gate_up_and_matches_transformers(quantize_once, tmp_path):
     require_vllm()
-    out = tmp_path / "phi3-tiny-w4"
-    proc = run_cli("quantize", str(SPEC), "--set", "model.source=synthetic://phi3-tiny", "--set", f"output.uri={out}",
-                   "--set", "calibration.eval_samples=0")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = quantize_once("model.source=synthetic://phi3-tiny").output()  # the job test_families checks
     check_vllm_matches_transformers(open_model_source("synthetic://phi3-tiny").path, out, 4, tmp_path)
 
 

@@ -2,7 +2,9 @@
 test_dequant_gemm_interpreted.py. A separate process, because TRITON_INTERPRET must be set before triton
 itself is imported (triton.language's own helpers are jit functions too):
 
-    TRITON_INTERPRET=1 python -m tests.kernels.interpreted_kernel_runs OUT.pt
+    TRITON_INTERPRET=1 python -m tests.kernels.interpreted_kernel_runs OUT.pt BITS
+
+one process per bit width, run side by side (the interpreter keeps one core busy).
 """
 
 import sys
@@ -34,7 +36,7 @@ def _index_scalar_tensors(original):
     return patched
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, bits: int) -> None:
     import triton.runtime.interpreter as interpreter
 
     from rayquant.kernels import triton_dequant_gemm as kernels
@@ -42,20 +44,19 @@ def main(out_path: str) -> None:
     if hasattr(interpreter, "_patch_lang_tensor"):  # Triton 3.6; later versions read the element themselves
         interpreter._patch_lang_tensor = _index_scalar_tensors(interpreter._patch_lang_tensor)
     outputs = {}
-    for bits in BITS:
-        for act_order in ACT_ORDER:
-            for kernel, M in KERNEL_M:
-                packed, _, x = case_inputs(bits, act_order, M)
-                for split_k in SPLITS:
-                    cfg = kernels.TileConfig(kernel, 16, 64, 128 // (32 // bits), split_k, 4, 1)
-                    # a freed NaN block of the output's size: the call's torch.empty output likely gets it,
-                    # so an output the kernel never writes shows as NaN, not as the previous call's result
-                    del_me = torch.full((M, N), float("nan"), dtype=x.dtype)
-                    del del_me
-                    outputs[(bits, act_order, kernel, M, split_k)] = kernels.dequant_gemm_triton(
-                        x, packed, bits, tile_config=cfg)
+    for act_order in ACT_ORDER:
+        for kernel, M in KERNEL_M:
+            packed, _, x = case_inputs(bits, act_order, M)
+            for split_k in SPLITS:
+                cfg = kernels.TileConfig(kernel, 16, 64, 128 // (32 // bits), split_k, 4, 1)
+                # a freed NaN block of the output's size: the call's torch.empty output likely gets it,
+                # so an output the kernel never writes shows as NaN, not as the previous call's result
+                del_me = torch.full((M, N), float("nan"), dtype=x.dtype)
+                del del_me
+                outputs[(bits, act_order, kernel, M, split_k)] = kernels.dequant_gemm_triton(
+                    x, packed, bits, tile_config=cfg)
     torch.save(outputs, out_path)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]))

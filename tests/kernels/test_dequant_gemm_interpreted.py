@@ -19,14 +19,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    """Every case's output, from one interpreter process (TRITON_INTERPRET must be set before triton's import)."""
+    """Every case's output, from one interpreter process per bit width, side by side (TRITON_INTERPRET must
+    be set before triton's import)."""
     pytest.importorskip("triton")
-    out_path = tmp_path_factory.mktemp("interpreted") / "outputs.pt"
+    folder = tmp_path_factory.mktemp("interpreted")
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels.interpreted_kernel_runs", str(out_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out_path)
+    procs = {bits: subprocess.Popen([sys.executable, "-m", "tests.kernels.interpreted_kernel_runs",
+                                     str(folder / f"{bits}bit.pt"), str(bits)],
+                                    cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for bits in runs.BITS}
+    outputs = {}
+    try:
+        for bits, proc in procs.items():
+            _, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stderr[-4000:]
+            outputs.update(torch.load(folder / f"{bits}bit.pt"))
+    finally:
+        for proc in procs.values():  # a run still going after a failure above would outlive the test run
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outputs
 
 
 @pytest.mark.parametrize("split_k", runs.SPLITS)

@@ -12,7 +12,7 @@ from 16 to 64 (32 in float64): the interpreter's cost is per program and column,
 still leave a ragged last program. The interpreter must be switched on before triton is imported, so its
 runs happen in a subprocess:
 
-    TRITON_INTERPRET=1 python -m tests.solver.test_gptq_fused_interpreted OUT.pt default|column_batches
+    TRITON_INTERPRET=1 python -m tests.solver.test_gptq_fused_interpreted OUT.pt float64|float32|column_batches
 """
 
 import os
@@ -52,7 +52,8 @@ CASES = [dict(bits=4, group_size=128, desc_act=False, sym=True),
 COLUMN_BATCH_CASES = [dict(bits=4, group_size=32, desc_act=True, column_batch=20),
                       dict(bits=3, group_size=200, desc_act=True, sym=False, column_batch=128),
                       dict(bits=4, group_size=-1, desc_act=False, sym=False, column_batch=100)]
-RUNS = {"default": [(p, d) for p in CASES for d in (torch.float64, torch.float32)],
+# one interpreter process each, run side by side (the interpreter keeps one core busy)
+RUNS = {"float64": [(p, torch.float64) for p in CASES], "float32": [(p, torch.float32) for p in CASES],
         "column_batches": [(p, torch.float64) for p in COLUMN_BATCH_CASES]}
 ROWS_PER_PROGRAM = 64  # gptq_fused.BLOCK_ROWS in the interpreter (16 compiled)
 
@@ -96,25 +97,26 @@ def main(out_path: str, runs: str) -> None:
     torch.save(outputs, out_path)
 
 
-def _interpret(tmp_path_factory, runs: str) -> dict:
-    pytest.importorskip("triton")
-    out_path = tmp_path_factory.mktemp("interpreted") / f"{runs}.pt"
-    # a failing run's traceback reaches pytest's captured stderr
-    subprocess.run([sys.executable, "-m", "tests.solver.test_gptq_fused_interpreted", str(out_path), runs],
-                   check=True, cwd=REPO, env=dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES=""),
-                   timeout=600)
-    return torch.load(out_path)
-
-
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    """Every case of CASES in float64 and float32, from one interpreter process."""
-    return _interpret(tmp_path_factory, "default")
-
-
-@pytest.fixture(scope="module")
-def interpreted_column_batches(tmp_path_factory) -> dict:
-    return _interpret(tmp_path_factory, "column_batches")
+    """Every run of RUNS, (case id, dtype) -> outputs, from one interpreter process per run, all at once."""
+    pytest.importorskip("triton")
+    folder = tmp_path_factory.mktemp("interpreted")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    # a failing run's traceback reaches pytest's captured stderr
+    procs = {runs: subprocess.Popen([sys.executable, "-m", "tests.solver.test_gptq_fused_interpreted",
+                                     str(folder / f"{runs}.pt"), runs], cwd=REPO, env=env) for runs in RUNS}
+    outputs = {}
+    try:
+        for runs, proc in procs.items():
+            assert proc.wait(timeout=600) == 0, f"the interpreter's {runs} runs failed: see the captured stderr"
+            outputs.update(torch.load(folder / f"{runs}.pt"))
+    finally:
+        for proc in procs.values():  # a run still going after a failure above would outlive the test run
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outputs
 
 
 def _decoded_loss(out: dict) -> float:
@@ -159,9 +161,8 @@ def test_interpreted_fused_float32_loss_within_0p1_percent_of_textbook_and_decod
 
 @pytest.mark.slow
 @pytest.mark.parametrize("params", COLUMN_BATCH_CASES, ids=_id)
-def test_interpreted_fused_float64_equals_textbook_whatever_the_column_batch(
-        interpreted_column_batches: dict, params: dict) -> None:
-    _assert_same_as_textbook_in_float64(interpreted_column_batches[(_id(params), str(torch.float64))],
+def test_interpreted_fused_float64_equals_textbook_whatever_the_column_batch(interpreted: dict, params: dict) -> None:
+    _assert_same_as_textbook_in_float64(interpreted[(_id(params), str(torch.float64))],
                                         GPTQConfig(**params))
 
 

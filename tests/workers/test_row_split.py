@@ -4,6 +4,7 @@ the tiny Llama on 1, 2 and 4 spawned Gloo workers (BlockWorker as the Ray actors
 from __future__ import annotations
 
 import dataclasses
+import socket
 from dataclasses import asdict
 
 import pytest
@@ -80,11 +81,10 @@ def _shard(rank: int, world: int) -> torch.Tensor:
     return samples.tensor_split(world)[rank].clone()
 
 
-def _rank_main(rank: int, rendezvous: str, queue, world: int, split_rows: bool) -> None:
-    worker = BlockWorker(_setup(rank, world, split_rows))
-    out = []
+def _solve_blocks(worker: BlockWorker, rendezvous: str, samples: torch.Tensor, out: list[dict]) -> None:
+    """Per block into `out`: reports, rows solved, bytes received, seconds, rank 0's part tensor shapes."""
     try:
-        worker.start(rendezvous, _shard(rank, world))
+        worker.start(rendezvous, samples)
         for b in range(BLOCKS):
             r = worker.run_block(BlockTask("rows", b))
             out.append(dict(layers=[asdict(x) for x in r.layers], rows=r.rows_solved, moved=r.bytes_received,
@@ -93,17 +93,36 @@ def _rank_main(rank: int, rendezvous: str, queue, world: int, split_rows: bool) 
                                                                     for k, v in r.tensors.items()}))
     finally:
         worker.stop()
-        queue.put((rank, out))
 
 
-def _run(world: int, split_rows: bool = True) -> list[list[dict]]:
-    """Per rank, per block: reports, rows solved, bytes received, seconds, rank 0's part tensor shapes."""
-    return run_ranks(_rank_main, world, world, split_rows)
+def _rank_main(rank: int, rendezvous: str, queue, world: int, owners_rendezvous: str | None) -> None:
+    """One rank with split rows; with `owners_rendezvous`, the same ranks then once more without split
+    rows (a second process group: each spawned rank imports torch once for both runs)."""
+    runs = {True: [], False: []}
+    try:
+        _solve_blocks(BlockWorker(_setup(rank, world)), rendezvous, _shard(rank, world), runs[True])
+        if owners_rendezvous is not None:
+            _solve_blocks(BlockWorker(_setup(rank, world, split_rows=False)), owners_rendezvous, _shard(rank, world),
+                          runs[False])
+    finally:
+        queue.put((rank, runs))
+
+
+def _free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict[tuple[int, bool], list[list[dict]]]:
-    return {(1, True): _run(1), (2, True): _run(2), (4, True): _run(4), (2, False): _run(2, split_rows=False)}
+    """(world, split_rows) -> per rank, per block: what _solve_blocks records. One worker runs in this process."""
+    one: list[dict] = []
+    _solve_blocks(BlockWorker(_setup(0, 1)), _free_address(), _shard(0, 1), one)
+    two = run_ranks(_rank_main, 2, 2, _free_address())
+    four = run_ranks(_rank_main, 4, 4, None)
+    return {(1, True): [one], (2, True): [r[True] for r in two], (2, False): [r[False] for r in two],
+            (4, True): [r[True] for r in four]}
 
 
 def _layers(ranks: list[list[dict]]) -> dict[str, dict]:
