@@ -11,21 +11,28 @@ import os
 import sys
 from pathlib import Path
 
-from rayquant.jobs.logs import configure_logging
-from rayquant.jobs.spec import CalibrationSpec, SpecError, load_spec
+# huggingface_hub reads this once, at import: its upload bars would break stderr's one JSON object per line
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from rayquant.jobs.logs import configure_logging  # noqa: E402
+from rayquant.jobs.spec import CalibrationSpec, SpecError, load_spec  # noqa: E402
 
 EXAMPLE_SPEC = Path(__file__).parent / "specs" / "example.yaml"
 
 QUANTIZE_EPILOG = """\
 spec sections (every key has a default; `rayquant example-spec` prints them all, annotated):
   name          the job's name (model card, progress bar)
-  model         source: a local model directory or synthetic://<preset>; trust_remote_code
+  model         source: a local model directory, s3://bucket/prefix, hf://org/name[@revision] or
+                synthetic://<preset>; trust_remote_code
   quant         bits, group_size, desc_act, sym, act_group_aware, damp_percent, true_sequential,
                 overrides (per-module bits/group_size/skip), moe.{min_tokens, starved_experts}
   calibration   dataset (builtin://text | .txt/.jsonl/.parquet path or s3:// | hf://), n_samples,
                 seq_len, eval_samples, packing, min_length, text_field, split, seed
   cluster       address (none = embedded Ray on 127.0.0.1), num_workers, gpus_per_worker, cpus_per_worker
-  output        uri: a local directory
+  output        uri: a local directory, s3://bucket/prefix or hf://org/name[@branch] (uploaded as shards
+                close, the manifest last); work_dir, shared, max_shard_bytes
+
+S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION. Hub: HF_TOKEN, HF_ENDPOINT.
 
 Run the same command again after a crash: it resumes after the last finished block.
 stdout: the output directory. stderr: a progress bar on a terminal, JSON log lines otherwise.

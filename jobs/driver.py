@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,18 @@ from rayquant.jobs.cluster import WORKER_CLASS, Cluster, connect, create_workers
 from rayquant.jobs.input_errors import INPUT_ERRORS
 from rayquant.jobs.logs import stderr_is_terminal
 from rayquant.jobs.progress import JobProgress
+from rayquant.jobs.publishing import Publisher, ShardCloser, close_and_hand_over, work_dir
 from rayquant.jobs.spec import JobSpec
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage import staging
 from rayquant.storage.calibration import CalibrationSet, load_calibration, vocab_size_of, windows_sha256
 from rayquant.storage.finished_checkpoint import finish_checkpoint, gptq_quantization_config
-from rayquant.storage.job_records import BlockStats, EvalReport, JobReport, LayerReport, QuantizationConfig, RunStats
+from rayquant.storage.job_records import (BlockMarker, BlockStats, EvalReport, JobReport, LayerReport,
+                                          QuantizationConfig, RunStats)
 from rayquant.storage.model_source import ModelSource, open_model_source
 from rayquant.storage.output_layout import STAGING
 from rayquant.storage.shard_plan import ShardPlan
+from rayquant.storage.sinks import Sink, is_remote, open_sink
 from rayquant.workers.adapter import build_skeleton, check_decoder_architecture, find_layout
 from rayquant.workers.moe import MoEConfig, unfuse_experts
 from rayquant.workers.evaluation import perplexity
@@ -52,8 +56,7 @@ class JobOutcome:
     n_blocks: int
     resumed_from: int  # first block quantized in this run (0 = fresh)
     already_complete: bool
-    stage_seconds: list[dict[str, float]]  # per block, slowest rank's seconds per stage
-    bytes_moved: list[dict[str, int]]  # per block: bytes that crossed between workers, per stage
+    block_stats: tuple[BlockStats, ...]  # per block, as run-stats.json holds them (replayed: the quantizing run's)
 
 
 def gptq_config(spec: JobSpec) -> GPTQConfig:
@@ -83,7 +86,10 @@ class OpenedJob:
     source: ModelSource
     fingerprint: str  # the output's identity (spec + source revision)
     resolved: dict  # the spec with defaults filled in, as the manifest records it
-    state: staging.OutputState  # what the output directory already holds
+    state: staging.OutputState  # what the (local or work) output directory already holds
+    out_dir: Path  # where the output is built: output.uri if local, else the work directory it uploads from
+    sink: Sink | None  # publishes a remote output.uri (s3://, hf://); None for a local directory
+    published: bool  # the sink holds this job's finished output already
 
 
 def open_job(spec: JobSpec) -> OpenedJob:
@@ -102,8 +108,31 @@ def open_job(spec: JobSpec) -> OpenedJob:
         check_overrides_match(overrides, linear_names)
         check_fused_units(overrides, gptq_config(spec), linear_names)
     fingerprint = spec.fingerprint(source.revision)
+    out_dir = work_dir(spec, fingerprint)
+    sink = open_sink(spec.output.uri)
+    published = sink is not None and _published(sink, fingerprint)
     return OpenedJob(source=source, fingerprint=fingerprint, resolved=spec.resolved(),
-                     state=staging.inspect_output(Path(spec.output.uri), fingerprint))
+                     state=staging.inspect_output(out_dir, fingerprint), out_dir=out_dir, sink=sink,
+                     published=published)
+
+
+def _published(sink: Sink, fingerprint: str) -> bool:
+    """Preflight of a remote output before any work: reachable, writable, and this job's or empty.
+
+    Raises:
+        OutputConflict: the target holds another job's finished checkpoint.
+        the sink's errors (not found, access denied, unreachable).
+    """
+    sink.check_writable()
+    manifest = sink.published_manifest()
+    if manifest is None:
+        return False
+    other = manifest.get("job_fingerprint")
+    if other != fingerprint:
+        raise staging.OutputConflict(
+            f"output.uri {sink.uri} holds the finished checkpoint of another job (fingerprint {str(other)[:12]}, "
+            f"this job {fingerprint[:12]}); choose another output.uri or delete what is there")
+    return True
 
 
 def calibrate(spec: JobSpec, source: ModelSource) -> CalibrationSet:
@@ -147,24 +176,31 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: str | type =
 
 
 def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutcome:
-    out_dir = Path(spec.output.uri)
     job = open_job(spec)
-    state = job.state
-    if state.complete:
-        log.info("job_already_complete", output=str(out_dir))
+    out_dir, state = job.out_dir, job.state
+    if job.published or (state.complete and job.sink is None):
+        log.info("job_already_complete", output=spec.output.uri)
         _kill(workers)
-        return JobOutcome(uri=str(out_dir), n_blocks=0, resumed_from=0, already_complete=True,
-                          stage_seconds=[], bytes_moved=[])
+        return JobOutcome(uri=spec.output.uri, n_blocks=0, resumed_from=0, already_complete=True, block_stats=())
+    publisher = Publisher(job.sink, out_dir) if job.sink is not None else None
+    if state.complete:  # built here by an earlier run that stopped before its upload finished
+        _kill(workers)
+        publisher.publish()
+        return JobOutcome(uri=spec.output.uri, n_blocks=state.done_blocks, resumed_from=state.done_blocks,
+                          already_complete=False, block_stats=())
     fresh = state.done_blocks == 0 and not (out_dir / STAGING).exists()
-    # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared
+    # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared; a remote
+    # source goes to the workers as opened here, pinned to the revision resolved here
     model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(job.source.path)
+    remote_source = job.source if is_remote(spec.model.source) else None
     progress = None
     tail_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="non-block")
+    closer = ShardCloser(out_dir, publisher)
     try:
         # the actors import (since Ray started), join the process group and build their skeletons
         # while the calibration windows are cut here
         rendezvous = workers[0].rendezvous_address.remote(spec.cluster.address is None)
-        joined = [w.setup.remote(s, rendezvous) for w, s in zip(workers, worker_setups(spec, job_id, model_path),
+        joined = [w.setup.remote(s, rendezvous) for w, s in zip(workers, worker_setups(spec, job_id, model_path, remote_source),
                                                                 strict=True)]
         calib = calibrate(spec, job.source)
         n_blocks = wait_all(joined)[0]
@@ -177,22 +213,23 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         staging.prepare_shards(out_dir, plan)
         # embeddings, final norm and head go into their shard while the blocks run, not in the tail
         non_block = tail_pool.submit(staging.write_non_block_tensors, out_dir, job.source, plan)
-        log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12], output=str(out_dir),
-                 workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
+        log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12], output=spec.output.uri,
+                 work_dir=str(out_dir), workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
                  resume_from=resume, shards=len(plan.shards), output_bytes=plan.total_tensor_bytes,
                  windows_sha256=calib.window_sha256[:16])
-        wait_all(embedded + [w.call.remote("set_output", OutputTarget(str(out_dir), plan)) for w in workers])
+        target = OutputTarget(str(out_dir), plan)
+        wait_all(embedded + [w.call.remote("set_output", target) for w in workers])
         c = spec.cluster
         log.info("workers_ready", ray=cluster.where, workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
                  cpus_per_worker=c.cpus_per_worker, ray_seconds=round(cluster.seconds, 2),
                  seconds=round(time.perf_counter() - cluster.started, 2))
         progress = JobProgress(spec.name, n_blocks, resume, terminal=stderr_is_terminal())
         t_job = time.perf_counter()
-        blocks = _run_blocks(workers, job_id, out_dir, plan, n_blocks, resume, progress)
+        blocks = _run_blocks(workers, _BlockRange(job_id, n_blocks, resume), target, progress, closer)
         progress.close()
         structlog.contextvars.bind_contextvars(block=None)
         # the shards holding non-block tensors close (hash, rename) after those are written, during the eval
-        tail_closed = tail_pool.submit(_close_tail_shards, out_dir, plan, non_block)
+        tail_closed = tail_pool.submit(_close_tail_shards, out_dir, plan, non_block, publisher)
         t = time.perf_counter()
         streams = wait_all([w.call.remote("evaluate") for w in workers])[0]
         evaluation = _evaluation(spec, streams, calib)
@@ -204,10 +241,12 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         t = time.perf_counter()
         tail_closed.result()
         finish_checkpoint(out_dir, job.source, plan, report, job.resolved, run_stats=stats, non_block_written=True)
-        log.info("job_done", output=str(out_dir), blocks=n_blocks, blocks_seconds=round(t - t_job, 2),
+        if publisher is not None:
+            publisher.publish()
+        log.info("job_done", output=spec.output.uri, blocks=n_blocks, blocks_seconds=round(t - t_job, 2),
                  finish_seconds=round(time.perf_counter() - t, 2))
-        return JobOutcome(uri=str(out_dir), n_blocks=n_blocks, resumed_from=resume, already_complete=False,
-                          stage_seconds=blocks.stage_seconds, bytes_moved=blocks.bytes_moved)
+        return JobOutcome(uri=spec.output.uri, n_blocks=n_blocks, resumed_from=resume, already_complete=False,
+                          block_stats=stats.blocks)
     except INPUT_ERRORS:
         if fresh:  # this input can never finish; a fixed input is a different job
             tail_pool.shutdown(wait=True)  # its writes end before the files go
@@ -215,16 +254,19 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         raise
     finally:
         tail_pool.shutdown(wait=True)  # never leave a thread writing into a staging area being removed
+        closer.shutdown()
+        if publisher is not None:
+            publisher.close()
         if progress is not None:
             progress.close()
         _kill(workers)
 
 
-def _close_tail_shards(out_dir: Path, plan: ShardPlan, non_block: Future) -> None:
+def _close_tail_shards(out_dir: Path, plan: ShardPlan, non_block: Future, publisher: Publisher | None) -> None:
     non_block.result()  # the same single-thread pool ran it first: done, or its error raised here
     for shard in plan.shards:
         if shard.has_tail:
-            staging.close_shard(out_dir, shard)
+            close_and_hand_over(out_dir, shard, publisher)
 
 
 def _kill(workers: list) -> None:
@@ -232,7 +274,8 @@ def _kill(workers: list) -> None:
         ray.kill(w)
 
 
-def worker_setups(spec: JobSpec, job_id: str, model_path: str) -> list[WorkerSetup]:
+def worker_setups(spec: JobSpec, job_id: str, model_path: str, source: ModelSource | None = None
+                  ) -> list[WorkerSetup]:
     c = spec.cluster
     return [WorkerSetup(
         job_id=job_id, rank=rank, world_size=c.num_workers, loopback=c.address is None, model_path=model_path,
@@ -240,6 +283,7 @@ def worker_setups(spec: JobSpec, job_id: str, model_path: str) -> list[WorkerSet
         num_threads=c.cpus_per_worker, device="cuda" if c.gpus_per_worker else "cpu",
         eval_on=spec.calibration.eval_samples > 0, eval_rtn=spec.calibration.eval_rtn,
         moe=MoEConfig(min_tokens=spec.quant.moe.min_tokens, starved_experts=spec.quant.moe.starved_experts),
+        source=source,
     ) for rank in range(c.num_workers)]
 
 
@@ -252,47 +296,48 @@ def _embed(workers: list, calib: CalibrationSet) -> list:
             for w, shard, eval_shard in zip(workers, shards, eval_shards, strict=True)]
 
 
+@dataclass(frozen=True)
+class _BlockRange:
+    """The blocks of this run: 0 .. n_blocks - 1; those below `resume` are durable already."""
+
+    job_id: str
+    n_blocks: int
+    resume: int  # the first block to quantize; the ones before are replayed from their shards
+
+    def tasks(self) -> Iterator[BlockTask]:
+        return (BlockTask(self.job_id, b, replay=b < self.resume) for b in range(self.n_blocks))
+
+
 @dataclass
 class _BlocksRun:
     """What the block loop hands to the report, run-stats.json and JobOutcome."""
 
     layers: list[LayerReport] = field(default_factory=list)
     run_stats: list[BlockStats] = field(default_factory=list)  # index = block, as its marker keeps them
-    stage_seconds: list[dict[str, float]] = field(default_factory=list)
-    bytes_moved: list[dict[str, int]] = field(default_factory=list)
 
 
-def _run_blocks(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_blocks: int, resume: int,
-                progress: JobProgress) -> _BlocksRun:
-    """Every block in order: blocks below `resume` are replayed from their shards, the rest quantized.
+def _run_blocks(workers: list, blocks: _BlockRange, target: OutputTarget, progress: JobProgress,
+                closer: ShardCloser) -> _BlocksRun:
+    """Every block in order: blocks below `blocks.resume` are replayed from their shards, the rest quantized.
 
     Block b's marker is written while block b+1 runs, as soon as rank 0 reports b's bytes durable;
-    a shard whose last block is durable is then closed (checksummed, moved to its final name) on a
-    thread of its own, so hashing gigabytes never delays the next block.
+    a shard whose last block is durable is then handed to `closer` (checksum, final name, upload).
     """
     run = _BlocksRun()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="close-shard") as closer:
-        closed = _block_loop(workers, job_id, out_dir, plan, n_blocks, resume, progress, run, closer)
-        for future in closed:
-            future.result()  # a failed close fails the job here
-    return run
-
-
-def _block_loop(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_blocks: int, resume: int,
-                progress: JobProgress, run: _BlocksRun, closer: ThreadPoolExecutor) -> list[Future]:
+    out_dir = Path(target.out_dir)
     closed: list[Future] = []
-    unmarked: tuple[int, list[LayerReport], BlockStats] | None = None  # written but not yet durable
-    for b in range(n_blocks):
+    unmarked: BlockMarker | None = None  # its block written, but not yet durable
+    for task in blocks.tasks():
+        b = task.block_idx
         structlog.contextvars.bind_contextvars(block=b)
-        replay = b < resume
         t = time.perf_counter()
-        refs = [w.call.remote("run_block", BlockTask(job_id, b, replay)) for w in workers]
+        refs = [w.call.remote("run_block", task) for w in workers]
         if unmarked is not None:
-            closed += _mark_durable(workers[0], out_dir, plan, closer, run, *unmarked)
+            closed += _mark_durable(workers[0], target, closer, run, unmarked)
             unmarked = None
         results = wait_all(refs, on_wait=_stage_poller(workers[0], progress) if progress.shows_stages else None)
         seconds = {k: max(r.seconds.get(k, 0.0) for r in results) for k in STAGES}
-        if replay:  # the records and stats of the run that quantized it
+        if task.replay:  # the records and stats of the run that quantized it
             marker = staging.read_block_marker(out_dir, b)
             run.layers += marker.layers
             block_stats = marker.stats
@@ -300,31 +345,33 @@ def _block_loop(workers: list, job_id: str, out_dir: Path, plan: ShardPlan, n_bl
             block_layers = sorted((x for r in results for x in r.layers), key=lambda x: x.name)
             block_stats = _block_stats(b, results, seconds)
             run.layers += block_layers
-            unmarked = (b, block_layers, block_stats)
+            unmarked = BlockMarker(block_idx=b, layers=tuple(block_layers), stats=block_stats)
         run.run_stats.append(block_stats)
-        run.stage_seconds.append(seconds)
         moved = {k: sum(r.bytes_received.get(k, 0) for r in results) for k in ("load", "reduce", "share")}
-        run.bytes_moved.append(moved)
-        progress.block_done(b, time.perf_counter() - t, replayed=replay,
+        progress.block_done(b, time.perf_counter() - t, replayed=task.replay,
                             mib_moved=round(sum(moved.values()) / 2**20, 2),
                             stages={k: round(v, 3) for k, v in seconds.items()})
     if unmarked is not None:
-        closed += _mark_durable(workers[0], out_dir, plan, closer, run, *unmarked)
-    return closed
+        closed += _mark_durable(workers[0], target, closer, run, unmarked)
+    for future in closed:
+        future.result()  # a failed close fails the job here
+    return run
 
 
-def _mark_durable(rank0, out_dir: Path, plan: ShardPlan, closer: ThreadPoolExecutor, run: _BlocksRun,
-                  block_idx: int, layers: list[LayerReport], stats: BlockStats) -> list[Future]:
-    """Wait until rank 0's writer has block_idx on disk, then mark it done (its stats in `run` gain the
-    writer's seconds); its shard, if this was the shard's last block, starts closing on `closer`."""
+def _mark_durable(rank0, target: OutputTarget, closer: ShardCloser, run: _BlocksRun,
+                  marker: BlockMarker) -> list[Future]:
+    """Wait until rank 0's writer has marker's block on disk, then mark it done (its stats, here and in `run`,
+    gain the writer's seconds); its shard, if this was the shard's last block, starts closing on `closer`."""
     t = time.perf_counter()
-    stats = stats.with_persist(round(ray.get(rank0.call.remote("wait_durable", block_idx)), 4))
-    run.run_stats[block_idx] = stats
-    staging.mark_block_done(out_dir, block_idx, layers=layers, stats=stats)
-    shard = plan.closes_with(block_idx)
-    log.debug("block_durable", block=block_idx, waited_seconds=round(time.perf_counter() - t, 3),
+    b = marker.block_idx
+    stats = marker.stats.with_persist(round(ray.get(rank0.call.remote("wait_durable", b)), 4))
+    run.run_stats[b] = stats
+    out_dir = Path(target.out_dir)
+    staging.mark_block_done(out_dir, b, layers=list(marker.layers), stats=stats)
+    shard = target.plan.closes_with(b)
+    log.debug("block_durable", block=b, waited_seconds=round(time.perf_counter() - t, 3),
               closing=shard.name if shard is not None else None)
-    return [closer.submit(staging.close_shard, out_dir, shard)] if shard is not None else []
+    return [closer.close(shard)] if shard is not None else []
 
 
 def _stage_poller(rank0, progress: JobProgress):

@@ -11,7 +11,10 @@ from rayquant.storage.calibration import (
 )
 from rayquant.storage.gptq_checkpoint import InvalidGPTQCheckpoint, UnsupportedCheckpointFormat
 from rayquant.storage.model_source import InvalidModelFiles, ModelNotFound, TensorNotFound, UnsupportedModelSource
+from rayquant.storage.hub_files import HubAccessDenied, HubRepoNotFound, HubRevisionNotFound, HubUnreachable
+from rayquant.storage.hub_sink import HubOutputConflict
 from rayquant.storage.s3_files import S3AccessDenied, S3ObjectNotFound, S3Unreachable
+from rayquant.storage.s3_sink import S3OutputConflict
 from rayquant.storage.safetensors_reader import CorruptSafetensors, NonFiniteWeights
 from rayquant.storage.staging import OutputConflict
 from rayquant.storage.text_sources import DatasetNotCached, DatasetNotFound, EmptyDataset, UnreadableDataset
@@ -25,5 +28,6 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (
     TokenizerNotFound, HessianNotPositiveDefinite, UnsupportedCheckpointFormat, InvalidGPTQCheckpoint,
     StarvedExpert, OverrideMatchesNothing, OverridesSplitFusedLayer,
     DatasetNotFound, DatasetNotCached, UnreadableDataset, EmptyDataset, RecordsShorterThanSeqLen, TokenizerMismatch,
-    S3ObjectNotFound, S3AccessDenied, S3Unreachable,
+    S3ObjectNotFound, S3AccessDenied, S3Unreachable, S3OutputConflict,
+    HubRepoNotFound, HubRevisionNotFound, HubAccessDenied, HubUnreachable, HubOutputConflict,
 )

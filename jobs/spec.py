@@ -27,7 +27,7 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    source: str = "synthetic://llama-tiny"  # local dir | synthetic://<preset> (hf://, s3:// later)
+    source: str = "synthetic://llama-tiny"  # local dir | s3://bucket/prefix | hf://org/name[@rev] | synthetic://<preset>
     trust_remote_code: bool = False  # never run model code from the checkpoint unless asked
 
 
@@ -161,9 +161,13 @@ class ClusterSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    uri: str = "./outputs/tiny-llama-w4g128"  # local directory (s3://, hf:// later)
-    # the directory is a mount every Ray node sees at this path: required with cluster.address, because
-    # workers write the shards themselves (embedded Ray: one node, always shared)
+    # a local directory, s3://bucket[/prefix] or hf://org/name[@branch] (created private if missing)
+    uri: str = "./outputs/tiny-llama-w4g128"
+    # s3:// and hf:// outputs are built here and uploaded shard by shard as they close; the folder is removed
+    # once the manifest is published. Default: $RAYQUANT_CACHE/outputs/<name>-<job fingerprint>
+    work_dir: str | None = None
+    # the directory (output.uri, or work_dir for s3:// and hf://) is a mount every Ray node sees at this path:
+    # required with cluster.address, because workers write the shards themselves (embedded Ray: one node)
     shared: bool = False
     # shards hold whole blocks up to this size (a larger block gets one of its own); the files change, the
     # tensors do not. HF's save_pretrained default is 5 GB; smaller shards upload and retry in smaller steps
@@ -172,9 +176,20 @@ class OutputSpec(_Strict):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        if "://" in v:
-            raise ValueError(f"output.uri={v!r}: only local directories are supported in this build")
-        return v
+        scheme, sep, rest = v.partition("://")
+        if not sep:
+            return v
+        if scheme == "s3" and rest.split("/", 1)[0]:
+            return v.rstrip("/")
+        repo = rest.partition("@")[0]
+        if scheme == "hf" and len(repo.split("/")) == 2 and all(repo.split("/")):
+            return v
+        raise ValueError(
+            f"output.uri={v!r}: use a local directory, s3://bucket[/prefix] or hf://org/name[@branch]")
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.uri
 
 
 class JobSpec(_Strict):
@@ -197,13 +212,23 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _remote_workers_reach_the_output(self) -> JobSpec:
-        if self.cluster.address is not None and not self.output.shared:
+        if self.cluster.address is None:
+            return self
+        if self.output.remote:
+            if self.output.shared and self.output.work_dir is not None:
+                return self
             raise ValueError(
                 f"cluster.address={self.cluster.address!r} with output.uri={self.output.uri!r}: the workers write "
-                "the shards, and a local directory of this machine is not theirs; set output.shared: true if "
-                "output.uri is a mount every Ray node sees at that path, or run without cluster.address"
-            )
-        return self
+                "the shards into output.work_dir before they are uploaded, and a folder of this machine is not "
+                "theirs; set output.work_dir to a mount every Ray node sees at that path and output.shared: true, "
+                "or run without cluster.address")
+        if self.output.shared:
+            return self
+        raise ValueError(
+            f"cluster.address={self.cluster.address!r} with output.uri={self.output.uri!r}: the workers write "
+            "the shards, and a local directory of this machine is not theirs; set output.shared: true if "
+            "output.uri is a mount every Ray node sees at that path, or run without cluster.address"
+        )
 
     def resolved(self) -> dict:
         """The spec with defaults filled in, minus where it runs and writes (not part of the output)."""

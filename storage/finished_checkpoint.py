@@ -112,7 +112,11 @@ def _close_shards(out_dir: Path, source: ModelSource, plan: ShardPlan, non_block
 
 def _write_metadata(out_dir: Path, source: ModelSource, plan: ShardPlan, report: JobReport,
                     resolved_spec: dict) -> list[str]:
-    """The index, config.json, report.json, the source's aux files and the model card. Returns their names."""
+    """The index, config.json, report.json, the source's aux files, the model card and its picture. Returns their
+    names."""
+    from rayquant.storage.loss_plot import render_loss_ratio_png  # TODO(15): move up to the module imports
+    from rayquant.storage.output_layout import LOSS_PLOT_FILE
+
     tmp_dir = out_dir / STAGING
     index = {"metadata": {"total_size": plan.total_tensor_bytes}, "weight_map": plan.weight_map()}
     json_files = {
@@ -126,9 +130,11 @@ def _write_metadata(out_dir: Path, source: ModelSource, plan: ShardPlan, report:
     for aux in list_aux_files(source):
         write_atomic(tmp_dir, out_dir / aux.name, lambda path, aux=aux: shutil.copyfile(aux, path))
         files.append(aux.name)
+    plot = render_loss_ratio_png(report)  # the card links it: written first, so a card never lacks its picture
+    write_atomic(tmp_dir, out_dir / LOSS_PLOT_FILE, lambda path: path.write_bytes(plot))
     card = render_model_card(report, resolved_spec)
     write_atomic(tmp_dir, out_dir / MODEL_CARD_FILE, lambda path: path.write_text(card, encoding="utf-8"))
-    return files + [MODEL_CARD_FILE]
+    return files + [LOSS_PLOT_FILE, MODEL_CARD_FILE]
 
 
 def _checkpoint_config(source: ModelSource, quantization: QuantizationConfig) -> dict:

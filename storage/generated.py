@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from rayquant.storage.safetensors_reader import INDEX_FILE, TensorInfo
-from rayquant.storage.shard_plan import PlannedTensor, plan_shards
+from rayquant.storage.shard_plan import PlannedTensor, block_of_tensor, plan_shards
 
 INIT_STD = 0.02  # transformers' default initializer_range
 _LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
@@ -51,7 +50,7 @@ GENERATED_PRESETS: dict[str, dict] = {
                           tie_word_embeddings=False, dtype="bfloat16", architectures=["Qwen3MoeForCausalLM"],
                           model_type="qwen3_moe"),
 }
-_BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
+_BLOCKS_PATH = "model.layers"  # where every preset's transformers model keeps its decoder blocks
 
 
 def materialize_generated(preset: str, cache_dir: Path) -> Path:
@@ -83,8 +82,9 @@ def write_generated_model(preset: str, target_dir: Path, n_blocks: int | None = 
     target = Path(target_dir)
     target.mkdir(parents=True, exist_ok=True)
     infos = generated_tensor_infos(config, target)
-    plan = plan_shards([PlannedTensor(name, info.dtype, info.shape, _block_of(name)) for name, info in infos.items()],
-                       max_shard_bytes)  # whole blocks per shard, as rayquant's own outputs
+    n = config["num_hidden_layers"]  # whole blocks per shard, as rayquant's own outputs
+    plan = plan_shards([PlannedTensor(name, info.dtype, info.shape, block_of_tensor(name, _BLOCKS_PATH, n))
+                        for name, info in infos.items()], max_shard_bytes)
     for shard in plan.shards:
         tensors = {t.name: generate_tensor(t.name, infos[t.name], device).cpu() for t in shard.tensors}
         save_file(tensors, target / shard.name, {"format": "pt"})
@@ -123,11 +123,6 @@ def generate_tensor(name: str, info: TensorInfo, device: torch.device | str = "c
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") & (2**63 - 1)
     gen = torch.Generator(device=device).manual_seed(seed)
     return (torch.randn(info.shape, generator=gen, device=device) * INIT_STD).to(torch.bfloat16)
-
-
-def _block_of(name: str) -> int | None:
-    block = _BLOCK_INDEX.search(name)
-    return int(block[1]) if block else None
 
 
 def _write_config_and_tokenizer(target: Path, config: dict) -> None:

@@ -7,6 +7,7 @@ checkpoints (pytorch_model.bin) can run code when loaded and are refused.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ AUX_FILES: tuple[str, ...] = (
     "generation_config.json",
 )
 
-SUPPORTED_SCHEMES = ("a local directory", "synthetic://<preset>")
+SUPPORTED_SCHEMES = ("a local directory", "s3://bucket/prefix", "hf://org/name[@revision]", "synthetic://<preset>")
 
 
 class ModelNotFound(Exception):
@@ -57,7 +58,7 @@ class InvalidModelFiles(Exception):
 
 
 class UnsupportedModelSource(Exception):
-    """model.source uses a URI scheme this build cannot read (hf://, s3://, ...)."""
+    """model.source uses a URI scheme rayquant cannot read (only local, s3://, hf://, synthetic://)."""
 
 
 class TensorNotFound(LookupError):
@@ -73,18 +74,24 @@ class ModelSource:
     generated: bool = False  # full-size synthetic shape: tensors are drawn on read (storage/generated.py)
 
 
-def default_cache_dir() -> Path:
-    """Where synthetic:// models are built: $RAYQUANT_CACHE/synthetic, else ~/.cache/rayquant/synthetic."""
+def cache_root() -> Path:
+    """$RAYQUANT_CACHE, else ~/.cache/rayquant: synthetic models, remote sources' small files, remote outputs."""
     root = os.environ.get("RAYQUANT_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "rayquant"
-    return base / "synthetic"
+    return Path(root) if root else Path.home() / ".cache" / "rayquant"
+
+
+def default_cache_dir() -> Path:
+    """Where synthetic:// models are built."""
+    return cache_root() / "synthetic"
 
 
 def open_model_source(uri: str, cache_dir: Path | None = None) -> ModelSource:
-    """Open a local model directory or a synthetic://<preset> (built into cache_dir on first use).
+    """Open a local model directory, s3://bucket/prefix, hf://org/name[@revision] (weights stay remote,
+    storage/remote_model.py) or a synthetic://<preset> (built into cache_dir on first use).
 
     Raises:
-        UnsupportedModelSource: a URI scheme other than synthetic:// (hf://, s3://, ...).
+        UnsupportedModelSource: another URI scheme.
+        the S3 / Hub errors of storage/s3_files.py and storage/hub_files.py (not found, denied, unreachable).
         ModelNotFound: the directory, its config.json, its safetensors weights or a shard is
             missing, or synthetic://<preset> names no preset.
         InvalidModelFiles: config.json or the index is malformed or disagrees with the shards.
@@ -106,8 +113,13 @@ def open_model_source(uri: str, cache_dir: Path | None = None) -> ModelSource:
         except UnknownSyntheticPreset as err:
             raise ModelNotFound(str(err)) from err
         return _open_local_dir(uri, path)
+    if scheme in ("s3", "hf"):
+        from rayquant.storage.remote_model import hub_files, open_remote_model, s3_files  # boto3/hub: only here
+
+        files = s3_files(uri) if scheme == "s3" else hub_files(uri)
+        return open_remote_model(files, cache_root() / "sources")
     raise UnsupportedModelSource(
-        f"model.source {uri!r}: the {scheme}:// scheme is not supported yet in this build; "
+        f"model.source {uri!r}: the {scheme}:// scheme is not supported; "
         f"use {' or '.join(SUPPORTED_SCHEMES)} (download the model to a directory first)"
     )
 
@@ -150,7 +162,7 @@ def _open_local_dir(uri: str, path: Path) -> ModelSource:
             f"directory that holds the model's config.json and *.safetensors"
         )
     config_bytes = config_path.read_bytes()
-    config = _parse_json(config_path, config_bytes)
+    config = parse_json_file(config_path, config_bytes)
 
     shards = _find_shards(uri, path)
     tensors = _index_tensors(path, shards)
@@ -166,74 +178,95 @@ def _open_local_dir(uri: str, path: Path) -> ModelSource:
 def _find_shards(uri: str, path: Path) -> dict[Path, tuple[str, ...] | None]:
     """Shard file -> tensor names the index assigns to it (None: take the shard's own header)."""
     index_path = path / INDEX_FILE
-    if index_path.is_file():
-        index = _parse_json(index_path, index_path.read_bytes())
+    index = parse_json_file(index_path, index_path.read_bytes()) if index_path.is_file() else None
+    present = {p.name for p in path.iterdir() if p.is_file()}
+    shards = plan_shard_files(uri, str(path), present, index)
+    return {path / name: names for name, names in shards.items()}
+
+
+def plan_shard_files(uri: str, where: str, present: set[str], index: dict | None) -> dict[str, tuple[str, ...] | None]:
+    """Which files of a model directory hold its weights: shard name -> the tensor names the index assigns
+    to it (None: every tensor of the shard's header). `present` are the directory's file names.
+
+    Raises:
+        InvalidModelFiles: the index has no valid weight_map, or names a file outside the directory.
+        ModelNotFound: shards the index names are missing, or there are no safetensors (pickle only).
+    """
+    if index is not None:
         weight_map = index.get("weight_map")
-        if not (
-            isinstance(weight_map, dict)
-            and weight_map
-            and all(isinstance(file_name, str) for file_name in weight_map.values())
-        ):
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
             raise InvalidModelFiles(
-                f"{index_path} has no valid weight_map (tensor name -> shard file name): "
+                f"{where}/{INDEX_FILE} has no valid weight_map (tensor name -> shard file name): "
                 f"the index is damaged; re-download it"
             )
         files = sorted(set(weight_map.values()))
-        missing = [file_name for file_name in files if not (path / file_name).is_file()]
+        escaping = [f for f in files if f.startswith("/") or "\\" in f or ".." in f.split("/")]
+        if escaping:
+            raise InvalidModelFiles(
+                f"{where}/{INDEX_FILE} names shard files outside the model directory ({escaping[0]!r}): "
+                f"the index is damaged or hostile; re-download the model from a source you trust"
+            )
+        missing = [f for f in files if f not in present]
         if missing:
             raise ModelNotFound(
-                f"{INDEX_FILE} in {path} names shards that are missing: {', '.join(missing)} "
+                f"{INDEX_FILE} in {where} names shards that are missing: {', '.join(missing)} "
                 f"(model.source = {uri!r}); the download is incomplete, re-download the model"
             )
-        return {
-            path / file_name: tuple(sorted(n for n, f in weight_map.items() if f == file_name))
-            for file_name in files
-        }
+        return {f: tuple(sorted(n for n, g in weight_map.items() if g == f)) for f in files}
 
-    single = path / SINGLE_FILE
-    files = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    files = [SINGLE_FILE] if SINGLE_FILE in present else sorted(f for f in present if f.endswith(".safetensors"))
     if files:
-        return {file: None for file in files}
-
-    pickles = sorted({p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern)})
+        return {f: None for f in files}
+    pickles = sorted(f for f in present if any(fnmatch.fnmatch(f, pattern) for pattern in PICKLE_PATTERNS))
     if pickles:
         raise ModelNotFound(
-            f"{path} has only pickle weights ({', '.join(pickles)}), no *.safetensors "
+            f"{where} has only pickle weights ({', '.join(pickles)}), no *.safetensors "
             f"(model.source = {uri!r}); rayquant reads safetensors only, since loading pickle can "
             f"run arbitrary code: use the model's safetensors revision, or convert it once in a "
             f"trusted environment (from_pretrained(...).save_pretrained(..., safe_serialization=True))"
         )
     raise ModelNotFound(
-        f"{path} has no *.safetensors weights (model.source = {uri!r}); point model.source at "
+        f"{where} has no *.safetensors weights (model.source = {uri!r}); point model.source at "
         f"the directory that holds the model's safetensors files"
     )
 
 
 def _index_tensors(path: Path, shards: dict[Path, tuple[str, ...] | None]) -> dict[str, TensorInfo]:
-    """Every tensor's TensorInfo from the shard headers, checked against the index if any."""
+    """Every tensor's TensorInfo from the local shard headers, checked against the index if any."""
+    headers = {shard.name: (read_safetensors_header(shard), names) for shard, names in shards.items()}
+    return index_tensors(str(path), headers)
+
+
+def index_tensors(where: str, headers: dict[str, tuple[dict[str, TensorInfo], tuple[str, ...] | None]]
+                  ) -> dict[str, TensorInfo]:
+    """Every tensor's TensorInfo: shard name -> (its parsed header, the names the index gives it or None).
+
+    Raises:
+        InvalidModelFiles: the index places a tensor in a shard whose header lacks it, or a tensor is in two shards.
+    """
     tensors: dict[str, TensorInfo] = {}
-    for shard, names in shards.items():
-        header = read_safetensors_header(shard)
+    owner: dict[str, str] = {}
+    for shard, (header, names) in headers.items():
         if names is None:
             names = tuple(sorted(header))
         absent = [name for name in names if name not in header]
         if absent:
             raise InvalidModelFiles(
-                f"{INDEX_FILE} in {path} places {len(absent)} tensors (first: {absent[0]}) in "
-                f"{shard.name}, whose header lacks them: index and shards come from different "
+                f"{INDEX_FILE} in {where} places {len(absent)} tensors (first: {absent[0]}) in "
+                f"{shard}, whose header lacks them: index and shards come from different "
                 f"revisions; re-download the model"
             )
         for name in names:
             if name in tensors:
                 raise InvalidModelFiles(
-                    f"tensor {name} is in both {tensors[name].file.name} and {shard.name} in "
-                    f"{path}: remove the stray safetensors file or add {INDEX_FILE}"
+                    f"tensor {name} is in both {owner[name]} and {shard} in "
+                    f"{where}: remove the stray safetensors file or add {INDEX_FILE}"
                 )
-            tensors[name] = header[name]
+            tensors[name], owner[name] = header[name], shard
     return tensors
 
 
-def _parse_json(path: Path, data: bytes) -> dict:
+def parse_json_file(path: Path, data: bytes) -> dict:
     try:
         parsed = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -20,5 +20,6 @@ SHARD_GLOB = "model-?????-of-?????.safetensors"
 MANIFEST_FILE = "rayquant-manifest.json"  # the commit: written last
 CONFIG_FILE = "config.json"
 MODEL_CARD_FILE = "README.md"
+LOSS_PLOT_FILE = "loss-ratio.png"  # the model card's picture: GPTQ / RTN loss per layer (storage/loss_plot.py)
 REPORT_FILE = "report.json"
 RUN_STATS_FILE = "run-stats.json"  # timings and memory of the run that wrote the output; not in the manifest

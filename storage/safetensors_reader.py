@@ -54,7 +54,7 @@ class NonFiniteWeights(Exception):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    file: Path
+    file: Path | str  # a local path, or a remote location (s3://..., hf://...) read by storage/remote_ranges.py
     dtype: str  # safetensors dtype string: "BF16", "F32", "I32", ...
     shape: tuple[int, ...]
     start: int  # absolute byte offset of the first byte in `file`
@@ -65,8 +65,33 @@ class TensorInfo:
         return self.end - self.start
 
 
+def header_length(prefix: bytes, file_size: int, where: object) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against the file's size.
+
+    Raises:
+        CorruptSafetensors: the file is shorter than its header or the header length is implausible.
+    """
+    if len(prefix) < 8:
+        raise CorruptSafetensors(
+            f"{where}: file is {file_size} bytes, shorter than the 8-byte header length: "
+            f"the file is truncated; {_FIX}"
+        )
+    header_len = int.from_bytes(prefix[:8], "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise CorruptSafetensors(
+            f"{where}: header length field says {header_len} bytes (limit {MAX_HEADER_BYTES}): "
+            f"this is not a safetensors file or its start is damaged; {_FIX}"
+        )
+    if 8 + header_len > file_size:
+        raise CorruptSafetensors(
+            f"{where}: file is {file_size} bytes but its header ends at byte {8 + header_len}: "
+            f"the file is truncated; {_FIX}"
+        )
+    return header_len
+
+
 def read_safetensors_header_json(path: Path) -> bytes:
-    """Return the raw JSON header bytes of a safetensors file (hashed for the model revision).
+    """Return the raw JSON header bytes of a local safetensors file (hashed for the model revision).
 
     Raises:
         CorruptSafetensors: the file is shorter than its header or the header length is implausible.
@@ -74,60 +99,52 @@ def read_safetensors_header_json(path: Path) -> bytes:
     path = Path(path)
     file_size = path.stat().st_size
     with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CorruptSafetensors(
-                f"{path}: file is {file_size} bytes, shorter than the 8-byte header length: "
-                f"the file is truncated; {_FIX}"
-            )
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > MAX_HEADER_BYTES:
-            raise CorruptSafetensors(
-                f"{path}: header length field says {header_len} bytes (limit {MAX_HEADER_BYTES}): "
-                f"this is not a safetensors file or its start is damaged; {_FIX}"
-            )
-        if 8 + header_len > file_size:
-            raise CorruptSafetensors(
-                f"{path}: file is {file_size} bytes but its header ends at byte {8 + header_len}: "
-                f"the file is truncated; {_FIX}"
-            )
+        header_len = header_length(f.read(8), file_size, path)
         return f.read(header_len)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate the header; return each tensor's dtype, shape and absolute byte range.
+    """Parse and validate a local file's header; return each tensor's dtype, shape and absolute byte range.
+
+    Raises:
+        CorruptSafetensors: see parse_safetensors_header.
+    """
+    path = Path(path)
+    return parse_safetensors_header(path, read_safetensors_header_json(path), path.stat().st_size)
+
+
+def parse_safetensors_header(file: Path | str, header_json: bytes, file_size: int) -> dict[str, TensorInfo]:
+    """Each tensor's TensorInfo from a header's JSON bytes; `file` is where the tensors are read from
+    (a local path, or a remote location for storage/remote_ranges.py).
 
     Raises:
         CorruptSafetensors: unparseable header, unknown dtype, a byte range inconsistent with
             dtype x shape, overlapping tensors, or a tensor that ends past the end of the file.
     """
-    path = Path(path)
-    header_json = read_safetensors_header_json(path)
-    file_size = path.stat().st_size
     data_start = 8 + len(header_json)
     try:
         header = json.loads(header_json.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptSafetensors(
-            f"{path}: the {len(header_json)}-byte header is not valid JSON ({err}): "
+            f"{file}: the {len(header_json)}-byte header is not valid JSON ({err}): "
             f"the file is damaged or not a safetensors file; {_FIX}"
         ) from err
     if not isinstance(header, dict):
         raise CorruptSafetensors(
-            f"{path}: the header is a JSON {type(header).__name__}, not an object; {_FIX}"
+            f"{file}: the header is a JSON {type(header).__name__}, not an object; {_FIX}"
         )
 
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        tensors[name] = _tensor_info(path, name, entry, data_start)
+        tensors[name] = _tensor_info(file, name, entry, data_start)
 
-    _check_ranges(path, tensors, file_size)
+    _check_ranges(file, tensors, file_size)
     return tensors
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+def _tensor_info(path: Path | str, name: str, entry: object, data_start: int) -> TensorInfo:
     """One header entry -> TensorInfo, checking its fields and that its size fits dtype x shape."""
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CorruptSafetensors(
@@ -165,7 +182,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     )
 
 
-def _check_ranges(path: Path, tensors: dict[str, TensorInfo], file_size: int) -> None:
+def _check_ranges(path: Path | str, tensors: dict[str, TensorInfo], file_size: int) -> None:
     """Every tensor lies inside the file and no two tensors share bytes."""
     previous_name, previous_end = None, 0
     for name, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
@@ -194,15 +211,7 @@ def read_tensor(info: TensorInfo, name: str, device: torch.device | str = "cpu")
         NonFiniteWeights: a floating-point tensor holds NaN or Inf.
     """
     dtype = DTYPES[info.dtype]
-    buffer = torch.empty(info.nbytes, dtype=torch.uint8)  # not zero-filled: the read is the one pass
-    with info.file.open("rb") as f:
-        f.seek(info.start)
-        n_read = f.readinto(buffer.numpy())
-    if n_read != info.nbytes:
-        raise CorruptSafetensors(
-            f"{info.file}: tensor {name} spans bytes [{info.start}, {info.end}) but only "
-            f"{n_read} of its {info.nbytes} bytes could be read: the file is truncated; {_FIX}"
-        )
+    buffer = _read_range(info, name)
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype, device=device)
     # the bytes are little-endian as on every host torch supports; view reinterprets them
@@ -211,6 +220,27 @@ def read_tensor(info: TensorInfo, name: str, device: torch.device | str = "cpu")
     if dtype.is_floating_point:
         _check_finite(tensor, info, name)
     return tensor
+
+
+def _read_range(info: TensorInfo, name: str) -> Tensor:
+    """The tensor's bytes as uint8: one seek + read locally, one ranged request remotely."""
+    if isinstance(info.file, str):
+        from rayquant.storage.remote_ranges import read_range  # boto3/huggingface_hub only for remote sources
+
+        data = read_range(info.file, info.start, info.end)
+        n_read = len(data)
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    else:
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)  # not zero-filled: the read is the one pass
+        with info.file.open("rb") as f:
+            f.seek(info.start)
+            n_read = f.readinto(buffer.numpy())
+    if n_read != info.nbytes:
+        raise CorruptSafetensors(
+            f"{info.file}: tensor {name} spans bytes [{info.start}, {info.end}) but only "
+            f"{n_read} of its {info.nbytes} bytes could be read: the file is truncated; {_FIX}"
+        )
+    return buffer
 
 
 def _check_finite(tensor: Tensor, info: TensorInfo, name: str) -> None:

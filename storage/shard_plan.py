@@ -40,6 +40,17 @@ class PlannedTensor:
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
+def block_of_tensor(name: str, blocks_path: str, n_blocks: int) -> int | None:
+    """The block a checkpoint tensor belongs to: the index after `blocks_path.` (3 for
+    model.layers.3.mlp.down_proj.weight under model.layers); None for the non-block tensors (embeddings, final
+    norm, head) and for an index past n_blocks (a layer outside the decoder, e.g. DeepSeek-V3's MTP layer)."""
+    head = blocks_path + "."
+    if not name.startswith(head):
+        return None
+    index = name[len(head):].split(".", 1)[0]
+    return int(index) if index.isdigit() and int(index) < n_blocks else None
+
+
 @dataclass(frozen=True)
 class PlannedShard:
     name: str  # model-0000i-of-0000N.safetensors

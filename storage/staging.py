@@ -57,7 +57,7 @@ def inspect_output(out_dir: Path, job_fingerprint: str) -> OutputState:
 
     manifest_path = out_dir / MANIFEST_FILE
     if manifest_path.is_file():
-        manifest = _read_json_object(manifest_path)
+        manifest = read_json_object(manifest_path)
         fingerprint = manifest.get("job_fingerprint") if manifest is not None else None
         if fingerprint is None:
             raise OutputConflict(
@@ -71,7 +71,7 @@ def inspect_output(out_dir: Path, job_fingerprint: str) -> OutputState:
         return OutputState(complete=True, done_blocks=int(manifest.get("n_blocks", 0)))
 
     staging = out_dir / STAGING
-    job = _read_json_object(staging / JOB_FILE)
+    job = read_json_object(staging / JOB_FILE)
     if job is not None:
         fingerprint = job.get("job_fingerprint")
         if fingerprint != job_fingerprint:
@@ -174,7 +174,7 @@ def read_block_marker(out_dir: Path, block_idx: int) -> BlockMarker:
     """
     staging = _require_staging(Path(out_dir))
     name = _marker_name(block_idx)
-    data = _read_json_object(staging / name)
+    data = read_json_object(staging / name)
     try:
         if data is None:
             raise MalformedRecord(f"{name}: missing or not a JSON object")
@@ -203,7 +203,7 @@ def close_shard(out_dir: Path, shard: PlannedShard) -> None:
 
 def closed_shard_entry(out_dir: Path, shard_name: str) -> dict | None:
     """{path, sha256, size} of a shard as close_shard recorded it (None if it never closed)."""
-    return _read_json_object(Path(out_dir) / STAGING / _closed_name(shard_name))
+    return read_json_object(Path(out_dir) / STAGING / _closed_name(shard_name))
 
 
 def staged_job_fingerprint(out_dir: Path, n_blocks: int) -> str:
@@ -213,7 +213,7 @@ def staged_job_fingerprint(out_dir: Path, n_blocks: int) -> str:
         StagingIncomplete: no staging area, a damaged job.json, or a block without a marker.
     """
     staging = _require_staging(Path(out_dir))
-    job = _read_json_object(staging / JOB_FILE)
+    job = read_json_object(staging / JOB_FILE)
     if job is None or "job_fingerprint" not in job:
         raise StagingIncomplete(f"{staging / JOB_FILE} is damaged; {_FIX_DAMAGED}")
     done_blocks = _count_done_blocks(staging)
@@ -265,7 +265,7 @@ def _require_staging(out_dir: Path) -> Path:
     return staging
 
 
-def _read_json_object(path: Path) -> dict | None:
+def read_json_object(path: Path) -> dict | None:
     """The JSON object in path; None if the file is missing or holds no JSON object."""
     try:
         parsed = json.loads(path.read_bytes())

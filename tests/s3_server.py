@@ -16,7 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -40,6 +40,9 @@ class S3Server:
     secret_key: str
     region: str
     data_dir: Path
+    # what a restart on the same data and endpoint needs (run_s3_server's `ports`), and what stop() kills
+    ports: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    process: subprocess.Popen | None = field(default=None, compare=False, repr=False)
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point boto3 (and rayquant) at this server."""
@@ -58,6 +61,12 @@ class S3Server:
             client.create_bucket(Bucket=name)
         return name
 
+    def stop(self) -> None:
+        """Kill the server at once, as a crash would; run_s3_server(data_dir, ports) starts it again."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
 
 def free_port() -> int:
     """A TCP port nothing listens on right now (the OS's pick on 127.0.0.1)."""
@@ -67,8 +76,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def run_s3_server(data_dir: Path) -> Iterator[S3Server]:
+def run_s3_server(data_dir: Path, ports: dict[str, int] | None = None) -> Iterator[S3Server]:
     """Start `weed mini` with its data in data_dir, wait until S3 answers, stop it on exit.
+
+    `ports` (a stopped server's S3Server.ports) restarts it on the same ports: the same endpoint.
 
     Raises:
         S3ServerFailed: no `weed` binary, or the server exited or stayed silent for START_TIMEOUT_S.
@@ -83,7 +94,7 @@ def run_s3_server(data_dir: Path) -> Iterator[S3Server]:
         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"],
     }]}))
-    ports = {f"{s}.port": free_port() for s in SERVICES} | {f"{s}.port.grpc": free_port() for s in SERVICES}
+    ports = ports or ({f"{s}.port": free_port() for s in SERVICES} | {f"{s}.port.grpc": free_port() for s in SERVICES})
     args = [weed, "mini", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             *(f"-{k}={v}" for k, v in ports.items()), "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-webdav=false", "-admin.ui=false", "-master.telemetry=false", f"-s3.config={identities}",
@@ -92,7 +103,7 @@ def run_s3_server(data_dir: Path) -> Iterator[S3Server]:
     log_path = data_dir / "weed.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", ACCESS_KEY, SECRET_KEY, REGION, data_dir)
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", ACCESS_KEY, SECRET_KEY, REGION, data_dir, ports, proc)
     try:
         _wait_until_ready(server, proc, log_path)
         yield server

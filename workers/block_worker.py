@@ -98,6 +98,9 @@ class WorkerSetup:
     # stages with fewer input groups than ranks: every rank solves a slice of each linear's rows
     # (workers/row_split.py); False: each group's owner solves all of it (for benchmark comparisons)
     split_rows: bool = True
+    # a remote source (s3://, hf://) as the driver opened it: tensors are read at the revision it pinned,
+    # never re-listed (model_path is then only where its small files are cached on the driver)
+    source: ModelSource | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ class BlockWorker:
                                 world_size=self.world, timeout=timedelta(minutes=30))
         self.group = RankGroup(self.rank, self.world, self.device)
         with agree_on_errors(self.group):
-            self.source = open_model_source(self.setup.model_path)
+            self.source = self.setup.source or open_model_source(self.setup.model_path)
             self.model = build_skeleton(self.source.config, self.dtype)
             unfuse_experts(self.model)  # MoE: one linear per expert, under the checkpoint's names
             self.layout = find_layout(self.model)

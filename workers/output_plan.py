@@ -14,7 +14,7 @@ from rayquant.solver.gptq import GPTQConfig
 from rayquant.solver.pack import PACKED_FIELDS, packed_shapes
 from rayquant.storage.model_source import ModelSource
 from rayquant.storage.safetensors_reader import DTYPES
-from rayquant.storage.shard_plan import DEFAULT_MAX_SHARD_BYTES, PlannedTensor, ShardPlan, plan_shards
+from rayquant.storage.shard_plan import DEFAULT_MAX_SHARD_BYTES, PlannedTensor, ShardPlan, block_of_tensor, plan_shards
 from rayquant.workers.adapter import DecoderLayout, quantizable_linears
 from rayquant.workers.layer_overrides import LayerOverride, layer_config
 
@@ -35,7 +35,7 @@ def plan_output(source: ModelSource, model: nn.Module, layout: DecoderLayout, gp
                 configs[prefix + linear] = cfg
     tensors: list[PlannedTensor] = []
     for name, info in source.tensors.items():
-        block_idx = _block_of(name, layout)
+        block_idx = block_of_tensor(name, layout.blocks_path, layout.n_blocks)
         stem = name.removesuffix(".weight")
         cfg = configs.get(stem) if block_idx is not None and stem != name else None
         if cfg is None:
@@ -46,11 +46,3 @@ def plan_output(source: ModelSource, model: nn.Module, layout: DecoderLayout, gp
         tensors += [PlannedTensor(f"{stem}.{field}", _SAFETENSORS_NAMES[shapes[field][1]], shapes[field][0], block_idx)
                     for field in PACKED_FIELDS]
     return plan_shards(tensors, max_shard_bytes)
-
-
-def _block_of(name: str, layout: DecoderLayout) -> int | None:
-    head = layout.blocks_path + "."
-    if not name.startswith(head):
-        return None
-    index = name[len(head):].split(".", 1)[0]
-    return int(index) if index.isdigit() and int(index) < layout.n_blocks else None

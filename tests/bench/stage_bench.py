@@ -35,14 +35,15 @@ def main() -> None:
             spec = load_spec(SPEC, [*args.set, f"cluster.num_workers={w}", f"output.uri={tmp}/w{w}"])
             t = time.perf_counter()
             outcome = run_job(spec)
-            rows.append((w, time.perf_counter() - t, outcome.stage_seconds, outcome.bytes_moved))
-    for w, wall, blocks, moved in rows:
+            rows.append((w, time.perf_counter() - t, outcome.block_stats))
+    for w, wall, blocks in rows:
         print(f"\nworkers={w}  job wall {wall:.1f} s")
         print("block " + " ".join(f"{s:>9}" for s in STAGES) + "   KiB moved: load reduce share")
-        for b, sec in enumerate(blocks):
-            kib = " ".join(f"{moved[b][k] / 1024:8.0f}" for k in ("load", "reduce", "share"))
-            print(f"{b:>5} " + " ".join(f"{sec.get(s, 0.0):9.3f}" for s in STAGES) + f"   {kib}")
-        print("total " + " ".join(f"{sum(x.get(s, 0.0) for x in blocks):9.3f}" for s in STAGES))
+        for stats in blocks:
+            kib = " ".join(f"{sum(r.get(k, 0) for r in stats.bytes_received) / 1024:8.0f}"
+                           for k in ("load", "reduce", "share"))  # received by all ranks
+            print(f"{stats.block:>5} " + " ".join(f"{stats.seconds.get(s, 0.0):9.3f}" for s in STAGES) + f"   {kib}")
+        print("total " + " ".join(f"{sum(x.seconds.get(s, 0.0) for x in blocks):9.3f}" for s in STAGES))
 
 
 if __name__ == "__main__":

@@ -1,30 +1,58 @@
-"""Runs the Triton dequant-GEMM under Triton's CPU interpreter and saves the outputs, for
-test_dequant_gemm_interpreted.py. A separate process, because TRITON_INTERPRET must be set before triton
-itself is imported (triton.language's own helpers are jit functions too):
+"""Triton kernels run by Triton's CPU interpreter (no GPU), for the interpreted tests
+(tests/kernels/test_dequant_gemm_interpreted.py, tests/solver/test_gptq_fused_interpreted.py).
 
-    TRITON_INTERPRET=1 python -m tests.kernels.interpreted_kernel_runs OUT.pt BITS
+TRITON_INTERPRET must be set before triton itself is imported (triton.language's own helpers are jit
+functions too), so each test module is also the runner of its kernels, in a process of its own:
 
-one process per bit width, run side by side (the interpreter keeps one core busy).
+    TRITON_INTERPRET=1 python -m tests.<folder>.<test module> OUT.pt RUN
+
+`run_interpreted` starts one such process per run, side by side (the interpreter keeps one core busy), and
+gathers what they save; a runner calls `patch_interpreter` before its first kernel.
 """
 
+import os
+import subprocess
 import sys
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
-from tests.kernels.test_dequant_gemm_gpu import random_packed_layer
-
-K, N, GROUP_SIZE = 512, 256, 128
-BITS = (4, 8)
-ACT_ORDER = (False, True)
-KERNEL_M = (("gemv", 1), ("mma_swapped", 4), ("mma", 16), ("mma_swapped", 16), ("mma", 5))  # 5: ragged M tile
-SPLITS = (1, 2, 4)
+REPO = Path(__file__).resolve().parents[2]
 
 
-def case_inputs(bits: int, act_order: bool, M: int) -> tuple:
-    """(packed layer, W [N, K] float32, x [M, K] float16), the same in the runner and in the test."""
-    gen = torch.Generator().manual_seed(100 * bits + 10 * act_order + M)
-    packed, W = random_packed_layer(K, N, GROUP_SIZE, bits, act_order, torch.device("cpu"), gen)
-    return packed, W, torch.randn(M, K, generator=gen).half()
+def run_interpreted(module: str, runs: Iterable[str], folder: Path, timeout_s: float) -> dict:
+    """`python -m <module> <folder>/<run>.pt <run>` under the interpreter for every run at once; the union of
+    the dicts they save. A run that fails or outlasts timeout_s (each) fails the caller with the end of its
+    output; runs still going then are killed, so none outlives the test session."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for run in runs:
+            with open(folder / f"{run}.log", "wb") as output:  # the child keeps its own descriptor
+                procs[run] = subprocess.Popen([sys.executable, "-m", module, str(folder / f"{run}.pt"), run],
+                                              cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+        outputs = {}
+        for run, proc in procs.items():
+            returncode = proc.wait(timeout=timeout_s)
+            assert returncode == 0, (f"python -m {module} (run {run!r}) exited with {returncode}:\n"
+                                     + (folder / f"{run}.log").read_text(errors="replace")[-4000:])
+            outputs.update(torch.load(folder / f"{run}.pt"))
+        return outputs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def patch_interpreter() -> None:
+    """Make Triton 3.6's interpreter work with numpy >= 2.4 (see _index_scalar_tensors); later Triton
+    versions need nothing."""
+    import triton.runtime.interpreter as interpreter
+
+    if hasattr(interpreter, "_patch_lang_tensor"):
+        interpreter._patch_lang_tensor = _index_scalar_tensors(interpreter._patch_lang_tensor)
 
 
 def _index_scalar_tensors(original):
@@ -34,29 +62,3 @@ def _index_scalar_tensors(original):
         original(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     return patched
-
-
-def main(out_path: str, bits: int) -> None:
-    import triton.runtime.interpreter as interpreter
-
-    from rayquant.kernels import triton_dequant_gemm as kernels
-
-    if hasattr(interpreter, "_patch_lang_tensor"):  # Triton 3.6; later versions read the element themselves
-        interpreter._patch_lang_tensor = _index_scalar_tensors(interpreter._patch_lang_tensor)
-    outputs = {}
-    for act_order in ACT_ORDER:
-        for kernel, M in KERNEL_M:
-            packed, _, x = case_inputs(bits, act_order, M)
-            for split_k in SPLITS:
-                cfg = kernels.TileConfig(kernel, 16, 64, 128 // (32 // bits), split_k, 4, 1)
-                # a freed NaN block of the output's size: the call's torch.empty output likely gets it,
-                # so an output the kernel never writes shows as NaN, not as the previous call's result
-                del_me = torch.full((M, N), float("nan"), dtype=x.dtype)
-                del del_me
-                outputs[(bits, act_order, kernel, M, split_k)] = kernels.dequant_gemm_triton(
-                    x, packed, bits, tile_config=cfg)
-    torch.save(outputs, out_path)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))

@@ -15,21 +15,17 @@ runs happen in a subprocess:
     TRITON_INTERPRET=1 python -m tests.solver.test_gptq_fused_interpreted OUT.pt float64|float32|column_batches
 """
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from rayquant.solver.gptq import GPTQConfig, dequantize
 from rayquant.solver.rtn import quantize_rtn
+from tests.kernels.interpreted_kernel_runs import patch_interpreter, run_interpreted
 from tests.solver.calibration_cases import LayerCase, textbook_layer, textbook_result
 from tests.solver.test_gptq_vs_textbook import _id
 from tests.solver.textbook_gptq import TextbookResult
-
-REPO = Path(__file__).resolve().parents[2]
 
 # every kernel variant once or twice: grids in the kernel (group_size <= 128: 128, 32, and 96 with a partial
 # last group), before the launch (group_size -1: wider than a batch), static; sym and asym; 3, 4 and 8 bits;
@@ -70,13 +66,9 @@ def _textbook(cfg: GPTQConfig) -> TextbookResult:
 
 
 def main(out_path: str, runs: str) -> None:
-    import triton.runtime.interpreter as interpreter
-
     from rayquant.solver import gptq, gptq_fused
-    from tests.kernels.interpreted_kernel_runs import _index_scalar_tensors
 
-    if hasattr(interpreter, "_patch_lang_tensor"):  # Triton 3.6; see _index_scalar_tensors
-        interpreter._patch_lang_tensor = _index_scalar_tensors(interpreter._patch_lang_tensor)
+    patch_interpreter()
     gptq_fused.BLOCK_ROWS = ROWS_PER_PROGRAM
     gptq._runs_fused = lambda W: True
     fused_calls = []
@@ -101,22 +93,8 @@ def main(out_path: str, runs: str) -> None:
 def interpreted(tmp_path_factory) -> dict:
     """Every run of RUNS, (case id, dtype) -> outputs, from one interpreter process per run, all at once."""
     pytest.importorskip("triton")
-    folder = tmp_path_factory.mktemp("interpreted")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    # a failing run's traceback reaches pytest's captured stderr
-    procs = {runs: subprocess.Popen([sys.executable, "-m", "tests.solver.test_gptq_fused_interpreted",
-                                     str(folder / f"{runs}.pt"), runs], cwd=REPO, env=env) for runs in RUNS}
-    outputs = {}
-    try:
-        for runs, proc in procs.items():
-            assert proc.wait(timeout=600) == 0, f"the interpreter's {runs} runs failed: see the captured stderr"
-            outputs.update(torch.load(folder / f"{runs}.pt"))
-    finally:
-        for proc in procs.values():  # a run still going after a failure above would outlive the test run
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return outputs
+    return run_interpreted("tests.solver.test_gptq_fused_interpreted", RUNS, tmp_path_factory.mktemp("interpreted"),
+                           timeout_s=600)
 
 
 def _decoded_loss(out: dict) -> float:
