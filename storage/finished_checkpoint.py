@@ -3,7 +3,7 @@
 The blocks are in their shards already (storage/staging.py). The finish writes the non-block tensors
 (unless the job copied them beside the blocks), closes the remaining shards, then
 `model.safetensors.index.json`, `config.json` with the `quantization_config`, `report.json`, the source's
-tokenizer/generation files, `README.md` (model card), `run-stats.json` and LAST `rayquant-manifest.json`
+tokenizer/generation files, `README.md` (model card) with `loss-ratio.png`, `run-stats.json` and LAST `rayquant-manifest.json`
 (sha256 and size of every other file but run-stats.json). The manifest is the commit; the staging area is
 removed after it. Peak disk use is the output's size: nothing is written twice.
 """
@@ -17,10 +17,11 @@ from pathlib import Path
 from rayquant.storage import staging
 from rayquant.storage.atomic_files import file_entry, json_writer, write_atomic
 from rayquant.storage.job_records import JobReport, QuantizationConfig, RunStats
+from rayquant.storage.loss_plot import render_loss_ratio_png
 from rayquant.storage.model_card import render_model_card
 from rayquant.storage.model_source import ModelSource, list_aux_files
-from rayquant.storage.output_layout import (CONFIG_FILE, MANIFEST_FILE, MODEL_CARD_FILE, REPORT_FILE, RUN_STATS_FILE,
-                                            SHARD_GLOB, STAGING)
+from rayquant.storage.output_layout import (CONFIG_FILE, LOSS_PLOT_FILE, MANIFEST_FILE, MODEL_CARD_FILE, REPORT_FILE,
+                                            RUN_STATS_FILE, SHARD_GLOB, STAGING)
 from rayquant.storage.safetensors_reader import DTYPES, INDEX_FILE
 from rayquant.storage.shard_plan import ShardPlan
 
@@ -114,8 +115,6 @@ def _write_metadata(out_dir: Path, source: ModelSource, plan: ShardPlan, report:
                     resolved_spec: dict) -> list[str]:
     """The index, config.json, report.json, the source's aux files, the model card and its picture. Returns their
     names."""
-    from rayquant.storage.loss_plot import render_loss_ratio_png  # TODO(15): move up to the module imports
-    from rayquant.storage.output_layout import LOSS_PLOT_FILE
 
     tmp_dir = out_dir / STAGING
     index = {"metadata": {"total_size": plan.total_tensor_bytes}, "weight_map": plan.weight_map()}

@@ -24,30 +24,39 @@ HIDDEN, MLP, HEADS, KV_HEADS, VOCAB, BLOCKS = 2560, 8960, 20, 4, 1024, 2
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_model(folder: Path) -> Path:
+def write_model(folder: Path, hidden: int = HIDDEN, mlp: int = MLP, heads: int = HEADS, kv_heads: int = KV_HEADS,
+                blocks: int = BLOCKS) -> Path:
+    """A seeded Llama of this shape: one shard per block plus one for the embeddings, llama-tiny's tokenizer."""
+    import shutil
+
     import torch
     from safetensors.torch import save_file
 
+    from rayquant.storage.model_source import open_model_source
+
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
-    head_dim = HIDDEN // HEADS
-    shapes = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV_HEADS * head_dim, HIDDEN),
-              "v_proj": (KV_HEADS * head_dim, HIDDEN), "o_proj": (HIDDEN, HIDDEN)}
-    mlp = {"gate_proj": (MLP, HIDDEN), "up_proj": (MLP, HIDDEN), "down_proj": (HIDDEN, MLP)}
-    for b in range(BLOCKS):
-        tensors = {f"model.layers.{b}.self_attn.{k}.weight": torch.randn(s, generator=g).bfloat16()
+    head_dim = hidden // heads
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
+              "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden), "mlp.down_proj": (hidden, mlp)}
+    n_files = blocks + 1
+    for b in range(blocks):
+        tensors = {f"model.layers.{b}.{k}.weight": (torch.randn(s, generator=g) / s[1] ** 0.5).bfloat16()
                    for k, s in shapes.items()}
-        tensors |= {f"model.layers.{b}.mlp.{k}.weight": torch.randn(s, generator=g).bfloat16() for k, s in mlp.items()}
-        tensors |= {f"model.layers.{b}.{n}.weight": torch.ones(HIDDEN, dtype=torch.bfloat16)
+        tensors |= {f"model.layers.{b}.{n}.weight": torch.ones(hidden, dtype=torch.bfloat16)
                     for n in ("input_layernorm", "post_attention_layernorm")}
-        save_file(tensors, folder / f"model-{b + 1:05d}-of-{BLOCKS + 1:05d}.safetensors")
-    save_file({"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=g).bfloat16(),
-               "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16)},
-              folder / f"model-{BLOCKS + 1:05d}-of-{BLOCKS + 1:05d}.safetensors")
+        save_file(tensors, folder / f"model-{b + 1:05d}-of-{n_files:05d}.safetensors")
+    save_file({"model.embed_tokens.weight": torch.randn(VOCAB, hidden, generator=g).bfloat16(),
+               "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)},
+              folder / f"model-{n_files:05d}-of-{n_files:05d}.safetensors")
     (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": MLP, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-        "num_hidden_layers": BLOCKS, "vocab_size": VOCAB, "tie_word_embeddings": True}))
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": mlp, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "num_hidden_layers": blocks, "vocab_size": VOCAB, "tie_word_embeddings": True, "dtype": "bfloat16"}))
+    tokenizer = open_model_source("synthetic://llama-tiny").path  # the same 1024-token vocabulary
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer / name, folder / name)
     return folder
 
 

@@ -51,7 +51,11 @@ def _env(s3_server, cache: Path, **extra: str) -> dict[str, str]:
 
 
 def _quantize(env: dict, *sets: str):
-    return run_cli("quantize", str(SPEC), *(a for s in sets for a in ("--set", s)), env=env)
+    """`rayquant quantize` with these `--set`s; whatever it prints holds none of the credentials it was given."""
+    proc = run_cli("quantize", str(SPEC), *(a for s in sets for a in ("--set", s)), env=env)
+    for secret in (env.get("AWS_SECRET_ACCESS_KEY"), env.get("HF_TOKEN")):
+        assert not secret or secret not in proc.stdout + proc.stderr
+    return proc
 
 
 def _objects(client, bucket: str, prefix: str) -> dict[str, bytes]:

@@ -375,3 +375,4 @@ def test_server_killed_mid_upload_then_restarted_publishes_once(own_s3_server, t
         with capture_logs() as logs:
             sink.publish(out, published_names(SHARDS + SMALL_FILES))
         assert len(events(logs, "s3_already_published")) == 1 and events(logs, "s3_manifest_created") == []
+        restarted.stop()  # a graceful stop of `weed mini` takes seconds; this test has no use for one
