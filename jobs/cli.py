@@ -1,7 +1,9 @@
-"""`rayquant` command line. Exit codes: 0 success, 2 bad input (spec, model, data), 1 otherwise.
+"""`rayquant` command line. Exit codes: 0 success, 2 bad input (spec, model, data, cluster address or token,
+job id), 1 otherwise.
 
 Imports stay light at the top (argparse, the spec's pydantic models) so `--help` and `--version` answer
 at once; `quantize` starts Ray while another thread imports torch, transformers and the driver.
+`submit | status | logs | stop | list` talk to a cluster's Jobs API (jobs/submission.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from rayquant.jobs.logs import configure_logging  # noqa: E402
+from rayquant.jobs.plan import add_plan_parser  # noqa: E402
+from rayquant.jobs.reconcile import add_reconcile_parser  # noqa: E402
 from rayquant.jobs.spec import CalibrationSpec, SpecError, load_spec  # noqa: E402
 
 EXAMPLE_SPEC = Path(__file__).parent / "specs" / "example.yaml"
@@ -38,6 +42,22 @@ Run the same command again after a crash: it resumes after the last finished blo
 stdout: the output directory. stderr: a progress bar on a terminal, JSON log lines otherwise.
 """
 
+CLUSTER_EPILOG = """\
+cluster address: --address, else the spec's cluster.address (submit only), else RAY_ADDRESS; the head's
+  Jobs API (dashboard), e.g. http://HEAD:8265 (a ray://HEAD:10001 or HEAD:6379 address means HEAD:8265).
+token: RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (as Ray reads it;
+  `ray get-auth-token` on the head prints it).
+"""
+
+SUBMIT_EPILOG = CLUSTER_EPILOG + """
+The job runs `rayquant quantize` with this spec on the cluster's head (rayquant installed there, on PATH),
+writing output.uri: a local output must be a mount every Ray node sees (output.shared: true); s3:// and
+hf:// outputs need output.work_dir on such a mount. Job id = rq-<spec and source revision fingerprint>:
+submitting the same work again prints the pending, running or finished job; a failed or stopped one is
+submitted again (rq-...-2, -3, ...) and resumes after its last finished block.
+stdout: the job id.
+"""
+
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -57,7 +77,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
     from rayquant.jobs import cluster as ray_cluster  # Ray only, no torch
 
-    spec = load_spec(Path(args.spec), args.set or [])
+    if args.spec is None and not args.set:
+        raise SpecError("pass a job spec YAML (e.g. jobs/specs/tiny-llama.yaml, `rayquant example-spec`) or --set")
+    spec = load_spec(Path(args.spec) if args.spec is not None else None, args.set or [])
     c = spec.cluster
     job_id = uuid.uuid4().hex[:12]
     structlog.contextvars.bind_contextvars(job_id=job_id, block=None)
@@ -119,6 +141,97 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs_api(args: argparse.Namespace, spec_address: str | None = None):
+    """The cluster's Jobs API client, from --address, the spec's address or RAY_ADDRESS, with the token."""
+    from rayquant.jobs.job_client import cluster_address, cluster_token, connect_jobs_api
+
+    address = cluster_address(args.address, spec_address, os.environ)
+    return connect_jobs_api(address, cluster_token(os.environ, Path.home()))
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from rayquant.jobs.submission import submit_spec
+
+    job = submit_spec(load_spec(Path(args.spec), args.set or []), args.address)
+    note = "submitted" if job.new else "already submitted (the same spec and source revision)"
+    print(f"{job.job_id}: {note}, {job.status}; `rayquant status {job.job_id}`", file=sys.stderr)
+    print(job.job_id)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rayquant.jobs.submission import job_status
+
+    view = job_status(_jobs_api(args), args.job_id)
+    print(view.to_json() if args.json else "\n".join(view.lines()))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from rayquant.jobs.submission import write_logs
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    write_logs(_jobs_api(args), args.job_id, args.follow, write)
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from rayquant.jobs.submission import stop_job
+
+    status = stop_job(_jobs_api(args), args.job_id)
+    print(f"{args.job_id}: {status}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from rayquant.jobs.submission import list_jobs
+
+    jobs = list_jobs(_jobs_api(args))
+    if args.json:
+        print(json.dumps([asdict(j) for j in jobs], sort_keys=True))
+        return 0
+    rows = [("JOB", "STATUS", "SPEC", "OUTPUT")] + [(j.job_id, j.status, j.spec, j.output) for j in jobs]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
+def _add_cluster_commands(sub) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    s = sub.add_parser("submit", help="run a job on a Ray cluster (Jobs API); prints its id",
+                       description="Submit the spec as a Ray job that runs `rayquant quantize` on the cluster.",
+                       epilog=SUBMIT_EPILOG, formatter_class=fmt)
+    s.add_argument("spec", help="job spec YAML, e.g. jobs/specs/tiny-llama.yaml")
+    s.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field; repeatable")
+    commands = (
+        (s, _submit),
+        (sub.add_parser("status", help="a job's Ray status, block i/L, stage, s/block, ETA and output",
+                        epilog=CLUSTER_EPILOG, formatter_class=fmt), _status),
+        (sub.add_parser("logs", help="a job's log (--follow: until it ends)", epilog=CLUSTER_EPILOG,
+                        formatter_class=fmt), _logs),
+        (sub.add_parser("stop", help="stop a running job (submit the same spec again to resume it)",
+                        epilog=CLUSTER_EPILOG, formatter_class=fmt), _stop),
+        (sub.add_parser("list", help="the cluster's rayquant jobs: id, status, spec, output", epilog=CLUSTER_EPILOG,
+                        formatter_class=fmt), _list),
+    )
+    for parser, run in commands:
+        parser.add_argument("--address", help="the cluster's Jobs API, e.g. http://HEAD:8265 (see below)")
+        if run in (_status, _logs, _stop):
+            parser.add_argument("job_id", metavar="ID", help="the id `rayquant submit` printed (rq-...)")
+        if run in (_status, _list):
+            parser.add_argument("--json", action="store_true", help="one JSON document instead of text")
+        if run is _logs:
+            parser.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        parser.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayquant", description="Distributed GPTQ quantization on Ray",
                                      epilog="`rayquant COMMAND --help` for each command's arguments.")
@@ -129,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="run a job here (embedded Ray) or on cluster.address",
                        description="Quantize the spec's model into its output, block by block, on Ray workers.",
                        epilog=QUANTIZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("spec", help="job spec YAML, e.g. jobs/specs/tiny-llama.yaml (`rayquant example-spec`)")
+    q.add_argument("spec", nargs="?", help="job spec YAML, e.g. jobs/specs/tiny-llama.yaml (`rayquant example-spec`); "
+                                           "may be left out when --set gives every section that differs")
     q.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                    help="override a spec field, value read as YAML (e.g. --set quant.bits=8); repeatable")
     q.set_defaults(run=_quantize)
@@ -154,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu or cuda; the forward runs in float32")
     e.add_argument("--micro-batch", type=int, default=1, help="windows per forward")
     e.set_defaults(run=_eval)
+    _add_cluster_commands(sub)
+    add_reconcile_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 
@@ -173,16 +290,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_error(err: Exception) -> int:
     """One line on stderr for the errors a user can act on; anything else is a bug: its traceback."""
-    if isinstance(err, SpecError):  # before the import below, which loads torch
+    from rayquant.jobs.job_client import ClusterAuthFailed, ClusterUnreachable, NoClusterAddress
+    from rayquant.jobs.submission import JobNotFound
+
+    # before the import below, which loads torch
+    if isinstance(err, (SpecError, NoClusterAddress, ClusterUnreachable, ClusterAuthFailed, JobNotFound)):
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    from rayquant.jobs.cluster import WorkerDied
     from rayquant.jobs.input_errors import INPUT_ERRORS  # imports every module that defines one
     from rayquant.kernels.validation import KernelMismatch
+    from rayquant.workers.collectives import RendezvousTimeout
 
     if isinstance(err, INPUT_ERRORS):
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
-    if isinstance(err, KernelMismatch):
+    if isinstance(err, (KernelMismatch, WorkerDied, RendezvousTimeout)):  # not the input: one line, exit 1
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     raise err

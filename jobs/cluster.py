@@ -13,46 +13,127 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
+import structlog
 
 from rayquant.jobs.logs import configure_logging
+from rayquant.jobs.signals import install_sigterm_handler
 from rayquant.jobs.spec import ClusterSpec
+
+log = structlog.get_logger()
+
+# set by Ray's job supervisor for a submitted job's entrypoint, beside RAY_ADDRESS (the job's cluster)
+RAY_JOB_ENTRYPOINT_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+EMBEDDED = "embedded (127.0.0.1)"
+
+
+class ClusterTooSmall(Exception):
+    """The spec asks for more GPUs or CPUs than the Ray cluster has: its workers would wait forever."""
+
+
+class WorkerDied(Exception):
+    """A worker's process ended (killed, out of memory, its node lost) while the driver waited on it."""
 
 
 @dataclass(frozen=True)
 class Cluster:
     """The Ray this job runs on."""
 
-    where: str  # "embedded (127.0.0.1)" or the cluster address
+    where: str  # "embedded (127.0.0.1)", the cluster address, or the Ray job's cluster
     owns_ray: bool  # this process started Ray (and shuts it down)
     started: float  # time.perf_counter() when connecting began: the job's start-up clock
     seconds: float  # to connect
+    # one node, nothing listens beyond 127.0.0.1 (the workers' rendezvous too); False on a cluster, even
+    # one found through a Ray job's RAY_ADDRESS with no cluster.address in the spec
+    loopback: bool = True
+
+
+@dataclass(frozen=True)
+class RayTarget:
+    """Which Ray `connect` joins: `address` as ray.init takes it."""
+
+    address: str | None  # "local" = start an embedded Ray; None = RAY_ADDRESS (a Ray job's entrypoint)
+    where: str
+    ignored: dict[str, str]  # leftovers of an earlier Ray that embedded start-up does not follow
+
+
+def choose_ray(address: str | None, env: Mapping[str, str], current_cluster: str | None) -> RayTarget:
+    """cluster.address wins; without one, a Ray job's entrypoint joins that job's cluster; else embedded
+    Ray starts, whatever RAY_ADDRESS or Ray's last-cluster file (`current_cluster`) say."""
+    if address is not None:
+        return RayTarget(address, address, {})
+    if RAY_JOB_ENTRYPOINT_VAR in env:
+        return RayTarget(None, f"the Ray job's cluster ({env.get('RAY_ADDRESS', 'auto')})", {})
+    hints = {"ray_address_env": env.get("RAY_ADDRESS"), "ray_current_cluster": current_cluster}
+    return RayTarget("local", EMBEDDED, {k: v for k, v in hints.items() if v})
+
+
+def check_resources(spec: ClusterSpec, resources: Mapping[str, float], where: str) -> None:
+    """Refuse a spec whose workers the cluster cannot place (they would stay pending forever).
+
+    Raises:
+        ClusterTooSmall: naming what the spec asks, what the cluster has and the fields to change.
+    """
+    gpus, cpus = spec.num_workers * spec.gpus_per_worker, spec.num_workers * spec.cpus_per_worker
+    if gpus > resources.get("GPU", 0):
+        raise ClusterTooSmall(
+            f"cluster.num_workers={spec.num_workers} x cluster.gpus_per_worker={spec.gpus_per_worker} needs "
+            f"{gpus} GPU(s); the Ray cluster ({where}) has {resources.get('GPU', 0):g}: set "
+            f"cluster.gpus_per_worker: 0 (CPU workers), fewer cluster.num_workers, or a cluster.address with the GPUs")
+    if cpus > resources.get("CPU", 0):
+        raise ClusterTooSmall(
+            f"cluster.num_workers={spec.num_workers} x cluster.cpus_per_worker={spec.cpus_per_worker} needs "
+            f"{cpus} CPU(s); the Ray cluster ({where}) has {resources.get('CPU', 0):g}: lower "
+            f"cluster.cpus_per_worker or cluster.num_workers")
 
 
 def connect(spec: ClusterSpec, verbose: bool) -> Cluster:
-    """Embedded Ray on loopback with exactly the CPUs the workers ask for (no cluster.address), else the
-    cluster at cluster.address.
+    """Embedded Ray on loopback with exactly the CPUs the workers ask for (no cluster.address, not a Ray
+    job's entrypoint), else the cluster at cluster.address or the Ray job's own. SIGTERM then ends the
+    job as Ctrl-C does (ray.init replaces any earlier handler).
 
     Must run on the thread that lives for the whole job: embedded Ray's processes die with the thread
     that started them.
+
+    Raises:
+        ClusterTooSmall: the cluster lacks the GPUs or CPUs the spec's workers ask for.
     """
     t = time.perf_counter()
     if ray.is_initialized():
-        return Cluster(where="already connected", owns_ray=False, started=t, seconds=0.0)
+        return Cluster(where="already connected", owns_ray=False, started=t, seconds=0.0,
+                       loopback=spec.address is None)
     quiet = {"logging_level": logging.WARNING if verbose else logging.ERROR, "log_to_driver": verbose}
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the workers' forwarded lines (-v): no ANSI codes in files
-    if spec.address is None:
+    target = choose_ray(spec.address, os.environ, _last_cluster_address())
+    if target.address == "local":
+        if target.ignored:
+            log.info("embedded_ray_ignores_earlier_ray", **target.ignored)
+        os.environ.pop("RAY_ADDRESS", None)  # Ray's own processes, started from this one, must not follow it
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray binds to loopback only
-        ray.init(num_cpus=spec.num_workers * spec.cpus_per_worker, include_dashboard=False, **quiet)
-        where = "embedded (127.0.0.1)"
+        ray.init(address="local", num_cpus=spec.num_workers * spec.cpus_per_worker, include_dashboard=False, **quiet)
     else:
-        ray.init(address=spec.address, **quiet)
-        where = spec.address
-    return Cluster(where=where, owns_ray=True, started=t, seconds=time.perf_counter() - t)
+        ray.init(address=target.address, **quiet)
+    cluster = Cluster(where=target.where, owns_ray=True, started=t, seconds=time.perf_counter() - t,
+                      loopback=target.address == "local")
+    try:
+        check_resources(spec, ray.cluster_resources(), cluster.where)
+    except ClusterTooSmall:
+        disconnect(cluster)
+        raise
+    install_sigterm_handler()
+    return cluster
+
+
+def _last_cluster_address() -> str | None:
+    """The address in Ray's last-cluster file (`ray start` writes it; a crashed Ray leaves it behind)."""
+    from ray._private.utils import read_ray_address  # the file's location and format are Ray's
+
+    return read_ray_address()
 
 
 def disconnect(cluster: Cluster) -> None:
@@ -111,29 +192,73 @@ def create_workers(worker_class: str | type, n: int, num_cpus: int, num_gpus: in
     return [actor_class.remote(worker_class, verbose) for _ in range(n)]
 
 
-def wait_all(refs: list, on_wait: Callable[[], None] | None = None, poll_seconds: float = 0.5) -> list:
-    """Wait for every rank's call (calling `on_wait` between polls); raise the first real error.
+def wait_all(refs: list, on_wait: Callable[[], None] | None = None, poll_seconds: float = 0.5,
+             workers: list | None = None, grace_seconds: float = 10.0) -> list:
+    """Every call's result, in order, waiting on all ranks at once (calling `on_wait` between polls).
 
-    A rank that fails makes its peers raise the worker's PeerFailed: the failing rank's own error is
-    the one to report.
+    `refs`: one call per rank in rank order, repeated for several calls per rank. A worker whose process
+    dies ends the wait at once (WorkerDied; `workers`, the actors in rank order, are asked which stage
+    the others are in). A raised error ends it once every rank has answered or `grace_seconds` after
+    it: a failing rank makes its peers raise PeerFailed, so the failing rank's own error is raised.
+
+    Raises:
+        WorkerDied: naming the rank, the block and stage, and why Ray says it died.
     """
-    from rayquant.workers.block_worker import PeerFailed  # the driver has imported it by now
+    from rayquant.workers.rank_group import PeerFailed  # the driver has imported torch by now
 
-    pending = list(refs)
-    while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_seconds if on_wait else None)
-        if pending and on_wait is not None:
+    ranks = _ranks(refs)
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: dict[int, Any] = {}
+    errors: dict[int, Exception] = {}
+    pending, give_up = list(refs), None
+    while pending and (give_up is None or time.monotonic() < give_up):
+        ready, pending = ray.wait(pending, num_returns=1, timeout=poll_seconds)
+        for ref in ready:
+            i = index[ref]
+            try:
+                results[i] = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                raise worker_died(err, ranks[i], _stages(workers, ranks[i])) from err
+            except ray.exceptions.RayTaskError as err:
+                errors[i] = err.cause if err.cause is not None else err
+                give_up = give_up or time.monotonic() + grace_seconds
+        if pending and not ready and on_wait is not None:
             on_wait()
-    errors, results = [], {}
-    for i, ref in enumerate(refs):
-        try:
-            results[i] = ray.get(ref)
-        except ray.exceptions.RayTaskError as err:
-            errors.append(err.cause if err.cause is not None else err)
-    real = [e for e in errors if not isinstance(e, PeerFailed)]
     if errors:
-        raise (real or errors)[0]
+        real = [e for _, e in sorted(errors.items()) if not isinstance(e, PeerFailed)]
+        raise (real or list(errors.values()))[0]
     return [results[i] for i in range(len(refs))]
+
+
+def _ranks(refs: list) -> list[int]:
+    """The rank each call went to: its actor's place among the actors in order of first appearance."""
+    actors: dict[Any, int] = {}
+    return [actors.setdefault(ref.task_id().actor_id(), len(actors)) for ref in refs]
+
+
+def _stages(workers: list | None, dead: int) -> list[tuple[int | None, str]]:
+    """The (block, stage) of every rank but `dead` that answers within a second: where the job was."""
+    if workers is None:
+        return []
+    stages = [current_stage(w, timeout=1.0) for r, w in enumerate(workers) if r != dead]
+    return [s for s in stages if s is not None]
+
+
+def worker_died(err: ray.exceptions.RayActorError, rank: int, peer_stages: list[tuple[int | None, str]]) -> WorkerDied:
+    """One line for a dead worker: its rank, what the job was doing (the peers' stage, else the driver's
+    block) and Ray's last word on why."""
+    block = structlog.contextvars.get_contextvars().get("block")
+    stage = None
+    if peer_stages:
+        block, stage = peer_stages[0]
+    if block is None:
+        doing = "start-up"
+    else:
+        doing = f"block {block} ({stage})" if stage else f"block {block}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(err).__name__
+    return WorkerDied(f"worker rank {rank} died during {doing}: {reason}; run the same command again to "
+                      f"resume after the last completed block")
 
 
 def current_stage(worker: Any, timeout: float = 0.2) -> tuple[int | None, str] | None:

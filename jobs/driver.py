@@ -23,6 +23,7 @@ import torch
 
 from rayquant.jobs.cluster import WORKER_CLASS, Cluster, connect, create_workers, current_stage, disconnect, wait_all
 from rayquant.jobs.input_errors import INPUT_ERRORS
+from rayquant.jobs.loader_compat import loader_warnings
 from rayquant.jobs.logs import stderr_is_terminal
 from rayquant.jobs.progress import JobProgress
 from rayquant.jobs.publishing import Publisher, ShardCloser, close_and_hand_over, work_dir
@@ -34,6 +35,7 @@ from rayquant.storage.finished_checkpoint import finish_checkpoint, gptq_quantiz
 from rayquant.storage.job_records import (BlockMarker, BlockStats, EvalReport, JobReport, LayerReport,
                                           QuantizationConfig, RunStats)
 from rayquant.storage.model_source import ModelSource, open_model_source
+from rayquant.storage.output_claims import OutputLock, lock_holder
 from rayquant.storage.output_layout import STAGING
 from rayquant.storage.shard_plan import ShardPlan
 from rayquant.storage.sinks import Sink, is_remote, open_sink
@@ -112,7 +114,8 @@ def open_job(spec: JobSpec) -> OpenedJob:
     sink = open_sink(spec.output.uri)
     published = sink is not None and _published(sink, fingerprint)
     return OpenedJob(source=source, fingerprint=fingerprint, resolved=spec.resolved(),
-                     state=staging.inspect_output(out_dir, fingerprint), out_dir=out_dir, sink=sink,
+                     state=staging.inspect_output(out_dir, fingerprint, spec.output.verify), out_dir=out_dir,
+                     sink=sink,
                      published=published)
 
 
@@ -182,9 +185,31 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         log.info("job_already_complete", output=spec.output.uri)
         _kill(workers)
         return JobOutcome(uri=spec.output.uri, n_blocks=0, resumed_from=0, already_complete=True, block_stats=())
+    # one job per output: a second one exits 2 naming the first; one killed on this host is taken over
+    lock = OutputLock(_lock_uri(spec, out_dir), lock_holder(job_id), job.fingerprint)
+    lock.acquire()
+    try:
+        state = staging.inspect_output(out_dir, job.fingerprint, "sizes")  # again, now that no job can change it
+        return _run_locked(spec, job_id, workers, cluster, job, state, lock)
+    finally:
+        lock.release()
+        if out_dir.is_dir() and not any(out_dir.iterdir()):  # only the lock was here: a job that never started
+            out_dir.rmdir()
+
+
+def _lock_uri(spec: JobSpec, out_dir: Path) -> str:
+    """Where the lock lives: the output itself, except a Hub output's (locked in its work directory, since a
+    lock there would be commits on a branch)."""
+    return str(out_dir) if spec.output.uri.startswith("hf://") else spec.output.uri
+
+
+def _run_locked(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job: OpenedJob,
+                state: staging.OutputState, lock: OutputLock) -> JobOutcome:
+    out_dir = job.out_dir
     publisher = Publisher(job.sink, out_dir) if job.sink is not None else None
     if state.complete:  # built here by an earlier run that stopped before its upload finished
         _kill(workers)
+        lock.check()
         publisher.publish()
         return JobOutcome(uri=spec.output.uri, n_blocks=state.done_blocks, resumed_from=state.done_blocks,
                           already_complete=False, block_stats=())
@@ -199,31 +224,36 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
     try:
         # the actors import (since Ray started), join the process group and build their skeletons
         # while the calibration windows are cut here
-        rendezvous = workers[0].rendezvous_address.remote(spec.cluster.address is None)
-        joined = [w.setup.remote(s, rendezvous) for w, s in zip(workers, worker_setups(spec, job_id, model_path, remote_source),
-                                                                strict=True)]
+        rendezvous = workers[0].rendezvous_address.remote(cluster.loopback)
+        setups = worker_setups(spec, job_id, model_path, remote_source, loopback=cluster.loopback)
+        joined = [w.setup.remote(s, rendezvous) for w, s in zip(workers, setups, strict=True)]
         calib = calibrate(spec, job.source)
-        n_blocks = wait_all(joined)[0]
+        n_blocks = wait_all(joined, workers=workers)[0]
         # rank 0 plans the shards from the skeleton it has built: the driver needs no model classes.
         # Before the embedding: capturing block 0's inputs swaps modules of that skeleton for a moment.
-        plan = ray.get(workers[0].call.remote("plan_output", spec.output.max_shard_bytes))
+        plan = wait_all([workers[0].call.remote("plan_output", spec.output.max_shard_bytes)], workers=workers)[0]
         embedded = _embed(workers, calib)  # while the output is prepared here
         staging.begin_staging(out_dir, job.fingerprint, job.resolved)
         resume = staging.resume_point(out_dir, plan, state.done_blocks)
         staging.prepare_shards(out_dir, plan)
         # embeddings, final norm and head go into their shard while the blocks run, not in the tail
         non_block = tail_pool.submit(staging.write_non_block_tensors, out_dir, job.source, plan)
-        log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12], output=spec.output.uri,
-                 work_dir=str(out_dir), workers=spec.cluster.num_workers, samples=len(calib.samples), seq_len=spec.calibration.seq_len,
+        log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12],
+                 output=spec.output.uri, work_dir=str(out_dir), workers=spec.cluster.num_workers,
+                 samples=len(calib.samples), seq_len=spec.calibration.seq_len,
                  resume_from=resume, shards=len(plan.shards), output_bytes=plan.total_tensor_bytes,
                  windows_sha256=calib.window_sha256[:16])
+        for warning in loader_warnings(spec):
+            log.warning("loader_compatibility", detail=warning)
         target = OutputTarget(str(out_dir), plan)
-        wait_all(embedded + [w.call.remote("set_output", target) for w in workers])
+        wait_all(embedded + [w.call.remote("set_output", target) for w in workers], workers=workers)
         c = spec.cluster
         log.info("workers_ready", ray=cluster.where, workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
                  cpus_per_worker=c.cpus_per_worker, ray_seconds=round(cluster.seconds, 2),
                  seconds=round(time.perf_counter() - cluster.started, 2))
-        progress = JobProgress(spec.name, n_blocks, resume, terminal=stderr_is_terminal())
+        progress = JobProgress(spec.name, n_blocks, resume, terminal=stderr_is_terminal(), status_dir=out_dir / STAGING)
+        if publisher is not None:
+            publisher.on_uploaded = progress.uploaded
         t_job = time.perf_counter()
         blocks = _run_blocks(workers, _BlockRange(job_id, n_blocks, resume), target, progress, closer)
         progress.close()
@@ -231,7 +261,7 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
         # the shards holding non-block tensors close (hash, rename) after those are written, during the eval
         tail_closed = tail_pool.submit(_close_tail_shards, out_dir, plan, non_block, publisher)
         t = time.perf_counter()
-        streams = wait_all([w.call.remote("evaluate") for w in workers])[0]
+        streams = wait_all([w.call.remote("evaluate") for w in workers], workers=workers)[0]
         evaluation = _evaluation(spec, streams, calib)
         log.info("eval_done", seconds=round(time.perf_counter() - t, 2),
                  **(evaluation.perplexities() if evaluation is not None else {}))
@@ -240,6 +270,7 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
                          eval_seconds=round(time.perf_counter() - t, 3))
         t = time.perf_counter()
         tail_closed.result()
+        lock.check()
         finish_checkpoint(out_dir, job.source, plan, report, job.resolved, run_stats=stats, non_block_written=True)
         if publisher is not None:
             publisher.publish()
@@ -274,16 +305,18 @@ def _kill(workers: list) -> None:
         ray.kill(w)
 
 
-def worker_setups(spec: JobSpec, job_id: str, model_path: str, source: ModelSource | None = None
-                  ) -> list[WorkerSetup]:
+def worker_setups(spec: JobSpec, job_id: str, model_path: str, source: ModelSource | None = None,
+                  loopback: bool | None = None) -> list[WorkerSetup]:
+    """One WorkerSetup per rank; `loopback`: rendezvous on 127.0.0.1 (default: no cluster.address)."""
     c = spec.cluster
     return [WorkerSetup(
-        job_id=job_id, rank=rank, world_size=c.num_workers, loopback=c.address is None, model_path=model_path,
+        job_id=job_id, rank=rank, world_size=c.num_workers, model_path=model_path,
+        loopback=c.address is None if loopback is None else loopback,
         gptq=gptq_config(spec), overrides=layer_overrides(spec), true_sequential=spec.quant.true_sequential,
         num_threads=c.cpus_per_worker, device="cuda" if c.gpus_per_worker else "cpu",
         eval_on=spec.calibration.eval_samples > 0, eval_rtn=spec.calibration.eval_rtn,
         moe=MoEConfig(min_tokens=spec.quant.moe.min_tokens, starved_experts=spec.quant.moe.starved_experts),
-        source=source,
+        source=source, rendezvous_timeout_s=c.rendezvous_timeout_s, collective_timeout_s=c.collective_timeout_s,
     ) for rank in range(c.num_workers)]
 
 
@@ -335,7 +368,8 @@ def _run_blocks(workers: list, blocks: _BlockRange, target: OutputTarget, progre
         if unmarked is not None:
             closed += _mark_durable(workers[0], target, closer, run, unmarked)
             unmarked = None
-        results = wait_all(refs, on_wait=_stage_poller(workers[0], progress) if progress.shows_stages else None)
+        results = wait_all(refs, on_wait=_stage_poller(workers[0], progress) if progress.shows_stages else None,
+                           workers=workers)
         seconds = {k: max(r.seconds.get(k, 0.0) for r in results) for k in STAGES}
         if task.replay:  # the records and stats of the run that quantized it
             marker = staging.read_block_marker(out_dir, b)
@@ -364,7 +398,7 @@ def _mark_durable(rank0, target: OutputTarget, closer: ShardCloser, run: _Blocks
     gain the writer's seconds); its shard, if this was the shard's last block, starts closing on `closer`."""
     t = time.perf_counter()
     b = marker.block_idx
-    stats = marker.stats.with_persist(round(ray.get(rank0.call.remote("wait_durable", b)), 4))
+    stats = marker.stats.with_persist(round(wait_all([rank0.call.remote("wait_durable", b)], workers=[rank0])[0], 4))
     run.run_stats[b] = stats
     out_dir = Path(target.out_dir)
     staging.mark_block_done(out_dir, b, layers=list(marker.layers), stats=stats)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class Publisher:
         self._uploads: list[Future] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
         self.upload_seconds = 0.0  # summed over every upload of this run
+        self.on_uploaded: Callable[[int], None] | None = None  # bytes of each shard uploaded (progress metrics)
 
     def shard_closed(self, name: str) -> None:
         """Start uploading a shard that just closed (its checksum was recorded when it closed)."""
@@ -57,6 +59,8 @@ class Publisher:
         t = time.perf_counter()
         self.sink.upload_file(self.out_dir / name, name, sha256)
         self.upload_seconds += time.perf_counter() - t
+        if self.on_uploaded is not None:
+            self.on_uploaded((self.out_dir / name).stat().st_size)
 
     def publish(self) -> float:
         """Wait for the shard uploads (their errors raise here), upload the rest and the manifest; remove the

@@ -6,16 +6,22 @@ combinations fail before any worker starts. The driver turns it into frozen data
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rayquant.jobs.loader_compat import checkpoint_settings, unreadable_problem
 from rayquant.solver.valid_settings import (bits_problem, damp_increment_problem, damp_problem, group_size_problem)
+
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a few KB; anything this large is not one
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # safe in file names, URLs and the model card title
 
 
 class SpecError(Exception):
@@ -28,7 +34,20 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     source: str = "synthetic://llama-tiny"  # local dir | s3://bucket/prefix | hf://org/name[@rev] | synthetic://<preset>
-    trust_remote_code: bool = False  # never run model code from the checkpoint unless asked
+    # rayquant builds models from the installed transformers' own classes only and never runs code from a
+    # checkpoint: true is refused (kept as a key so a spec written for other tools fails with the reason)
+    trust_remote_code: bool = False
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, v: bool) -> bool:
+        if v:
+            raise ValueError(
+                "model.trust_remote_code=true is not supported: rayquant never runs model code from a checkpoint; "
+                "it quantizes decoder-only causal LMs (…ForCausalLM) whose model_type the installed transformers "
+                "knows (Llama, Mistral, Qwen2/3, Gemma, Mixtral, ...; workers/adapter.py); set "
+                "model.trust_remote_code: false, or upgrade transformers to a version that ships the architecture")
+        return v
 
 
 class MoESpec(_Strict):
@@ -129,6 +148,14 @@ class QuantSpec(_Strict):
             object.__setattr__(self, "act_group_aware", False)  # frozen model: set while it is being built
         return self
 
+    @model_validator(mode="after")
+    def _some_loader_reads_it(self) -> QuantSpec:
+        for settings in checkpoint_settings(self):
+            problem = unreadable_problem(settings)
+            if problem is not None:
+                raise ValueError(problem)
+        return self
+
     @field_validator("lm_head")
     @classmethod
     def _lm_head(cls, v: bool) -> bool:
@@ -158,6 +185,10 @@ class ClusterSpec(_Strict):
     num_workers: int = Field(2, ge=1)  # workers; each keeps 1/num_workers of the samples
     gpus_per_worker: int = Field(0, ge=0, le=1)  # 0 = CPU workers (Gloo), 1 = one GPU each (NCCL)
     cpus_per_worker: int = Field(1, ge=1)  # torch threads per worker
+    # seconds every worker waits for all of them to join the process group; longer tolerates slow starts
+    rendezvous_timeout_s: int = Field(60, ge=1)
+    # seconds a collective waits for its peers before failing; must outlast the slowest rank's stage
+    collective_timeout_s: int = Field(1800, ge=1)
 
 
 class OutputSpec(_Strict):
@@ -172,6 +203,9 @@ class OutputSpec(_Strict):
     # shards hold whole blocks up to this size (a larger block gets one of its own); the files change, the
     # tensors do not. HF's save_pretrained default is 5 GB; smaller shards upload and retry in smaller steps
     max_shard_bytes: int = Field(4 * 2**30, ge=1)
+    # how a rerun checks a finished output before reporting it complete: sizes (instant) or sizes and sha256
+    # (about 0.75 s per GB read); a damaged output is refused either way, hashes also catch flipped bytes
+    verify: Literal["sizes", "hashes"] = "hashes"
 
     @field_validator("uri")
     @classmethod
@@ -199,6 +233,14 @@ class JobSpec(_Strict):
     calibration: CalibrationSpec = CalibrationSpec()
     cluster: ClusterSpec = ClusterSpec()
     output: OutputSpec = OutputSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if NAME_PATTERN.fullmatch(v) is None:
+            raise ValueError(f"name={v[:120]!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter "
+                             "or digit (it names files and titles the model card), e.g. llama-3-8b-w4g128")
+        return v
 
     @model_validator(mode="after")
     def _samples_cover_workers(self) -> JobSpec:
@@ -244,21 +286,61 @@ class JobSpec(_Strict):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`quant.bits=8` -> (["quant", "bits"], 8); the value is read as YAML.
+class _RefusedYAML(yaml.YAMLError):
+    """YAML that is valid but not accepted in a job spec (an alias, an anchor, a repeated key)."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases (a few hundred bytes of aliases expand to gigabytes once the
+    spec is copied; a spec has no use for them) and without repeated keys (YAML keeps the last silently)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _RefusedYAML(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name, <<:) "
+                               "are not allowed in a job spec; write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Hashable] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader refuses it below with its own message
+            if key in seen:
+                raise _RefusedYAML(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one "
+                                   "section; keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_spec_yaml(text: str) -> Any:
+    """YAML as a SafeLoader reads it, refusing anchors, aliases and repeated keys.
 
     Raises:
-        SpecError: the item has no `=`.
+        yaml.YAMLError: the text is not YAML, or uses what a spec refuses (the message names the line).
+    """
+    return yaml.load(text, Loader=_SpecLoader)  # a SafeLoader: no Python objects
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`quant.bits=8` -> (["quant", "bits"], 8); the value is read as YAML (no anchors or aliases).
+
+    Raises:
+        SpecError: the item has no `=`, or its value is not acceptable YAML.
     """
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise SpecError(f"--set {item!r}: expected key.path=value, e.g. --set quant.bits=8")
-    return key.split("."), yaml.safe_load(raw)
+    try:
+        return key.split("."), parse_spec_yaml(raw)
+    except yaml.YAMLError as err:
+        raise SpecError(f"--set {item[:200]!r}: the value is not acceptable YAML ({err}); quote it or fix it") from err
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Return a copy of the raw spec dict with every `--set` applied."""
-    out = json.loads(json.dumps(data))
+    out = copy.deepcopy(data)  # the loader refuses aliases, so the copy is as large as the file
     for item in overrides:
         path, value = parse_override(item)
         node = out
@@ -270,30 +352,55 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def read_spec_file(path: Path) -> dict:
+    """The raw mapping in a YAML job spec file.
+
+    Raises:
+        SpecError: the file is missing, unreadable, not a text file, too large, not YAML, or not a mapping;
+            or it uses anchors/aliases or repeats a key.
+    """
+    fix = "pass the path of a job spec YAML (`rayquant example-spec` prints one)"
+    try:
+        with Path(path).open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)  # bounded: /dev/zero or a model file is not read whole
+    except FileNotFoundError as err:
+        raise SpecError(f"spec file {path} does not exist; {fix}") from err
+    except IsADirectoryError as err:
+        raise SpecError(f"spec file {path} is a directory; {fix}") from err
+    except OSError as err:  # permissions, a broken link, an unreadable device
+        raise SpecError(f"spec file {path} cannot be read ({err.strerror or err}); check its permissions or "
+                        f"{fix}") from err
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec file {path} is larger than any job spec ({MAX_SPEC_BYTES} bytes); {fix}")
+    try:
+        data = parse_spec_yaml(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise SpecError(f"spec file {path} is not UTF-8 text (byte {err.start} is {raw[err.start]:#04x}): it is "
+                        f"not a job spec; {fix}") from err
+    except _RefusedYAML as err:
+        raise SpecError(f"spec file {path}, {err}") from err
+    except yaml.YAMLError as err:
+        raise SpecError(f"spec file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {path} must hold a mapping of sections (name, model, quant, ...)")
+    return data
+
+
 def load_spec(path: Path | None, overrides: list[str] = ()) -> JobSpec:
     """Read a YAML job spec, apply `--set` overrides, validate.
 
     Raises:
-        SpecError: the file is missing or not YAML, or a field is unknown or invalid.
+        SpecError: the file is missing, unreadable or not YAML, or a field is unknown or invalid.
     """
-    data: Any = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as err:
-            raise SpecError(f"spec file {path} does not exist; pass the path of a job spec YAML") from err
-        except yaml.YAMLError as err:
-            raise SpecError(f"spec file {path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise SpecError(f"spec file {path} must hold a mapping of sections (name, model, quant, ...)")
+    data = read_spec_file(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(_describe(err)) from err
+        raise SpecError(describe_validation_error(err)) from err
 
 
-def _describe(err: ValidationError) -> str:
+def describe_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "spec"

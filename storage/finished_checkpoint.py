@@ -81,7 +81,7 @@ def finish_checkpoint(
     if run_stats is not None:
         write_atomic(out_dir / STAGING, out_dir / RUN_STATS_FILE, json_writer(run_stats.to_json()))
     # shards were checksummed when they closed (while later blocks computed), not re-read here
-    closed = {shard.name: staging.closed_shard_entry(out_dir, shard.name) for shard in plan.shards}
+    closed = {shard.name: _closed_entry(out_dir, shard.name) for shard in plan.shards}
     manifest = {
         "manifest_format": MANIFEST_FORMAT,
         "quantizer": _quantizer_tag(),
@@ -92,8 +92,19 @@ def finish_checkpoint(
         "files": [closed.get(name) or file_entry(out_dir, name) for name in files],
     }
     write_atomic(out_dir / STAGING, out_dir / MANIFEST_FILE, json_writer(manifest))
-    shutil.rmtree(out_dir / STAGING)
+    # after the commit the staging area is garbage: a rerun that finds the manifest may be removing it too
+    shutil.rmtree(out_dir / STAGING, ignore_errors=True)
     return files + [MANIFEST_FILE]
+
+
+def _closed_entry(out_dir: Path, name: str) -> dict | None:
+    """The checksum close_shard recorded for shard `name`, if it still describes that file (a damaged or
+    foreign record is None: the shard is hashed again, so the manifest never names another path)."""
+    entry = staging.closed_shard_entry(out_dir, name)
+    if entry is None or entry.get("path") != name or not isinstance(entry.get("sha256"), str):
+        return None
+    size = entry.get("size")
+    return entry if type(size) is int and size == (out_dir / name).stat().st_size else None
 
 
 def _close_shards(out_dir: Path, source: ModelSource, plan: ShardPlan, non_block_written: bool) -> list[str]:

@@ -161,10 +161,9 @@ def _open_local_dir(uri: str, path: Path) -> ModelSource:
             f"{path} has no {CONFIG_FILE} (model.source = {uri!r}); point model.source at the "
             f"directory that holds the model's config.json and *.safetensors"
         )
+    shards = _find_shards(uri, path)  # first: it refuses links out of the directory before anything is read
     config_bytes = config_path.read_bytes()
     config = parse_json_file(config_path, config_bytes)
-
-    shards = _find_shards(uri, path)
     tensors = _index_tensors(path, shards)
 
     revision = hashlib.sha256()
@@ -176,10 +175,24 @@ def _open_local_dir(uri: str, path: Path) -> ModelSource:
 
 
 def _find_shards(uri: str, path: Path) -> dict[Path, tuple[str, ...] | None]:
-    """Shard file -> tensor names the index assigns to it (None: take the shard's own header)."""
+    """Shard file -> tensor names the index assigns to it (None: take the shard's own header).
+
+    Raises:
+        InvalidModelFiles: a file of the directory is a link to a file outside it.
+    """
+    present = {p.name for p in path.iterdir() if p.is_file()}
+    # a link out of the model folder could make a job read, and publish as a tokenizer file, any file of this
+    # machine; a Hugging Face cache snapshot links into its repo folder's blobs/, which stays allowed
+    root = (path.parent.parent if path.parent.name == "snapshots" else path).resolve()
+    for name in sorted(present):
+        target = (path / name).resolve()
+        if (path / name).is_symlink() and not target.is_relative_to(root):
+            raise InvalidModelFiles(
+                f"{path / name} is a link to {target}, outside the model directory {path} (model.source = "
+                f"{uri!r}); copy the file into the directory, or point model.source at a directory you trust"
+            )
     index_path = path / INDEX_FILE
     index = parse_json_file(index_path, index_path.read_bytes()) if index_path.is_file() else None
-    present = {p.name for p in path.iterdir() if p.is_file()}
     shards = plan_shard_files(uri, str(path), present, index)
     return {path / name: names for name, names in shards.items()}
 

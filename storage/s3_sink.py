@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError
 from s3transfer.manager import TransferConfig, TransferManager
 
 from rayquant.storage.atomic_files import file_entry
+from rayquant.storage.output_claims import CONTROL_FILES
 from rayquant.storage.output_layout import MANIFEST_FILE
 from rayquant.storage.s3_files import (
     ATTEMPTS,
@@ -168,7 +169,8 @@ class S3Sink:
         return head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256
 
     def _refuse_foreign_objects(self, names: set[str]) -> None:
-        foreign = sorted(set(list_s3_objects(self.uri, spec_field=SPEC_FIELD)) - names)
+        # the claim and lock objects of storage/output_claims.py belong to the job that publishes
+        foreign = sorted(set(list_s3_objects(self.uri, spec_field=SPEC_FIELD)) - names - set(CONTROL_FILES))
         if foreign:
             raise S3OutputConflict(
                 f"output.uri {self.uri} holds {len(foreign)} objects that are not part of this output and no "

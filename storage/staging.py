@@ -13,12 +13,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import structlog
 
 from rayquant.storage.atomic_files import TMP_PREFIX, file_entry, fsync_dir, json_writer, write_atomic
 from rayquant.storage.job_records import BlockMarker, BlockStats, LayerReport, MalformedRecord
 from rayquant.storage.model_source import ModelSource, read_source_tensor
+from rayquant.storage.output_claims import CONTROL_FILES
 from rayquant.storage.output_layout import JOB_FILE, MANIFEST_FILE, SHARD_GLOB, STAGING
 from rayquant.storage.shard_files import prepare_shard, shard_is_intact, write_shard_tensors
 from rayquant.storage.shard_plan import PlannedShard, ShardPlan
@@ -26,9 +31,15 @@ from rayquant.storage.shard_plan import PlannedShard, ShardPlan
 _FIX_CONFLICT = "choose another output.uri or delete the directory"
 _FIX_DAMAGED = "delete the output directory and rerun the job"
 
+log = structlog.get_logger()
+
 
 class OutputConflict(Exception):
     """output.uri names a directory that holds something other than this job's output."""
+
+
+class OutputDamaged(Exception):
+    """output.uri holds this job's finished checkpoint, but a file the manifest lists is missing or changed."""
 
 
 class StagingIncomplete(Exception):
@@ -41,13 +52,16 @@ class OutputState:
     done_blocks: int  # blocks 0..done_blocks-1 have markers (resume from block done_blocks)
 
 
-def inspect_output(out_dir: Path, job_fingerprint: str) -> OutputState:
+def inspect_output(out_dir: Path, job_fingerprint: str, verify: Literal["sizes", "hashes"] = "hashes") -> OutputState:
     """What out_dir holds for this job: nothing yet, a resumable staging area, or the finished checkpoint.
 
-    Writes nothing.
+    A finished checkpoint counts only once every file its manifest lists is there with the recorded size
+    (`verify="hashes"`: and sha256). Writes nothing, except that it removes a staging area left behind
+    after the manifest (the job stopped between its commit and its clean-up).
 
     Raises:
         OutputConflict: out_dir holds other files, or the output or staging area of another job.
+        OutputDamaged: out_dir holds this job's finished checkpoint with a file missing or changed.
     """
     out_dir = Path(out_dir)
     if not out_dir.exists():
@@ -68,6 +82,8 @@ def inspect_output(out_dir: Path, job_fingerprint: str) -> OutputState:
                 f"output.uri {out_dir} holds the finished checkpoint of another job (fingerprint "
                 f"{str(fingerprint)[:12]}, this job {job_fingerprint[:12]}); {_FIX_CONFLICT}"
             )
+        check_finished_files(out_dir, manifest, verify)
+        _remove_leftover_staging(out_dir)
         return OutputState(complete=True, done_blocks=int(manifest.get("n_blocks", 0)))
 
     staging = out_dir / STAGING
@@ -82,7 +98,9 @@ def inspect_output(out_dir: Path, job_fingerprint: str) -> OutputState:
         return OutputState(complete=False, done_blocks=_count_done_blocks(staging))
 
     # fresh: empty, or only a staging area that a crash left before its job.json existed
-    others = sorted(entry.name for entry in out_dir.iterdir() if entry.name != STAGING)
+    # a job's lock or a reconciler's claim (storage/output_claims.py) is not content
+    others = sorted(entry.name for entry in out_dir.iterdir() if entry.name != STAGING
+                    and entry.name not in CONTROL_FILES and not entry.name.startswith(TMP_PREFIX))
     if staging.is_dir() and any(not entry.name.startswith(TMP_PREFIX) for entry in staging.iterdir()):
         others.insert(0, f"{STAGING}/ without {JOB_FILE}")
     if others:
@@ -91,6 +109,55 @@ def inspect_output(out_dir: Path, job_fingerprint: str) -> OutputState:
             f"first: {others[0]}); {_FIX_CONFLICT}"
         )
     return OutputState(complete=False, done_blocks=0)
+
+
+def check_finished_files(out_dir: Path, manifest: dict, verify: Literal["sizes", "hashes"]) -> None:
+    """Every file the manifest lists is a plain file of out_dir with its recorded size (and sha256).
+
+    Raises:
+        OutputDamaged: the list is damaged, names a path outside out_dir, or a file is missing or changed.
+    """
+    entries = manifest.get("files")
+    if not isinstance(entries, list) or not all(_is_file_entry(e) for e in entries):
+        raise OutputDamaged(f"{out_dir / MANIFEST_FILE} has no valid file list (path, size, sha256 per file); "
+                            f"{_FIX_DAMAGED}")
+    for entry in entries:
+        problem = _file_problem(out_dir, entry, verify)
+        if problem is not None:
+            raise OutputDamaged(f"output.uri {out_dir} holds this job's finished checkpoint, but {problem}; "
+                                f"{_FIX_DAMAGED} (it writes the same bytes again)")
+
+
+def _is_file_entry(entry: object) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str)
+            and type(entry.get("size")) is int)
+
+
+def _file_problem(out_dir: Path, entry: dict, verify: Literal["sizes", "hashes"]) -> str | None:
+    """What is wrong with one manifest entry's file, or None."""
+    name = entry["path"]
+    # rayquant writes a flat directory: any separator or dot-dot is a name from elsewhere
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        return f"the manifest names {name!r}, a path outside the output directory"
+    try:
+        st = (out_dir / name).lstat()
+    except FileNotFoundError:
+        return f"{name} is missing"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{name} is not a regular file (a link or a directory)"
+    if st.st_size != entry["size"]:
+        return f"{name} is {st.st_size} bytes, the manifest records {entry['size']}"
+    if verify == "hashes" and file_entry(out_dir, name)["sha256"] != entry["sha256"]:
+        return f"{name} has changed (its sha256 differs from the manifest's {entry['sha256'][:12]})"
+    return None
+
+
+def _remove_leftover_staging(out_dir: Path) -> None:
+    """The manifest is the commit: a staging area beside it is what a job stopped before removing."""
+    staging = out_dir / STAGING
+    if staging.is_dir() and not staging.is_symlink():
+        shutil.rmtree(staging)
+        log.info("leftover_staging_removed", path=str(staging))
 
 
 def begin_staging(out_dir: Path, job_fingerprint: str, resolved_spec: dict) -> None:
@@ -116,11 +183,12 @@ def open_shard_path(out_dir: Path, shard: PlannedShard) -> Path:
 
 
 def resume_point(out_dir: Path, plan: ShardPlan, done_blocks: int) -> int:
-    """The first block to quantize: done_blocks, or earlier where a marked block's shard is not intact
-    (deleted or damaged after the fact); markers from there on are removed, so those blocks are redone.
+    """The first block to quantize: done_blocks, or earlier where a marker does not parse or a marked
+    block's shard is not intact (deleted or damaged after the fact); markers from there on are removed,
+    so those blocks are redone (a damaged marker costs its blocks, never the whole job).
     """
     staging = _require_staging(Path(out_dir))
-    resume = done_blocks
+    resume = _first_damaged_marker(out_dir, done_blocks)
     for shard in plan.shards:
         marked = [b for b in shard.blocks if b < done_blocks]
         if marked and not shard_is_intact(open_shard_path(out_dir, shard), shard):
@@ -128,6 +196,17 @@ def resume_point(out_dir: Path, plan: ShardPlan, done_blocks: int) -> int:
     for b in range(resume, done_blocks):
         (staging / _marker_name(b)).unlink(missing_ok=True)
     return resume
+
+
+def _first_damaged_marker(out_dir: Path, done_blocks: int) -> int:
+    """The first of blocks 0..done_blocks-1 whose marker does not parse (done_blocks if none)."""
+    for b in range(done_blocks):
+        try:
+            read_block_marker(out_dir, b)
+        except StagingIncomplete as err:
+            log.warning("damaged_block_marker", block_idx=b, problem=str(err.__cause__))
+            return b
+    return done_blocks
 
 
 def prepare_shards(out_dir: Path, plan: ShardPlan) -> None:

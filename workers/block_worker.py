@@ -46,7 +46,7 @@ from rayquant.workers.adapter import (
 )
 from rayquant.workers.block_load import broadcast_block, read_share
 from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
-from rayquant.workers.collectives import free_tcp_address
+from rayquant.workers.collectives import free_tcp_address, join_process_group
 from rayquant.workers.host_copy import HostCopy
 from rayquant.workers.in_pass_eval import EvalStreams
 from rayquant.workers.kernel_warmup import finish_warm_up, job_shapes, start_warm_up
@@ -101,6 +101,8 @@ class WorkerSetup:
     # a remote source (s3://, hf://) as the driver opened it: tensors are read at the revision it pinned,
     # never re-listed (model_path is then only where its small files are cached on the driver)
     source: ModelSource | None = None
+    rendezvous_timeout_s: float = 60.0  # cluster.rendezvous_timeout_s: every rank joined, or a named error
+    collective_timeout_s: float = 1800.0  # cluster.collective_timeout_s: one collective's longest wait
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,11 @@ class BlockWorker:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)  # NCCL binds each rank to its current device
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=rendezvous, rank=self.rank,
-                                world_size=self.world, timeout=timedelta(minutes=30))
+
+        # every socket on the rendezvous host only; a rank that never comes is named within the timeout
+        join_process_group(backend, rendezvous, self.rank, self.world,
+                           timedelta(seconds=self.setup.rendezvous_timeout_s),
+                           timedelta(seconds=self.setup.collective_timeout_s))
         self.group = RankGroup(self.rank, self.world, self.device)
         with agree_on_errors(self.group):
             self.source = self.setup.source or open_model_source(self.setup.model_path)

@@ -225,3 +225,23 @@ def _tensors(out: Path) -> dict[str, bytes]:
                 f.seek(info.start)
                 tensors[name] = (info.dtype, info.shape, f.read(info.nbytes))
     return tensors
+
+
+def test_a_second_run_on_a_running_jobs_output_exits_2_naming_it_and_touches_nothing(run_w2, tmp_path):
+    from rayquant.storage.output_claims import LOCK_FILE
+
+    out = tmp_path / "locked"
+    cmd = [sys.executable, "-m", "rayquant.jobs.cli", "quantize", str(SPEC), "--set", f"output.uri={out}"]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_FILE).exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first job never took its lock"
+        time.sleep(0.02)
+    holder = json.loads((out / LOCK_FILE).read_text())["holder"]
+    second = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")  # the same job: it would redo the work
+    assert second.returncode == 2, second.stderr[-3000:]
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: OutputLocked") and holder.split("@")[0] in line, line
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert output_files(out) == output_files(run_w2[1]) and not (out / LOCK_FILE).exists()

@@ -142,17 +142,17 @@ def test_job_to_s3_publishes_the_local_jobs_bytes_and_the_manifest_last(source, 
     assert _objects(client, bucket, prefix) == uploaded
 
 
-def test_another_model_at_the_s3_target_is_refused_before_any_work(s3_server, tmp_path):
-    bucket = s3_server.create_bucket("outputs")
-    target = f"s3://{bucket}/taken"
-    first = _quantize(_env(s3_server, tmp_path / "cache"), f"output.uri={target}")
-    assert first.returncode == 0, first.stderr[-3000:]
-    before = _objects(s3_server.client(), bucket, "taken")
-    other = _quantize(_env(s3_server, tmp_path / "cache"), "quant.bits=8", f"output.uri={target}")
+def test_another_model_at_the_s3_target_is_refused_before_any_work(local_run, s3_source, s3_server, tmp_path):
+    """After test_job_to_s3_...[s3] (the same module, run first): that output is another job's model."""
+    bucket, prefix = "outputs", "s3-to-s3"
+    before = _objects(s3_server.client(), bucket, prefix)
+    assert "rayquant-manifest.json" in before
+    other = _quantize(_env(s3_server, tmp_path / "cache"), "quant.bits=8", f"model.source={s3_source}",
+                      f"output.uri=s3://{bucket}/{prefix}")
     assert other.returncode == 2, other.stderr[-3000:]
-    assert "another job" in other.stderr and target in other.stderr
+    assert "another job" in other.stderr and f"s3://{bucket}/{prefix}" in other.stderr
     assert not log_events(other.stderr, "job_planned")
-    assert _objects(s3_server.client(), bucket, "taken") == before
+    assert _objects(s3_server.client(), bucket, prefix) == before
 
 
 @pytest.mark.parametrize("case", ["wrong secret", "missing bucket", "missing source"])

@@ -33,7 +33,8 @@ def _imported_by(*args: str) -> dict[str, bool]:
 
 
 def test_help_and_version_import_neither_torch_nor_ray():
-    for args in (["--help"], ["--version"], ["quantize", "--help"], ["eval", "--help"], ["example-spec"]):
+    for args in (["--help"], ["--version"], ["quantize", "--help"], ["eval", "--help"], ["example-spec"],
+                 ["plan", "--help"], ["reconcile", "--help"], ["submit", "--help"]):
         assert _imported_by(*args) == {"torch": False, "ray": False, "transformers": False}, args
 
 

@@ -1,0 +1,13 @@
+from collections.abc import Iterator
+
+import pytest
+
+from tests.ray_head import RayHead, run_ray_head
+
+
+@pytest.fixture(scope="session")
+def ray_head(synthetic_cache) -> Iterator[RayHead]:
+    """A real Ray head on 127.0.0.1 with token auth (tests/ray_head.py), one per session; its jobs share
+    the session's RAYQUANT_CACHE (started after it is set)."""
+    with run_ray_head(num_cpus=2) as head:
+        yield head
