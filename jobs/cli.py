@@ -27,14 +27,15 @@ QUANTIZE_EPILOG = """\
 spec sections (every key has a default; `rayquant example-spec` prints them all, annotated):
   name          the job's name (model card, progress bar)
   model         source: a local model directory, s3://bucket/prefix, hf://org/name[@revision] or
-                synthetic://<preset>; trust_remote_code
+                synthetic://<preset>; trust_remote_code (must be false)
   quant         bits, group_size, desc_act, sym, act_group_aware, damp_percent, true_sequential,
                 overrides (per-module bits/group_size/skip), moe.{min_tokens, starved_experts}
   calibration   dataset (builtin://text | .txt/.jsonl/.parquet path or s3:// | hf://), n_samples,
                 seq_len, eval_samples, packing, min_length, text_field, split, seed
-  cluster       address (none = embedded Ray on 127.0.0.1), num_workers, gpus_per_worker, cpus_per_worker
+  cluster       address (none = embedded Ray on 127.0.0.1), num_workers, gpus_per_worker, cpus_per_worker,
+                rendezvous_timeout_s, collective_timeout_s
   output        uri: a local directory, s3://bucket/prefix or hf://org/name[@branch] (uploaded as shards
-                close, the manifest last); work_dir, shared, max_shard_bytes
+                close, the manifest last); work_dir, shared, max_shard_bytes, verify (sizes|hashes)
 
 S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION. Hub: HF_TOKEN, HF_ENDPOINT.
 
