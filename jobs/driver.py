@@ -235,6 +235,7 @@ def _run_locked(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job
         embedded = _embed(workers, calib)  # while the output is prepared here
         staging.begin_staging(out_dir, job.fingerprint, job.resolved)
         resume = staging.resume_point(out_dir, plan, state.done_blocks)
+        staging.check_free_space(out_dir, plan, resume)
         staging.prepare_shards(out_dir, plan)
         # embeddings, final norm and head go into their shard while the blocks run, not in the tail
         non_block = tail_pool.submit(staging.write_non_block_tensors, out_dir, job.source, plan)

@@ -20,7 +20,7 @@ from rayquant.storage.output_claims import MalformedClaim, OutputLocked
 from rayquant.storage.s3_files import S3AccessDenied, S3ObjectNotFound, S3Unreachable
 from rayquant.storage.s3_sink import S3OutputConflict
 from rayquant.storage.safetensors_reader import CorruptSafetensors, NonFiniteWeights
-from rayquant.storage.staging import OutputConflict, OutputDamaged
+from rayquant.storage.staging import NotEnoughDisk, OutputConflict, OutputDamaged
 from rayquant.storage.text_sources import DatasetNotCached, DatasetNotFound, EmptyDataset, UnreadableDataset
 from rayquant.workers.adapter import UnsupportedArchitecture
 from rayquant.workers.layer_overrides import OverrideMatchesNothing, OverridesSplitFusedLayer
@@ -34,6 +34,6 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (
     DatasetNotFound, DatasetNotCached, UnreadableDataset, EmptyDataset, RecordsShorterThanSeqLen, TokenizerMismatch,
     S3ObjectNotFound, S3AccessDenied, S3Unreachable, S3OutputConflict,
     HubRepoNotFound, HubRevisionNotFound, HubAccessDenied, HubUnreachable, HubOutputConflict,
-    OutputDamaged, OutputLocked, MalformedClaim,
+    OutputDamaged, OutputLocked, MalformedClaim, NotEnoughDisk,
     NoClusterAddress, ClusterUnreachable, ClusterAuthFailed, JobNotFound, ClusterTooSmall,
 )

@@ -34,6 +34,34 @@ _FIX_DAMAGED = "delete the output directory and rerun the job"
 log = structlog.get_logger()
 
 
+class NotEnoughDisk(Exception):
+    """The output's filesystem has less free space than the blocks still to be written need."""
+
+
+DISK_MARGIN = 1.05  # planned bytes x this + DISK_SLACK_BYTES: the small files, markers, filesystem rounding
+DISK_SLACK_BYTES = 64 * 2**20
+
+
+def check_free_space(out_dir: Path, plan: ShardPlan, resume: int) -> None:
+    """Before block `resume`: room for what the plan still writes (shards are created sparse and fill up).
+
+    Raises:
+        NotEnoughDisk: naming the filesystem's free bytes, what the job needs and what to do.
+    """
+    n_blocks = sum(len(shard.blocks) for shard in plan.shards)
+    left = plan.total_tensor_bytes * (n_blocks - resume) / max(n_blocks, 1)
+    need = int(left * DISK_MARGIN) + DISK_SLACK_BYTES
+    where = Path(out_dir)
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise NotEnoughDisk(
+            f"output {out_dir}: {free / 2**30:.2f} GiB free on its filesystem, the job still writes "
+            f"{need / 2**30:.2f} GiB (blocks {resume}..{n_blocks - 1}, with a {DISK_MARGIN:g}x margin); free space "
+            f"or choose output.uri (or output.work_dir) on a larger disk, then run the same command again")
+
+
 class OutputConflict(Exception):
     """output.uri names a directory that holds something other than this job's output."""
 

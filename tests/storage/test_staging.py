@@ -304,3 +304,21 @@ def test_blocks_redone_after_a_damaged_shard_give_the_uninterrupted_checkpoint(t
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     listed = {entry["path"]: entry["sha256"] for entry in manifest["files"]}
     assert listed[plan.shards[0].name] == hashlib.sha256((out / plan.shards[0].name).read_bytes()).hexdigest()
+
+
+def test_free_space_check_counts_only_the_blocks_still_to_write(tmp_path):
+    import shutil
+
+    from rayquant.storage.staging import NotEnoughDisk, check_free_space
+
+    class Plan:  # the two things check_free_space reads of a ShardPlan
+        def __init__(self, total: int):
+            self.total_tensor_bytes = total
+            self.shards = [type("Shard", (), {"blocks": (0, 1, 2, 3)})()]
+
+    free = shutil.disk_usage(tmp_path).free
+    check_free_space(tmp_path / "new" / "out", Plan(free // 4), resume=0)  # a missing folder: its parent's disk
+    with pytest.raises(NotEnoughDisk) as err:
+        check_free_space(tmp_path / "out", Plan(free * 2), resume=0)
+    assert "GiB free" in str(err.value) and "run the same command again" in str(err.value)
+    check_free_space(tmp_path / "out", Plan(free * 2), resume=3)  # one block of four left: a quarter of it
