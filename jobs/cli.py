@@ -70,35 +70,11 @@ def _version() -> str:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    import importlib
-    import uuid
-    from concurrent.futures import ThreadPoolExecutor
-
-    import structlog
-
-    from rayquant.jobs import cluster as ray_cluster  # Ray only, no torch
+    from rayquant.jobs.api import run_quantize  # Ray and the driver: only now, so --help stays light
 
     if args.spec is None and not args.set:
         raise SpecError("pass a job spec YAML (e.g. jobs/specs/tiny-llama.yaml, `rayquant example-spec`) or --set")
-    spec = load_spec(Path(args.spec) if args.spec is not None else None, args.set or [])
-    c = spec.cluster
-    job_id = uuid.uuid4().hex[:12]
-    structlog.contextvars.bind_contextvars(job_id=job_id, block=None)
-    structlog.get_logger().info("job_starting", job=spec.name, ray=c.address or "embedded (127.0.0.1)",
-                                workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
-                                cpus_per_worker=c.cpus_per_worker)
-    # Ray starts on this thread (its processes live as long as the thread that started them) while
-    # torch, transformers and the driver are imported on the other; the worker actors follow Ray at once.
-    with ThreadPoolExecutor(1, thread_name_prefix="import-driver") as pool:
-        driver = pool.submit(importlib.import_module, "rayquant.jobs.driver")
-        cluster = ray_cluster.connect(c, verbose=args.verbose)
-        try:
-            # the worker processes start and import torch now, beside this process's import of the driver
-            workers = ray_cluster.create_workers(ray_cluster.WORKER_CLASS, c.num_workers, c.cpus_per_worker,
-                                                 c.gpus_per_worker, args.verbose)
-            outcome = driver.result().run_job(spec, job_id, cluster=cluster, verbose=args.verbose, workers=workers)
-        finally:
-            ray_cluster.disconnect(cluster)
+    outcome = run_quantize(load_spec(Path(args.spec) if args.spec is not None else None, args.set or []), args.verbose)
     print(Path(outcome.uri).resolve() if "://" not in outcome.uri else outcome.uri)
     return 0
 
