@@ -9,6 +9,7 @@ at once; `quantize` starts Ray while another thread imports torch, transformers 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -282,6 +283,11 @@ def _report_error(err: Exception) -> int:
     if isinstance(err, INPUT_ERRORS):
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:  # a worker's or the driver's write
+        print(f"error: DiskFull: {err.filename or 'a file of the output'}: no space left on device; free space "
+              "(or move output.uri / output.work_dir to a larger disk), then run the same command again: the job "
+              "resumes after its last durable block and nothing was published", file=sys.stderr)
+        return 1
     if isinstance(err, (KernelMismatch, WorkerDied, RendezvousTimeout)):  # not the input: one line, exit 1
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

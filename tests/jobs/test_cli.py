@@ -98,3 +98,15 @@ def test_on_a_terminal_the_bar_shows_blocks_stage_and_seconds_per_block(capsys):
     assert any(line.startswith("tiny: 1/4 blocks, block 1 collect |") for line in screen), screen
     assert any(line.startswith("tiny: 2/4 blocks, block 2 solve, 2.00 s/block |") for line in screen), screen
     assert screen[-1].startswith("tiny: 3/4 blocks, done, 3.00 s/block |"), screen
+
+
+def test_a_full_disk_is_one_line_that_says_the_job_resumes(capsys):
+    import errno
+
+    from rayquant.jobs.cli import _report_error
+
+    err = OSError(errno.ENOSPC, "No space left on device", "/data/out/.rayquant-staging/model-00001.safetensors")
+    assert _report_error(err) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: DiskFull: /data/out/")
+    assert "run the same command" in lines[0]
