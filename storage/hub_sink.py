@@ -37,6 +37,7 @@ from rayquant.storage.hub_files import (
     resolve_hub_revision,
 )
 from rayquant.storage.output_layout import MANIFEST_FILE
+from rayquant.storage.sinks import parse_published_manifest
 
 log = structlog.get_logger()
 
@@ -148,14 +149,7 @@ class HubSink:
             body = read_hub_file(self.repo_id, sha, manifest_name)
         except HubFileNotFound:
             return None
-        try:
-            manifest = json.loads(body)
-        except ValueError:
-            manifest = None
-        if not isinstance(manifest, dict) or "job_fingerprint" not in manifest:
-            raise HubOutputConflict(f"{OUTPUT_FIELD} {self.uri} holds a {manifest_name} that rayquant did not "
-                                    f"write; {_FIX_CONFLICT}")
-        return manifest
+        return parse_published_manifest(body, self.uri, manifest_name, HubOutputConflict, _FIX_CONFLICT)
 
     def _refuse_other_job(self, published: dict | None, fingerprint: str) -> None:
         if published is not None and published["job_fingerprint"] != fingerprint:

@@ -32,6 +32,7 @@ from rayquant.storage.s3_files import (
     s3_errors,
     s3_not_found,
 )
+from rayquant.storage.sinks import parse_published_manifest
 
 log = structlog.get_logger()
 
@@ -135,14 +136,7 @@ class S3Sink:
                 if s3_error_code(err) not in _MISSING:
                     raise
                 return None
-        try:
-            manifest = json.loads(body)
-        except ValueError:
-            manifest = None
-        if not isinstance(manifest, dict) or "job_fingerprint" not in manifest:
-            raise S3OutputConflict(f"output.uri {self.uri} holds a {manifest_name} that rayquant did not write; "
-                                   f"{_FIX_CONFLICT}")
-        return manifest
+        return parse_published_manifest(body, self.uri, manifest_name, S3OutputConflict, _FIX_CONFLICT)
 
     def _upload(self, local: Path, name: str, sha256: str, size: int) -> None:
         uri = self._uri(name)

@@ -13,6 +13,7 @@ before every file it lists. Every sink has the same four steps:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -47,3 +48,14 @@ def open_sink(uri: str) -> Sink | None:
 
         return HubSink(uri)
     return None
+
+
+def parse_published_manifest(body: bytes, uri: str, manifest_name: str, conflict: type[Exception], fix: str) -> dict:
+    """The manifest found at a sink's target, parsed; `conflict` (naming `fix`) if rayquant did not write it."""
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or "job_fingerprint" not in manifest:
+        raise conflict(f"output.uri {uri} holds a {manifest_name} that rayquant did not write; {fix}")
+    return manifest
