@@ -214,40 +214,13 @@ def _run_locked(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job
         return JobOutcome(uri=spec.output.uri, n_blocks=state.done_blocks, resumed_from=state.done_blocks,
                           already_complete=False, block_stats=())
     fresh = state.done_blocks == 0 and not (out_dir / STAGING).exists()
-    # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared; a remote
-    # source goes to the workers as opened here, pinned to the revision resolved here
-    model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(job.source.path)
-    remote_source = job.source if is_remote(spec.model.source) else None
     progress = None
     tail_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="non-block")
     closer = ShardCloser(out_dir, publisher)
     try:
-        # the actors import (since Ray started), join the process group and build their skeletons
-        # while the calibration windows are cut here
-        rendezvous = workers[0].rendezvous_address.remote(cluster.loopback)
-        setups = worker_setups(spec, job_id, model_path, remote_source, loopback=cluster.loopback)
-        joined = [w.setup.remote(s, rendezvous) for w, s in zip(workers, setups, strict=True)]
-        calib = calibrate(spec, job.source)
-        n_blocks = wait_all(joined, workers=workers)[0]
-        # rank 0 plans the shards from the skeleton it has built: the driver needs no model classes.
-        # Before the embedding: capturing block 0's inputs swaps modules of that skeleton for a moment.
-        plan = wait_all([workers[0].call.remote("plan_output", spec.output.max_shard_bytes)], workers=workers)[0]
-        embedded = _embed(workers, calib)  # while the output is prepared here
-        staging.begin_staging(out_dir, job.fingerprint, job.resolved)
-        resume = staging.resume_point(out_dir, plan, state.done_blocks)
-        staging.check_free_space(out_dir, plan, resume)
-        staging.prepare_shards(out_dir, plan)
-        # embeddings, final norm and head go into their shard while the blocks run, not in the tail
-        non_block = tail_pool.submit(staging.write_non_block_tensors, out_dir, job.source, plan)
-        log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12],
-                 output=spec.output.uri, work_dir=str(out_dir), workers=spec.cluster.num_workers,
-                 samples=len(calib.samples), seq_len=spec.calibration.seq_len,
-                 resume_from=resume, shards=len(plan.shards), output_bytes=plan.total_tensor_bytes,
-                 windows_sha256=calib.window_sha256[:16])
-        for warning in loader_warnings(spec):
-            log.warning("loader_compatibility", detail=warning)
-        target = OutputTarget(str(out_dir), plan)
-        wait_all(embedded + [w.call.remote("set_output", target) for w in workers], workers=workers)
+        started = _start(spec, job_id, workers, cluster, job, state, tail_pool)
+        calib, n_blocks, resume, target, plan = (started.calib, started.n_blocks, started.resume, started.target,
+                                                 started.target.plan)
         c = spec.cluster
         log.info("workers_ready", ray=cluster.where, workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
                  cpus_per_worker=c.cpus_per_worker, ray_seconds=round(cluster.seconds, 2),
@@ -260,7 +233,7 @@ def _run_locked(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job
         progress.close()
         structlog.contextvars.bind_contextvars(block=None)
         # the shards holding non-block tensors close (hash, rename) after those are written, during the eval
-        tail_closed = tail_pool.submit(_close_tail_shards, out_dir, plan, non_block, publisher)
+        tail_closed = tail_pool.submit(_close_tail_shards, out_dir, plan, started.non_block, publisher)
         t = time.perf_counter()
         streams = wait_all([w.call.remote("evaluate") for w in workers], workers=workers)[0]
         evaluation = _evaluation(spec, streams, calib)
@@ -292,6 +265,56 @@ def _run_locked(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job
         if progress is not None:
             progress.close()
         _kill(workers)
+
+
+@dataclass(frozen=True)
+class _Started:
+    """What start-up hands to the block loop and the tail."""
+
+    calib: CalibrationSet
+    n_blocks: int
+    resume: int  # the first block to quantize
+    target: OutputTarget  # the output folder and its shard plan, as the workers have it
+    non_block: Future  # the copy of the non-block tensors into their shard, on the tail pool
+
+
+def _start(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job: OpenedJob, state: staging.OutputState,
+           tail_pool: ThreadPoolExecutor) -> _Started:
+    """Start-up, overlapped: the workers join and build their skeletons while the windows are cut here; rank 0
+    plans the shards; the windows are embedded while the output is prepared (staging, resume point, free space,
+    shards; the non-block tensors start copying on `tail_pool`)."""
+    out_dir = job.out_dir
+    # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared; a remote
+    # source goes to the workers as opened here, pinned to the revision resolved here
+    model_path = spec.model.source if spec.model.source.startswith("synthetic://") else str(job.source.path)
+    remote_source = job.source if is_remote(spec.model.source) else None
+    # the actors import (since Ray started), join the process group and build their skeletons
+    # while the calibration windows are cut here
+    rendezvous = workers[0].rendezvous_address.remote(cluster.loopback)
+    setups = worker_setups(spec, job_id, model_path, remote_source, loopback=cluster.loopback)
+    joined = [w.setup.remote(s, rendezvous) for w, s in zip(workers, setups, strict=True)]
+    calib = calibrate(spec, job.source)
+    n_blocks = wait_all(joined, workers=workers)[0]
+    # rank 0 plans the shards from the skeleton it has built: the driver needs no model classes.
+    # Before the embedding: capturing block 0's inputs swaps modules of that skeleton for a moment.
+    plan = wait_all([workers[0].call.remote("plan_output", spec.output.max_shard_bytes)], workers=workers)[0]
+    embedded = _embed(workers, calib)  # while the output is prepared here
+    staging.begin_staging(out_dir, job.fingerprint, job.resolved)
+    resume = staging.resume_point(out_dir, plan, state.done_blocks)
+    staging.check_free_space(out_dir, plan, resume)
+    staging.prepare_shards(out_dir, plan)
+    # embeddings, final norm and head go into their shard while the blocks run, not in the tail
+    non_block = tail_pool.submit(staging.write_non_block_tensors, out_dir, job.source, plan)
+    log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12],
+             output=spec.output.uri, work_dir=str(out_dir), workers=spec.cluster.num_workers,
+             samples=len(calib.samples), seq_len=spec.calibration.seq_len,
+             resume_from=resume, shards=len(plan.shards), output_bytes=plan.total_tensor_bytes,
+             windows_sha256=calib.window_sha256[:16])
+    for warning in loader_warnings(spec):
+        log.warning("loader_compatibility", detail=warning)
+    target = OutputTarget(str(out_dir), plan)
+    wait_all(embedded + [w.call.remote("set_output", target) for w in workers], workers=workers)
+    return _Started(calib, n_blocks, resume, target, non_block)
 
 
 def _close_tail_shards(out_dir: Path, plan: ShardPlan, non_block: Future, publisher: Publisher | None) -> None:
