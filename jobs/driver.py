@@ -190,6 +190,10 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
     lock.acquire()
     try:
         state = staging.inspect_output(out_dir, job.fingerprint, "sizes")  # again, now that no job can change it
+        if state.complete and job.sink is None:  # finished by the run this one waited for
+            log.info("job_already_complete", output=spec.output.uri)
+            _kill(workers)
+            return JobOutcome(uri=spec.output.uri, n_blocks=0, resumed_from=0, already_complete=True, block_stats=())
         return _run_locked(spec, job_id, workers, cluster, job, state, lock)
     finally:
         lock.release()

@@ -163,6 +163,10 @@ def holder_is_dead(holder: str) -> bool:
     return False
 
 
+SAME_JOB_WAIT_S = 60.0  # how long a run waits for a live holder of the same job before it gives up
+SAME_JOB_POLL_S = 1.0
+
+
 class OutputLock:
     """The running job's exclusive hold on its output, renewed every stale_after_s / 3 on a background thread.
 
@@ -171,10 +175,12 @@ class OutputLock:
     same job id (an earlier run of it that died) is taken over at once.
     """
 
-    def __init__(self, uri: str, job_id: str, fingerprint: str, stale_after_s: float = 600.0):
+    def __init__(self, uri: str, job_id: str, fingerprint: str, stale_after_s: float = 600.0,
+                 same_job_wait_s: float | None = None):
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s={stale_after_s}: must be > 0 seconds")
         self.uri, self.job_id, self.fingerprint, self.stale_after_s = uri, job_id, fingerprint, stale_after_s
+        self.same_job_wait_s = SAME_JOB_WAIT_S if same_job_wait_s is None else same_job_wait_s
         self._register = _open_register(uri, LOCK_FILE)
         self._seen: _Seen | None = None  # what we last wrote: the condition of the next renewal or release
         self._stop = threading.Event()
@@ -194,14 +200,21 @@ class OutputLock:
         return None if self._seen is None or self._lost is not None else _parse(self._seen, self._register.where)
 
     def acquire(self) -> None:
-        """Create the lock (or take over a stale one) and start renewing it.
+        """Create the lock (or take over a stale one) and start renewing it. A live holder of the same job (the
+        same fingerprint: an attempt being stopped while this one starts, or the same command run twice) is
+        waited for up to same_job_wait_s, polling; another job's is refused at once.
 
         Raises:
-            OutputLocked: another job holds the lock and renewed it within stale_after_s.
+            OutputLocked: another job holds the lock and renewed it within stale_after_s, or the same job
+                still held it after same_job_wait_s.
             MalformedClaim: the lock object is not a rayquant record.
             the S3 / Hub errors (not found, denied, unreachable).
         """
-        for _ in range(RACE_ATTEMPTS):
+        give_up = time.monotonic() + self.same_job_wait_s
+        waited_for: str | None = None
+        attempts = 0
+        while attempts < RACE_ATTEMPTS:
+            attempts += 1
             seen = self._register.read()
             current = _parse(seen, self._register.where)
             mine = new_record(self.fingerprint, self.job_id)
@@ -213,6 +226,13 @@ class OutputLock:
                 if version is not None and current.holder != self.job_id:
                     log.warning("output_lock_taken_over", uri=self.uri, previous_job=current.holder,
                                 age_s=round(current.age_s(mine.time), 1), stale_after_s=self.stale_after_s)
+            elif current.fingerprint == self.fingerprint and time.monotonic() < give_up:
+                if waited_for != current.holder:
+                    log.info("output_lock_wait", uri=self.uri, holder=current.holder, wait_s=self.same_job_wait_s)
+                    waited_for = current.holder
+                time.sleep(SAME_JOB_POLL_S)
+                attempts -= 1  # waiting is not a lost race
+                continue
             else:
                 raise self._locked_by(current, mine.time)
             if version is not None:

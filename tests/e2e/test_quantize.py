@@ -227,21 +227,37 @@ def _tensors(out: Path) -> dict[str, bytes]:
     return tensors
 
 
-def test_a_second_run_on_a_running_jobs_output_exits_2_naming_it_and_touches_nothing(run_w2, tmp_path):
-    from rayquant.storage.output_claims import LOCK_FILE
+def test_a_run_waits_for_a_live_lock_of_the_same_job_and_refuses_another_jobs(tmp_path):
+    """One job per output: a live holder of another job → exit 2 naming it, at once; a live holder of the same
+    job (the same command run twice, or a resubmission while Ray still stops the last attempt) is waited
+    for, and the job then runs. The holders here are this test process, so the timing is the test's."""
+    import threading
+
+    from rayquant.jobs.spec import load_spec
+    from rayquant.storage.model_source import open_model_source
+    from rayquant.storage.output_claims import OutputLock, lock_holder
 
     out = tmp_path / "locked"
-    cmd = [sys.executable, "-m", "rayquant.jobs.cli", "quantize", str(SPEC), "--set", f"output.uri={out}"]
-    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / LOCK_FILE).exists():
-        assert first.poll() is None and time.monotonic() < deadline, "the first job never took its lock"
-        time.sleep(0.02)
-    holder = json.loads((out / LOCK_FILE).read_text())["holder"]
-    second = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")  # the same job: it would redo the work
-    assert second.returncode == 2, second.stderr[-3000:]
-    line = second.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: OutputLocked") and holder.split("@")[0] in line, line
-    stdout, stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, stderr[-3000:]
-    assert output_files(out) == output_files(run_w2[1]) and not (out / LOCK_FILE).exists()
+    spec = load_spec(SPEC, [f"output.uri={out}"])
+    fingerprint = spec.fingerprint(open_model_source(spec.model.source).revision)
+    other = OutputLock(str(out), lock_holder("other-job"), "0" * 64)
+    other.acquire()
+    try:
+        refused = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")
+    finally:
+        other.release()
+    line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and line.startswith("error: OutputLocked") and "other-job@" in line, line
+
+    same = OutputLock(str(out), lock_holder("same-job"), fingerprint)
+    same.acquire()
+    released = threading.Timer(8.0, same.release)
+    released.start()
+    try:
+        run = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")
+    finally:
+        released.join()
+    assert run.returncode == 0, run.stderr[-3000:]
+    waited = log_events(run.stderr, "output_lock_wait")
+    assert len(waited) == 1 and waited[0]["holder"] == lock_holder("same-job")
+    assert len(log_events(run.stderr, "block_done")) == 4 and (out / "rayquant-manifest.json").is_file()

@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Callable
 
 import pytest
+
+from rayquant.storage import output_claims
 from rayquant.storage.hub_files import resolve_hub_revision
 from rayquant.storage.output_claims import (
     OutputLock,
@@ -23,6 +25,13 @@ from structlog.testing import capture_logs
 
 BUCKET = "claims-test"
 KINDS = ("local", "s3", "hub")
+
+
+@pytest.fixture(autouse=True)
+def no_wait_for_the_same_job(monkeypatch):
+    """These tests contend with one fingerprint and expect a live holder refused at once; the driver's wait
+    for a live holder of the same job is tests/e2e/test_quantize.py's."""
+    monkeypatch.setattr(output_claims, "SAME_JOB_WAIT_S", 0.0)
 
 
 @pytest.fixture(params=KINDS)
