@@ -8,7 +8,6 @@ job's tail after the last block is then the last shard's upload plus the small f
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,8 +33,8 @@ def work_dir(spec: JobSpec, fingerprint: str) -> Path:
         return Path(spec.output.uri)
     if spec.output.work_dir is not None:
         return Path(spec.output.work_dir)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", spec.name).strip("-")[:60] or "job"
-    return cache_root() / "outputs" / f"{name}-{fingerprint[:16]}"
+    # the spec already limits `name` to [A-Za-z0-9._-] (jobs/spec.py), so it is a safe folder name as it is
+    return cache_root() / "outputs" / f"{spec.name[:60]}-{fingerprint[:16]}"
 
 
 class Publisher:
