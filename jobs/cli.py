@@ -34,7 +34,7 @@ spec sections (every key has a default; `rayquant example-spec` prints them all,
   calibration   dataset (builtin://text | .txt/.jsonl/.parquet path or s3:// | hf://), n_samples,
                 seq_len, eval_samples, packing, min_length, text_field, split, seed
   cluster       address (none = embedded Ray on 127.0.0.1), num_workers, gpus_per_worker, cpus_per_worker,
-                rendezvous_timeout_s, collective_timeout_s
+                rendezvous_timeout_s, collective_timeout_s, max_worker_restarts
   output        uri: a local directory, s3://bucket/prefix or hf://org/name[@branch] (uploaded as shards
                 close, the manifest last); work_dir, shared, max_shard_bytes, verify (sizes|hashes)
 

@@ -38,6 +38,10 @@ class ClusterTooSmall(Exception):
 class WorkerDied(Exception):
     """A worker's process ended (killed, out of memory, its node lost) while the driver waited on it."""
 
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank  # None: the rank is not known
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -118,6 +122,11 @@ def connect(spec: ClusterSpec, verbose: bool) -> Cluster:
         ray.init(address="local", num_cpus=spec.num_workers * spec.cpus_per_worker, include_dashboard=False, **quiet)
     else:
         ray.init(address=target.address, **quiet)
+    if not verbose:
+        _route_raylet_errors()
+        # the calls a replaced set of workers never answered (jobs/driver._Crew) are errors nobody reads:
+        # Ray would print each as "Unhandled error" when its reference is dropped
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     cluster = Cluster(where=target.where, owns_ray=True, started=t, seconds=time.perf_counter() - t,
                       loopback=target.address == "local")
     try:
@@ -127,6 +136,27 @@ def connect(spec: ClusterSpec, verbose: bool) -> Cluster:
         raise
     install_sigterm_handler()
     return cluster
+
+
+def _route_raylet_errors() -> None:
+    """Ray's driver prints the raylet's error messages (a dead worker's post-mortem, ~600 characters) on
+    stdout, where only the output path belongs, and off a terminal stderr holds JSON lines only: they
+    become debug log lines instead. The job reports a dead worker itself (WorkerDied, workers_replaced).
+    Ray's error listener looks the printer up in its module at each message, so replacing it takes effect."""
+    from ray._private import worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "rayquant_routed", False):
+        return
+
+    def print_or_log(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            log.debug("ray_error_message", lines=data.get("lines"))
+        else:
+            printer(data, ignore_prefix)
+
+    print_or_log.rayquant_routed = True
+    ray_worker.print_to_stdstream = print_or_log
 
 
 def _last_cluster_address() -> str | None:
@@ -190,6 +220,28 @@ def create_workers(worker_class: str | type, n: int, num_cpus: int, num_gpus: in
     """
     actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=3)(WorkerHost)
     return [actor_class.remote(worker_class, verbose) for _ in range(n)]
+
+
+def replace_workers(workers: list, worker_class: str | type, num_cpus: int, num_gpus: int, verbose: bool,
+                    timeout: float = 60.0) -> list:
+    """A fresh set of worker actors in place of `workers`, once every old one is gone.
+
+    All ranks are replaced, not only a dead one: a process group that lost a member cannot be repaired
+    (NCCL's communicators abort; the survivors may sit in a collective), and the survivors' calibration
+    shards are mid-block. The old processes must be gone first: rank 0's writer may still be filling a
+    shard the new rank 0 will write, and embedded Ray has CPUs for one set only.
+    """
+    for w in workers:
+        ray.kill(w)
+    deadline = time.monotonic() + timeout
+    for w in workers:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(w.current_stage.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.05)  # ray.kill is asynchronous: the actor may answer once more
+    return create_workers(worker_class, len(workers), num_cpus, num_gpus, verbose)
 
 
 def wait_all(refs: list, on_wait: Callable[[], None] | None = None, poll_seconds: float = 0.5,
@@ -258,7 +310,7 @@ def worker_died(err: ray.exceptions.RayActorError, rank: int, peer_stages: list[
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     reason = lines[-1] if lines else type(err).__name__
     return WorkerDied(f"worker rank {rank} died during {doing}: {reason}; run the same command again to "
-                      f"resume after the last completed block")
+                      f"resume after the last completed block", rank=rank)
 
 
 def current_stage(worker: Any, timeout: float = 0.2) -> tuple[int | None, str] | None:

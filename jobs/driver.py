@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
 
 import ray
 import structlog
 import torch
 
-from rayquant.jobs.cluster import WORKER_CLASS, Cluster, connect, create_workers, current_stage, disconnect, wait_all
+from rayquant.jobs.cluster import (WORKER_CLASS, Cluster, WorkerDied, connect, create_workers, current_stage, disconnect,
+                                   replace_workers, wait_all)
 from rayquant.jobs.input_errors import INPUT_ERRORS
 from rayquant.jobs.loader_compat import loader_warnings
 from rayquant.jobs.logs import stderr_is_terminal
@@ -169,16 +172,18 @@ def run_job(spec: JobSpec, job_id: str | None = None, worker_class: str | type =
     if own:
         cluster = connect(spec.cluster, verbose=verbose)
     try:
+        c = spec.cluster
         if workers is None:
-            c = spec.cluster
             workers = create_workers(worker_class, c.num_workers, c.cpus_per_worker, c.gpus_per_worker, verbose)
-        return _run(spec, job_id, workers, cluster)
+        respawn = partial(replace_workers, worker_class=worker_class, num_cpus=c.cpus_per_worker,
+                          num_gpus=c.gpus_per_worker, verbose=verbose)
+        return _run(spec, job_id, workers, cluster, respawn)
     finally:
         if own:
             disconnect(cluster)
 
 
-def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutcome:
+def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, respawn: Callable[[list], list]) -> JobOutcome:
     job = open_job(spec)
     out_dir, state = job.out_dir, job.state
     if job.published or (state.complete and job.sink is None):
@@ -194,7 +199,8 @@ def _run(spec: JobSpec, job_id: str, workers: list, cluster: Cluster) -> JobOutc
             log.info("job_already_complete", output=spec.output.uri)
             _kill(workers)
             return JobOutcome(uri=spec.output.uri, n_blocks=0, resumed_from=0, already_complete=True, block_stats=())
-        return _run_locked(spec, job_id, workers, cluster, job, state, lock)
+        return _run_locked(spec, job_id, _Crew(workers, respawn, spec.cluster.max_worker_restarts), cluster, job,
+                           state, lock)
     finally:
         lock.release()
         if out_dir.is_dir() and not any(out_dir.iterdir()):  # only the lock was here: a job that never started
@@ -207,55 +213,40 @@ def _lock_uri(spec: JobSpec, out_dir: Path) -> str:
     return str(out_dir) if spec.output.uri.startswith("hf://") else spec.output.uri
 
 
-def _run_locked(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job: OpenedJob,
+def _run_locked(spec: JobSpec, job_id: str, crew: _Crew, cluster: Cluster, job: OpenedJob,
                 state: staging.OutputState, lock: OutputLock) -> JobOutcome:
     out_dir = job.out_dir
     publisher = Publisher(job.sink, out_dir) if job.sink is not None else None
     if state.complete:  # built here by an earlier run that stopped before its upload finished
-        _kill(workers)
+        crew.kill()
         lock.check()
         publisher.publish()
         return JobOutcome(uri=spec.output.uri, n_blocks=state.done_blocks, resumed_from=state.done_blocks,
                           already_complete=False, block_stats=())
     fresh = state.done_blocks == 0 and not (out_dir / STAGING).exists()
-    progress = None
     tail_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="non-block")
     closer = ShardCloser(out_dir, publisher)
+    prep = _Preparation(spec, job, tail_pool)
     try:
-        started = _start(spec, job_id, workers, cluster, job, state, tail_pool)
-        calib, n_blocks, resume, target, plan = (started.calib, started.n_blocks, started.resume, started.target,
-                                                 started.target.plan)
-        c = spec.cluster
-        log.info("workers_ready", ray=cluster.where, workers=c.num_workers, gpus_per_worker=c.gpus_per_worker,
-                 cpus_per_worker=c.cpus_per_worker, ray_seconds=round(cluster.seconds, 2),
-                 seconds=round(time.perf_counter() - cluster.started, 2))
-        progress = JobProgress(spec.name, n_blocks, resume, terminal=stderr_is_terminal(), status_dir=out_dir / STAGING)
-        if publisher is not None:
-            publisher.on_uploaded = progress.uploaded
-        t_job = time.perf_counter()
-        blocks = _run_blocks(workers, _BlockRange(job_id, n_blocks, resume), target, progress, closer)
-        progress.close()
-        structlog.contextvars.bind_contextvars(block=None)
-        # the shards holding non-block tensors close (hash, rename) after those are written, during the eval
-        tail_closed = tail_pool.submit(_close_tail_shards, out_dir, plan, started.non_block, publisher)
-        t = time.perf_counter()
-        streams = wait_all([w.call.remote("evaluate") for w in workers], workers=workers)[0]
-        evaluation = _evaluation(spec, streams, calib)
-        log.info("eval_done", seconds=round(time.perf_counter() - t, 2),
+        run = _quantize_with_recovery(spec, job_id, crew, cluster, prep, publisher, closer)
+        calib, plan = prep.calib, run.started.target.plan
+        evaluation = _evaluation(spec, run.streams, calib)
+        log.info("eval_done", seconds=round(time.perf_counter() - run.eval_started, 2),
                  **(evaluation.perplexities() if evaluation is not None else {}))
-        report = _report(spec, job.source.revision, calib, blocks.layers, evaluation)
-        stats = RunStats(job_id=job_id, workers=spec.cluster.num_workers, blocks=tuple(blocks.run_stats),
-                         eval_seconds=round(time.perf_counter() - t, 3))
+        report = _report(spec, job.source.revision, calib, run.blocks.layers, evaluation)
+        stats = RunStats(job_id=job_id, workers=spec.cluster.num_workers, blocks=tuple(run.blocks.run_stats),
+                         eval_seconds=round(time.perf_counter() - run.eval_started, 3))
         t = time.perf_counter()
-        tail_closed.result()
+        run.tail_closed.result()
         lock.check()
         finish_checkpoint(out_dir, job.source, plan, report, job.resolved, run_stats=stats, non_block_written=True)
         if publisher is not None:
             publisher.publish()
-        log.info("job_done", output=spec.output.uri, blocks=n_blocks, blocks_seconds=round(t - t_job, 2),
-                 finish_seconds=round(time.perf_counter() - t, 2))
-        return JobOutcome(uri=spec.output.uri, n_blocks=n_blocks, resumed_from=resume, already_complete=False,
-                          block_stats=stats.blocks)
+        log.info("job_done", output=spec.output.uri, blocks=run.started.n_blocks,
+                 blocks_seconds=round(run.eval_started - run.blocks_started, 2),
+                 finish_seconds=round(time.perf_counter() - t, 2), worker_restarts=crew.restarts.total())
+        return JobOutcome(uri=spec.output.uri, n_blocks=run.started.n_blocks, resumed_from=run.first_resume,
+                          already_complete=False, block_stats=stats.blocks)
     except INPUT_ERRORS:
         if fresh:  # this input can never finish; a fixed input is a different job
             tail_pool.shutdown(wait=True)  # its writes end before the files go
@@ -266,9 +257,146 @@ def _run_locked(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job
         closer.shutdown()
         if publisher is not None:
             publisher.close()
+        crew.kill()
+
+
+class _Restarts:
+    """How often each rank's worker died in this job; one death past the budget ends the job."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.deaths: Counter[int | None] = Counter()
+
+    def charge(self, died: WorkerDied) -> None:
+        """Count `died`; past the budget, raise it again with how often that rank died.
+
+        Raises:
+            WorkerDied: the rank died more than `limit` times in this job.
+        """
+        self.deaths[died.rank] += 1
+        if self.deaths[died.rank] > self.limit:
+            raise WorkerDied(
+                f"worker rank {died.rank} died {self.deaths[died.rank]} times in this job, more than "
+                f"cluster.max_worker_restarts={self.limit}: look for what kills it (its log under Ray's "
+                f"session_latest/logs: out of memory, a failing GPU, a lost node); last time: {died}",
+                rank=died.rank) from died
+
+    def total(self) -> int:
+        return sum(self.deaths.values())
+
+
+class _Crew:
+    """The job's worker actors; a dead one is replaced with the whole set (jobs/cluster.replace_workers)."""
+
+    def __init__(self, actors: list, respawn: Callable[[list], list], max_restarts: int):
+        self.actors = actors
+        self._respawn = respawn
+        self.restarts = _Restarts(max_restarts)
+
+    def replace(self, died: WorkerDied) -> None:
+        """Charge `died` to its rank (raises past the budget) and start a fresh set of workers."""
+        self.restarts.charge(died)
+        t = time.perf_counter()
+        self.actors = self._respawn(self.actors)
+        log.warning("workers_replaced", dead_rank=died.rank, deaths_of_rank=self.restarts.deaths[died.rank],
+                    seconds=round(time.perf_counter() - t, 2), reason=str(died))
+
+    def kill(self) -> None:
+        _kill(self.actors)
+
+
+@dataclass
+class _QuantizedRun:
+    """What the blocks and the in-pass evaluation hand to the report and the finish."""
+
+    started: _Started  # the last start-up's (after a recovery: the replacement workers')
+    first_resume: int  # the first block this run quantized (its first start-up's resume point)
+    blocks: _BlocksRun
+    streams: dict[str, tuple[float, int]]
+    blocks_started: float
+    eval_started: float
+    tail_closed: Future
+
+
+def _quantize_with_recovery(spec: JobSpec, job_id: str, crew: _Crew, cluster: Cluster, prep: _Preparation,
+                            publisher: Publisher | None, closer: ShardCloser) -> _QuantizedRun:
+    """Start the workers, run every block and the in-pass evaluation. A worker that dies costs a fresh set
+    of workers that resume from the last durable block: the blocks before it are replayed from their shards
+    (the calibration shards move through the quantized blocks as a rerun's would), so the output is the
+    bytes an undisturbed run writes.
+
+    Raises:
+        WorkerDied: a rank died more than cluster.max_worker_restarts times.
+    """
+    progress: JobProgress | None = None
+    first_resume, tail_closed, died_at = None, None, None
+    try:
+        while True:
+            try:
+                started = _start(spec, job_id, crew.actors, cluster, prep)
+                if progress is None:
+                    first_resume = started.resume
+                    c = spec.cluster
+                    log.info("workers_ready", ray=cluster.where, workers=c.num_workers,
+                             gpus_per_worker=c.gpus_per_worker, cpus_per_worker=c.cpus_per_worker,
+                             ray_seconds=round(cluster.seconds, 2),
+                             seconds=round(time.perf_counter() - cluster.started, 2))
+                    progress = JobProgress(spec.name, started.n_blocks, started.resume, terminal=stderr_is_terminal(),
+                                           status_dir=prep.job.out_dir / STAGING)
+                    if publisher is not None:
+                        publisher.on_uploaded = progress.uploaded
+                    t_blocks = time.perf_counter()
+                else:
+                    progress.rewind()
+                blocks = _run_blocks(crew.actors, _BlockRange(job_id, started.n_blocks, started.resume, died_at),
+                                     started.target, progress, closer)
+                structlog.contextvars.bind_contextvars(block=None)
+                if tail_closed is None:  # shards holding non-block tensors close (hash, rename) during the eval
+                    tail_closed = prep.tail_pool.submit(_close_tail_shards, prep.job.out_dir, started.target.plan,
+                                                        started.non_block, publisher)
+                t_eval = time.perf_counter()
+                streams = wait_all([w.call.remote("evaluate") for w in crew.actors], workers=crew.actors)[0]
+                return _QuantizedRun(started, first_resume, blocks, streams, t_blocks, t_eval, tail_closed)
+            except WorkerDied as died:
+                died_at = time.perf_counter()
+                structlog.contextvars.bind_contextvars(block=None)
+                closer.drain()  # shards closing (renamed) while the new workers read them back would race
+                prep.drain()
+                crew.replace(died)
+    finally:
         if progress is not None:
             progress.close()
-        _kill(workers)
+
+
+class _Preparation:
+    """The driver's half of start-up, done once however often the workers start: the calibration windows,
+    the staging area, the shards, the copy of the non-block tensors."""
+
+    def __init__(self, spec: JobSpec, job: OpenedJob, tail_pool: ThreadPoolExecutor):
+        self.spec, self.job, self.tail_pool = spec, job, tail_pool
+        self.non_block: Future | None = None
+
+    @cached_property
+    def calib(self) -> CalibrationSet:
+        return calibrate(self.spec, self.job.source)
+
+    def output(self, plan: ShardPlan) -> int:
+        """Staging, shards and free space for `plan`; returns the resume point (the first block without a
+        durable marker, counted now: after a recovery, the markers written since the job started count)."""
+        out_dir, job = self.job.out_dir, self.job
+        staging.begin_staging(out_dir, job.fingerprint, job.resolved)
+        done = staging.inspect_output(out_dir, job.fingerprint, "sizes").done_blocks
+        resume = staging.resume_point(out_dir, plan, done)
+        staging.check_free_space(out_dir, plan, resume)
+        staging.prepare_shards(out_dir, plan)
+        if self.non_block is None:  # embeddings, final norm and head go into their shard while the blocks run
+            self.non_block = self.tail_pool.submit(staging.write_non_block_tensors, out_dir, job.source, plan)
+        return resume
+
+    def drain(self) -> None:
+        """Wait for the tail pool's queued work (non-block tensors, tail shards closing); errors stay in their
+        futures."""
+        self.tail_pool.submit(lambda: None).result()
 
 
 @dataclass(frozen=True)
@@ -282,11 +410,11 @@ class _Started:
     non_block: Future  # the copy of the non-block tensors into their shard, on the tail pool
 
 
-def _start(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job: OpenedJob, state: staging.OutputState,
-           tail_pool: ThreadPoolExecutor) -> _Started:
-    """Start-up, overlapped: the workers join and build their skeletons while the windows are cut here; rank 0
-    plans the shards; the windows are embedded while the output is prepared (staging, resume point, free space,
-    shards; the non-block tensors start copying on `tail_pool`)."""
+def _start(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, prep: _Preparation) -> _Started:
+    """Start-up, overlapped: the workers join and build their skeletons while the windows are cut here (the
+    first time); rank 0 plans the shards; the windows are embedded while the output is prepared (staging,
+    resume point, free space, shards; the non-block tensors start copying on the tail pool)."""
+    job = prep.job
     out_dir = job.out_dir
     # synthetic:// is rebuilt (deterministically) on each worker's node; a local dir must be shared; a remote
     # source goes to the workers as opened here, pinned to the revision resolved here
@@ -297,18 +425,13 @@ def _start(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job: Ope
     rendezvous = workers[0].rendezvous_address.remote(cluster.loopback)
     setups = worker_setups(spec, job_id, model_path, remote_source, loopback=cluster.loopback)
     joined = [w.setup.remote(s, rendezvous) for w, s in zip(workers, setups, strict=True)]
-    calib = calibrate(spec, job.source)
+    calib = prep.calib
     n_blocks = wait_all(joined, workers=workers)[0]
     # rank 0 plans the shards from the skeleton it has built: the driver needs no model classes.
     # Before the embedding: capturing block 0's inputs swaps modules of that skeleton for a moment.
     plan = wait_all([workers[0].call.remote("plan_output", spec.output.max_shard_bytes)], workers=workers)[0]
     embedded = _embed(workers, calib)  # while the output is prepared here
-    staging.begin_staging(out_dir, job.fingerprint, job.resolved)
-    resume = staging.resume_point(out_dir, plan, state.done_blocks)
-    staging.check_free_space(out_dir, plan, resume)
-    staging.prepare_shards(out_dir, plan)
-    # embeddings, final norm and head go into their shard while the blocks run, not in the tail
-    non_block = tail_pool.submit(staging.write_non_block_tensors, out_dir, job.source, plan)
+    resume = prep.output(plan)
     log.info("job_planned", model=spec.model.source, revision=job.source.revision[:12],
              output=spec.output.uri, work_dir=str(out_dir), workers=spec.cluster.num_workers,
              samples=len(calib.samples), seq_len=spec.calibration.seq_len,
@@ -318,7 +441,7 @@ def _start(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, job: Ope
         log.warning("loader_compatibility", detail=warning)
     target = OutputTarget(str(out_dir), plan)
     wait_all(embedded + [w.call.remote("set_output", target) for w in workers], workers=workers)
-    return _Started(calib, n_blocks, resume, target, non_block)
+    return _Started(calib, n_blocks, resume, target, prep.non_block)
 
 
 def _close_tail_shards(out_dir: Path, plan: ShardPlan, non_block: Future, publisher: Publisher | None) -> None:
@@ -364,6 +487,7 @@ class _BlockRange:
     job_id: str
     n_blocks: int
     resume: int  # the first block to quantize; the ones before are replayed from their shards
+    recovering_since: float | None = None  # perf_counter() when a worker died: this run replaces its work
 
     def tasks(self) -> Iterator[BlockTask]:
         return (BlockTask(self.job_id, b, replay=b < self.resume) for b in range(self.n_blocks))
@@ -390,6 +514,8 @@ def _run_blocks(workers: list, blocks: _BlockRange, target: OutputTarget, progre
     unmarked: BlockMarker | None = None  # its block written, but not yet durable
     for task in blocks.tasks():
         b = task.block_idx
+        if b == blocks.resume:
+            _log_recovered(blocks)
         structlog.contextvars.bind_contextvars(block=b)
         t = time.perf_counter()
         refs = [w.call.remote("run_block", task) for w in workers]
@@ -413,11 +539,21 @@ def _run_blocks(workers: list, blocks: _BlockRange, target: OutputTarget, progre
         progress.block_done(b, time.perf_counter() - t, replayed=task.replay,
                             mib_moved=round(sum(moved.values()) / 2**20, 2),
                             stages={k: round(v, 3) for k, v in seconds.items()})
+    if blocks.resume >= blocks.n_blocks:
+        _log_recovered(blocks)
     if unmarked is not None:
         closed += _mark_durable(workers[0], target, closer, run, unmarked)
     for future in closed:
         future.result()  # a failed close fails the job here
     return run
+
+
+def _log_recovered(blocks: _BlockRange) -> None:
+    """After a worker died: the replacement workers have replayed every durable block and reach where the
+    dead one was (the recovery's whole cost: the new workers' start-up and the replay)."""
+    if blocks.recovering_since is not None:
+        log.warning("recovered", resume_from=blocks.resume,
+                    seconds=round(time.perf_counter() - blocks.recovering_since, 2))
 
 
 def _mark_durable(rank0, target: OutputTarget, closer: ShardCloser, run: _BlocksRun,

@@ -96,6 +96,14 @@ class JobProgress:
         log.info("block_done", progress=f"{block_idx + 1}/{self.n_blocks}", replayed=replayed,
                  seconds=round(seconds, 3), eta_s=None if eta is None else round(eta, 1), **fields)
 
+    def rewind(self) -> None:
+        """Workers were replaced: the job replays from block 0 (the rate so far stays for the ETA)."""
+        self._blocks_done = 0
+        self._where = (0, "recovering")
+        if self.bar is not None:
+            self.bar.reset()
+        self._write_record()
+
     def uploaded(self, n_bytes: int) -> None:
         """A sink finished uploading `n_bytes` of the output (the metric only)."""
         if self._metrics is not None and n_bytes > 0:  # a Counter refuses zero
@@ -164,6 +172,14 @@ class _RayMetrics:
             self.stage_seconds.set(seconds, tags={"stage": stage})
         if eta is not None:
             self.eta.set(eta)
+
+    def rewind(self) -> None:
+        """Workers were replaced: the job replays from block 0 (the rate so far stays for the ETA)."""
+        self._blocks_done = 0
+        self._where = (0, "recovering")
+        if self.bar is not None:
+            self.bar.reset()
+        self._write_record()
 
     def uploaded(self, n_bytes: int) -> None:
         self.bytes_uploaded.inc(n_bytes)

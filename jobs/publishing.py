@@ -102,6 +102,10 @@ class ShardCloser:
     def _close(self, shard: PlannedShard) -> None:
         close_and_hand_over(self.out_dir, shard, self.publisher)
 
+    def drain(self) -> None:
+        """Wait until every close queued so far has ended (its error stays in its future)."""
+        self._pool.submit(lambda: None).result()
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
 

@@ -180,6 +180,10 @@ class CalibrationSpec(_Strict):
     seed: int = 0  # window selection
 
 
+# how long the job waits and how often it replaces a worker: not in the output's identity (the same bytes)
+RUN_ONLY_CLUSTER_FIELDS = ("rendezvous_timeout_s", "collective_timeout_s", "max_worker_restarts")
+
+
 class ClusterSpec(_Strict):
     address: str | None = None  # None = embedded local Ray; else a Ray cluster address (ray://host:10001)
     num_workers: int = Field(2, ge=1)  # workers; each keeps 1/num_workers of the samples
@@ -189,6 +193,9 @@ class ClusterSpec(_Strict):
     rendezvous_timeout_s: int = Field(60, ge=1)
     # seconds a collective waits for its peers before failing; must outlast the slowest rank's stage
     collective_timeout_s: int = Field(1800, ge=1)
+    # times one rank's worker may die and be replaced inside the job (the job then resumes from its last
+    # durable block); one more death of that rank ends the job (rerun to resume)
+    max_worker_restarts: int = Field(3, ge=0)
 
 
 class OutputSpec(_Strict):
@@ -273,10 +280,12 @@ class JobSpec(_Strict):
         )
 
     def resolved(self) -> dict:
-        """The spec with defaults filled in, minus where it runs and writes (not part of the output)."""
+        """The spec with defaults filled in, minus where it runs and writes and how long it waits (not part of
+        the output)."""
         body = self.model_dump(mode="json")
         body.pop("output")
-        body["cluster"].pop("address")
+        for how_it_runs in ("address", *RUN_ONLY_CLUSTER_FIELDS):
+            body["cluster"].pop(how_it_runs)
         return body
 
     def fingerprint(self, source_revision: str) -> str:

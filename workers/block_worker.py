@@ -29,7 +29,7 @@ from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefin
 from rayquant.solver.pack import PackedLinear, pack_linear
 from rayquant.solver.rtn import quantize_rtn
 from rayquant.storage.job_records import LayerReport
-from rayquant.storage.model_source import ModelSource, open_model_source, read_source_tensor
+from rayquant.storage.model_source import ModelSource, check_block_tensors, open_model_source, read_source_tensor
 from rayquant.storage.shard_plan import ShardPlan
 from rayquant.workers.adapter import (
     BlockInput,
@@ -45,6 +45,7 @@ from rayquant.workers.adapter import (
     move_buffers,
 )
 from rayquant.workers.block_load import broadcast_block, read_share
+from rayquant.workers import failpoints
 from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
 from rayquant.workers.collectives import free_tcp_address, join_process_group
 from rayquant.workers.host_copy import HostCopy
@@ -143,7 +144,7 @@ class BlockWorker:
         self.group: RankGroup | None = None  # set by join()
         self.inputs: list[BlockInput] = []
         self.eval: EvalStreams | None = None  # in-pass evaluation (setup.eval_on), set by embed()
-        self.clock = StageClock(self.device)  # this block's seconds per stage; the stage now running
+        self.clock = StageClock(self.device, self.rank)  # this block's seconds per stage; the stage now running
         self.rows_solved = 0  # output rows solved on this rank, for the current block
         self._groups_by_structure: dict[tuple, list[InputGroup]] = {}
         self._once_called_by_structure: dict[tuple, frozenset[str]] = {}  # children one block forward calls once
@@ -171,6 +172,7 @@ class BlockWorker:
 
         The job calls it as soon as the actor exists, so it runs while the driver cuts the windows."""
         self._bind(block=None)
+        failpoints.reach(self.rank, None, "join")
         torch.set_num_threads(self.setup.num_threads)  # a reused Ray worker may keep 1
         torch.manual_seed(0)
         if self.device.type == "cuda":
@@ -190,6 +192,9 @@ class BlockWorker:
             unfuse_experts(self.model)  # MoE: one linear per expert, under the checkpoint's names
             self.layout = find_layout(self.model)
             self.blocks = self.model.get_submodule(self.layout.blocks_path)
+            prefix = self.layout.blocks_path + "."  # a config that disagrees with the weights: here, not at its block
+            check_block_tensors(self.source, {prefix + n: tuple(t.shape) for n, t in self.blocks.state_dict().items()},
+                                self.layout.blocks_path)
             names = embedding_stage_names(self.model, self.layout)
             tensors = {n: read_source_tensor(self.source, n, self.device) for n in names if n in self.source.tensors}
             materialize_embedding_stage(self.model, tensors, self.dtype)
@@ -204,6 +209,7 @@ class BlockWorker:
         """Embed this rank's calibration shard `samples` [n_w, T] and its held-out windows `eval_samples`
         [e_w, T] (if setup.eval_on): the block-0 inputs every later block advances."""
         self._bind(block=None)
+        failpoints.reach(self.rank, None, "embed")
         with agree_on_errors(self.group):
             for ids in samples.split(self.setup.micro_batch):
                 self.inputs.append(capture_block_inputs(self.model, self.layout, ids.to(self.device)))
@@ -296,6 +302,7 @@ class BlockWorker:
         """Per stream: summed next-token NLL and predicted tokens over every rank's eval windows ({} without
         setup.eval_on). Call after the last block (workers/in_pass_eval.py)."""
         self._bind(block=None)
+        failpoints.reach(self.rank, None, "evaluate")
         return self.eval.evaluate(self.source) if self.eval is not None else {}
 
     # ---- the block's steps ------------------------------------------------------------------------

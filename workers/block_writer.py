@@ -20,6 +20,7 @@ from torch import Tensor
 from rayquant.storage.staging import open_shard_path
 from rayquant.storage.shard_files import prepare_shard, read_shard_tensors, write_shard_tensors
 from rayquant.storage.shard_plan import ShardPlan
+from rayquant.workers import failpoints
 
 QUEUED_BLOCKS = 1  # blocks waiting while another is written
 
@@ -76,7 +77,9 @@ class BlockWriter:
         shard = self.target.plan.shard_of_block(block_idx)
         path = open_shard_path(Path(self.target.out_dir), shard)
         prepare_shard(path, shard)
+        failpoints.reach(0, block_idx, "persist")
         write_shard_tensors(path, shard, tensors, block_idx)
+        failpoints.reach(0, block_idx, "persisted")  # on disk, its marker not yet written
 
 
 def read_durable_block(target: OutputTarget | None, block_idx: int) -> dict[str, Tensor]:

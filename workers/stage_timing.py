@@ -8,14 +8,17 @@ from contextlib import contextmanager
 
 import torch
 
+from rayquant.workers import failpoints
+
 
 class StageClock:
     """`with clock.timed("solve"):` charges the body's time to `seconds["solve"]`, added up over sub-stages.
 
     `now` is (block, stage) running; `current_stage` reads it from a second actor thread."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, rank: int = 0):
         self.device = device
+        self.rank = rank
         self.now: tuple[int | None, str] = (None, "starting")
         self.seconds: dict[str, float] = {}  # of the current block
 
@@ -25,6 +28,7 @@ class StageClock:
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
         self.now = (self.now[0], stage)
+        failpoints.reach(self.rank, self.now[0], stage)
         t = self._clock()
         yield
         self.seconds[stage] = self.seconds.get(stage, 0.0) + self._clock() - t

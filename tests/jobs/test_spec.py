@@ -110,3 +110,13 @@ def test_spec_and_solver_refuse_a_setting_with_the_same_words(override, message)
         GPTQConfig(**{key.removeprefix("quant."): float(value) if "." in value else int(value)})
     assert message in str(spec_err.value) and message in str(solver_err.value)
 
+
+
+def test_how_long_a_job_waits_and_how_often_it_replaces_workers_is_not_part_of_its_identity() -> None:
+    base = load_spec(SPECS / "tiny-llama.yaml")
+    patient = load_spec(SPECS / "tiny-llama.yaml", ["cluster.rendezvous_timeout_s=300", "cluster.collective_timeout_s=60",
+                               "cluster.max_worker_restarts=0"])
+    assert patient.cluster.max_worker_restarts == 0 and base.cluster.max_worker_restarts == 3
+    assert patient.fingerprint("rev") == base.fingerprint("rev")
+    assert "max_worker_restarts" not in patient.resolved()["cluster"]
+    assert load_spec(SPECS / "tiny-llama.yaml", ["cluster.num_workers=1"]).fingerprint("rev") != base.fingerprint("rev")
