@@ -3,8 +3,10 @@
 The head runs in a session of its own, with its own temp dir, free loopback ports and a random token
 (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN: the user's ~/.ray is neither read nor written). Jobs it runs
 inherit its environment: this interpreter's bin directory first on PATH (so `rayquant` is this
-checkout's) and the session's RAYQUANT_CACHE. Stopped by SIGTERM to the `ray start` process (which
-shuts its Ray processes down), then SIGKILL to its process group if any is left.
+checkout's), the session's RAYQUANT_CACHE and what the caller adds (the S3 server's credentials).
+`--metrics-export-port` is a free port of its own: the node's metrics in Prometheus text. Stopped by
+SIGTERM to the `ray start` process (which shuts its Ray processes down), then SIGKILL to its process
+group if any is left.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class RayHead:
     address: str  # the Jobs API: http://127.0.0.1:<dashboard port>
     token: str
     temp_dir: Path
+    metrics_port: int  # Prometheus text of the node's metrics agent: http://127.0.0.1:<port>/metrics
 
     def env(self) -> dict[str, str]:
         """What a client of this head needs in its environment."""
@@ -45,15 +48,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _head_command(temp_dir: Path, dashboard_port: int, num_cpus: int) -> list[str]:
+def _head_command(head: RayHead, dashboard_port: int, num_cpus: int) -> list[str]:
     ports = {"--port": free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": free_port(),
              "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--metrics-export-port": free_port(), "--node-manager-port": free_port(),
+             "--metrics-export-port": head.metrics_port, "--node-manager-port": free_port(),
              "--object-manager-port": free_port(), "--runtime-env-agent-port": free_port()}
     ray = str(Path(sys.executable).parent / "ray")
     return [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-            *(f"{flag}={port}" for flag, port in ports.items())]
+            "--include-dashboard=true", f"--num-cpus={num_cpus}", f"--temp-dir={head.temp_dir}",
+            "--disable-usage-stats", *(f"{flag}={port}" for flag, port in ports.items())]
 
 
 def _wait_ready(proc: subprocess.Popen, head: RayHead, log: Path) -> None:
@@ -73,17 +76,20 @@ def _wait_ready(proc: subprocess.Popen, head: RayHead, log: Path) -> None:
 
 
 @contextmanager
-def run_ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
+def run_ray_head(num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[RayHead]:
+    """A head whose processes, and so its jobs, also get `env` (e.g. the S3 server's credentials, as a
+    cluster's nodes get them from Kubernetes Secrets)."""
     # a short path: Ray's unix sockets live under it (at most 107 bytes)
     temp_dir = Path(tempfile.mkdtemp(prefix="rq-ray-", dir="/tmp"))
     dashboard_port = free_port()
-    head = RayHead(address=f"http://127.0.0.1:{dashboard_port}", token=secrets.token_hex(32), temp_dir=temp_dir)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    head = RayHead(address=f"http://127.0.0.1:{dashboard_port}", token=secrets.token_hex(32), temp_dir=temp_dir,
+                   metrics_port=free_port())
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")} | (env or {})
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token, "RAY_USAGE_STATS_ENABLED": "0",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
     log = temp_dir / "ray-start.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(_head_command(temp_dir, dashboard_port, num_cpus), env=env, stdout=out,
+        proc = subprocess.Popen(_head_command(head, dashboard_port, num_cpus), env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_ready(proc, head, log)
