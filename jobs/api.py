@@ -83,6 +83,7 @@ def run_quantize(spec: JobSpec, verbose: bool) -> JobOutcome:
     """`rayquant quantize`'s run: Ray starts on this thread while another imports torch and the driver, and the
     worker actors are created as soon as Ray is up, so they import torch beside the driver's own import."""
     import importlib
+    import time
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 
@@ -102,7 +103,10 @@ def run_quantize(spec: JobSpec, verbose: bool) -> JobOutcome:
         try:
             workers = ray_cluster.create_workers(ray_cluster.WORKER_CLASS, c.num_workers, c.cpus_per_worker,
                                                  c.gpus_per_worker, verbose)
-            return driver.result().run_job(spec, job_id, cluster=cluster, verbose=verbose, workers=workers)
+            t = time.perf_counter()
+            run_job = driver.result().run_job
+            structlog.get_logger().info("driver_imported", waited_s=round(time.perf_counter() - t, 2))
+            return run_job(spec, job_id, cluster=cluster, verbose=verbose, workers=workers)
         finally:
             ray_cluster.disconnect(cluster)
 

@@ -185,9 +185,12 @@ class WorkerHost:
 
     def __init__(self, worker_class: str | type, verbose: bool):
         configure_logging(verbose, terminal=False)
+        t = time.perf_counter()
         if isinstance(worker_class, str):
             module, _, name = worker_class.partition(":")
             worker_class = getattr(importlib.import_module(module), name)
+        # where a worker's start-up goes: the process's age when its class is imported, the import itself
+        log.info("worker_imported", seconds=round(time.perf_counter() - t, 2), process_age_s=_process_age())
         self._class = worker_class
         self.worker = None
 
@@ -209,6 +212,16 @@ class WorkerHost:
 
     def current_stage(self) -> tuple[int | None, str]:
         return self.worker.current_stage() if self.worker is not None else (None, "starting")
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), None elsewhere."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return round(time.time() - boot - ticks / os.sysconf("SC_CLK_TCK"), 2)
 
 
 def create_workers(worker_class: str | type, n: int, num_cpus: int, num_gpus: int, verbose: bool = False) -> list:

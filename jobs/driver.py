@@ -378,7 +378,10 @@ class _Preparation:
 
     @cached_property
     def calib(self) -> CalibrationSet:
-        return calibrate(self.spec, self.job.source)
+        t = time.perf_counter()
+        calib = calibrate(self.spec, self.job.source)
+        log.info("calibration_ready", seconds=round(time.perf_counter() - t, 2), windows=len(calib.samples))
+        return calib
 
     def output(self, plan: ShardPlan) -> int:
         """Staging, shards and free space for `plan`; returns the resume point (the first block without a

@@ -14,6 +14,7 @@ per-stage seconds: workers/stage_timing.py.
 from __future__ import annotations
 
 import resource
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -181,17 +182,20 @@ class BlockWorker:
             torch.cuda.set_device(self.device)  # NCCL binds each rank to its current device
         backend = "nccl" if self.device.type == "cuda" else "gloo"
 
+        t = time.perf_counter()
         # every socket on the rendezvous host only; a rank that never comes is named within the timeout
         join_process_group(backend, rendezvous, self.rank, self.world,
                            timedelta(seconds=self.setup.rendezvous_timeout_s),
                            timedelta(seconds=self.setup.collective_timeout_s))
         self.group = RankGroup(self.rank, self.world, self.device)
+        t_group = time.perf_counter()
         with agree_on_errors(self.group):
             self.source = self.setup.source or open_model_source(self.setup.model_path)
             self.model = build_skeleton(self.source.config, self.dtype)
             unfuse_experts(self.model)  # MoE: one linear per expert, under the checkpoint's names
             self.layout = find_layout(self.model)
             self.blocks = self.model.get_submodule(self.layout.blocks_path)
+            t_skeleton = time.perf_counter()
             prefix = self.layout.blocks_path + "."  # a config that disagrees with the weights: here, not at its block
             check_block_tensors(self.source, {prefix + n: tuple(t.shape) for n, t in self.blocks.state_dict().items()},
                                 self.layout.blocks_path)
@@ -202,7 +206,8 @@ class BlockWorker:
         if self.device.type == "cuda":  # compile block 0's kernels while the driver cuts the windows
             shapes = job_shapes(self.blocks, self.layout, self.setup.gptq, self.setup.overrides)
             self._warm_up = start_warm_up(shapes, self.device, self.dtype, self.hessian_dtype, self.setup.validate_tokens)
-        log.info("worker_joined", rank=self.rank, blocks=self.layout.n_blocks)
+        log.info("worker_joined", rank=self.rank, blocks=self.layout.n_blocks, group_s=round(t_group - t, 2),
+                 skeleton_s=round(t_skeleton - t_group, 2), embedding_s=round(time.perf_counter() - t_skeleton, 2))
         return self.layout.n_blocks
 
     def embed(self, samples: torch.Tensor, eval_samples: torch.Tensor | None = None) -> None:
