@@ -142,6 +142,31 @@ def read_source_tensor(source: ModelSource, name: str, device: torch.device | st
     return read_tensor(source.tensors[name], name, device)
 
 
+def check_block_tensors(source: ModelSource, expected: dict[str, tuple[int, ...]], blocks_path: str) -> None:
+    """The shard headers hold exactly the block tensors of the model config.json describes (`expected`: every
+    block's state-dict name and shape, from the meta skeleton), so no block fails to load in the middle of a job.
+
+    Raises:
+        InvalidModelFiles: a block tensor is missing, has another shape, or lies beyond config.json's blocks.
+    """
+    prefix = blocks_path + "."
+    found = {name: tuple(info.shape) for name, info in source.tensors.items() if name.startswith(prefix)}
+    problems = [f"{name} is {list(found[name])} in the weights, {list(shape)} by config.json"
+                for name, shape in expected.items() if name in found and found[name] != shape]
+    missing = [name for name in expected if name not in found]
+    extra = [name for name in found if name not in expected]
+    if missing:
+        problems.append(f"{len(missing)} tensors config.json needs are not in the weights (first: {missing[0]})")
+    if extra:
+        problems.append(f"{len(extra)} tensors of the weights are not in config.json's model (first: {extra[0]})")
+    if problems:
+        raise InvalidModelFiles(
+            f"config.json of {source.path} disagrees with its safetensors weights: {len(problems)} problem(s), "
+            f"first: {problems[0]}; config and weights come from different models or revisions: re-download the "
+            f"model, or fix config.json (model.source)"
+        )
+
+
 def list_aux_files(source: ModelSource) -> list[Path]:
     """The AUX_FILES present in the source directory, in AUX_FILES order."""
     return [source.path / name for name in AUX_FILES if (source.path / name).is_file()]
