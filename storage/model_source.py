@@ -1,6 +1,7 @@
 """Opening the model named by `model.source`: config, safetensors tensor index, revision.
 
-Opening reads config.json and the safetensors headers only, never weights; tensors are then read
+Opening reads config.json and the safetensors headers (and, for a local directory's revision, 256 KiB of
+sampled weight bytes per shard), never whole weights; tensors are then read
 one at a time with `read_source_tensor`. Weights are read from safetensors files only: pickle
 checkpoints (pytorch_model.bin) can run code when loaded and are refused.
 """
@@ -25,6 +26,7 @@ from rayquant.storage.safetensors_reader import (
     read_safetensors_header,
     read_safetensors_header_json,
     read_tensor,
+    sampled_data_bytes,
 )
 from rayquant.storage.synthetic import UnknownSyntheticPreset, materialize_synthetic
 
@@ -70,7 +72,7 @@ class ModelSource:
     path: Path  # absolute local directory holding config.json and the safetensors files
     config: dict  # parsed config.json
     tensors: dict[str, TensorInfo]  # every weight tensor, by its name in the source model
-    revision: str  # sha256 of config.json + each shard's header JSON (no weight bytes)
+    revision: str  # local: sha256 of config.json + each shard's name, header JSON and sampled data windows
     generated: bool = False  # full-size synthetic shape: tensors are drawn on read (storage/generated.py)
 
 
@@ -196,6 +198,7 @@ def _open_local_dir(uri: str, path: Path) -> ModelSource:
     for shard in sorted(shards):
         revision.update(shard.name.encode())
         revision.update(read_safetensors_header_json(shard))
+        revision.update(sampled_data_bytes(shard))
     return ModelSource(path=path, config=config, tensors=tensors, revision=revision.hexdigest())
 
 

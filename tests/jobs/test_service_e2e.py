@@ -106,12 +106,11 @@ class Reconciled:
 
 
 def new_revision(model: Path) -> str:
-    """Rewrite the model's first shard with its weights nudged; returns the source's new revision. A local
-    source's revision hashes config.json and the shards' headers, not their weight bytes (storage/model_source.py),
-    so the rewrite also marks the header's metadata: that is what tells the two revisions apart."""
+    """Rewrite the model's first shard with its weights nudged (the same header: a fine-tune saved again);
+    returns the source's new revision (storage/model_source.py hashes sampled weight bytes too)."""
     shard = sorted(model.glob("*.safetensors"))[0]
     tensors = {name: t * 1.01 for name, t in load_file(shard).items()}
-    save_file(tensors, shard, metadata={"format": "pt", "retrained": "1"})
+    save_file(tensors, shard, metadata={"format": "pt"})
     return open_model_source(str(model)).revision
 
 
