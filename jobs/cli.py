@@ -30,7 +30,7 @@ spec sections (every key has a default; `rayquant example-spec` prints them all,
   model         source: a local model directory, s3://bucket/prefix, hf://org/name[@revision] or
                 synthetic://<preset>; trust_remote_code (must be false)
   quant         bits, group_size, desc_act, sym, act_group_aware, damp_percent, true_sequential,
-                overrides (per-module bits/group_size/skip), moe.{min_tokens, starved_experts}
+                gpu_activations, overrides (per-module bits/group_size/skip), moe.{min_tokens, starved_experts}
   calibration   dataset (builtin://text | .txt/.jsonl/.parquet path or s3:// | hf://), n_samples,
                 seq_len, eval_samples, packing, min_length, text_field, split, seed
   cluster       address (none = embedded Ray on 127.0.0.1), num_workers, gpus_per_worker, cpus_per_worker,

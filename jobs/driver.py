@@ -468,6 +468,7 @@ def worker_setups(spec: JobSpec, job_id: str, model_path: str, source: ModelSour
         loopback=c.address is None if loopback is None else loopback,
         gptq=gptq_config(spec), overrides=layer_overrides(spec), true_sequential=spec.quant.true_sequential,
         num_threads=c.cpus_per_worker, device="cuda" if c.gpus_per_worker else "cpu",
+        gpu_activations=spec.quant.gpu_activations,
         eval_on=spec.calibration.eval_samples > 0, eval_rtn=spec.calibration.eval_rtn,
         moe=MoEConfig(min_tokens=spec.quant.moe.min_tokens, starved_experts=spec.quant.moe.starved_experts),
         source=source, rendezvous_timeout_s=c.rendezvous_timeout_s, collective_timeout_s=c.collective_timeout_s,

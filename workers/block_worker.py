@@ -90,6 +90,7 @@ class WorkerSetup:
     micro_batch: int = 8  # samples per forward; bounds activation memory of one step
     num_threads: int = 1
     device: str = "cpu"
+    gpu_activations: str = "bfloat16"  # quant.gpu_activations: the activations' dtype on a CUDA device
     loopback: bool = True  # single-node (embedded Ray, in-process benchmarks): rendezvous on 127.0.0.1
     validate_tokens: int = 64  # rows of each group's input kept for kernel validation
     validate_tolerance: float = 1e-2  # max relative error of kernel vs dequantized reference
@@ -137,7 +138,7 @@ class BlockWorker:
         self.setup = setup
         self.rank, self.world = setup.rank, setup.world_size
         self.device = torch.device(setup.device)
-        self.dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, setup.gpu_activations)
         # On CPU the Hessian sums are float64: rounding them to fp32 once, after the reduce, makes
         # them (almost always bit-)identical whatever the worker count. On GPU, fp32 for speed.
         self.hessian_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
