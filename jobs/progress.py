@@ -151,7 +151,8 @@ class _RayMetrics:
         self.stage_seconds = Gauge("rayquant_stage_seconds", "seconds of the last block's stage",
                                    tag_keys=("job", "stage"))
         self.eta = Gauge("rayquant_eta_seconds", "estimated seconds until the last block is done", tag_keys=("job",))
-        self.bytes_uploaded = Counter("rayquant_bytes_uploaded", "shard bytes uploaded to an s3:// or hf:// output (the small files at publish are not counted)",
+        self.bytes_uploaded = Counter("rayquant_bytes_uploaded",
+                                      "shard bytes uploaded to an s3:// or hf:// output (not the small files)",
                                       tag_keys=("job",))
         for metric in (self.blocks, self.stage_seconds, self.eta, self.bytes_uploaded):
             metric.set_default_tags(tags)
