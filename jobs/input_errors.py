@@ -16,7 +16,7 @@ from rayquant.storage.gptq_checkpoint import InvalidGPTQCheckpoint, UnsupportedC
 from rayquant.storage.model_source import InvalidModelFiles, ModelNotFound, TensorNotFound, UnsupportedModelSource
 from rayquant.storage.hub_files import HubAccessDenied, HubRepoNotFound, HubRevisionNotFound, HubUnreachable
 from rayquant.storage.hub_sink import HubOutputConflict
-from rayquant.storage.output_claims import MalformedClaim, OutputLocked
+from rayquant.storage.output_claims import MalformedClaim, OutputLocked, OutputNotWritable
 from rayquant.storage.s3_files import S3AccessDenied, S3ObjectNotFound, S3Unreachable
 from rayquant.storage.s3_sink import S3OutputConflict
 from rayquant.storage.safetensors_reader import CorruptSafetensors, NonFiniteWeights
@@ -34,6 +34,6 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (
     DatasetNotFound, DatasetNotCached, UnreadableDataset, EmptyDataset, RecordsShorterThanSeqLen, TokenizerMismatch,
     S3ObjectNotFound, S3AccessDenied, S3Unreachable, S3OutputConflict,
     HubRepoNotFound, HubRevisionNotFound, HubAccessDenied, HubUnreachable, HubOutputConflict,
-    OutputDamaged, OutputLocked, MalformedClaim, NotEnoughDisk,
+    OutputDamaged, OutputLocked, MalformedClaim, NotEnoughDisk, OutputNotWritable,
     NoClusterAddress, ClusterUnreachable, ClusterAuthFailed, JobNotFound, ClusterTooSmall,
 )

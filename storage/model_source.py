@@ -144,18 +144,26 @@ def read_source_tensor(source: ModelSource, name: str, device: torch.device | st
     return read_tensor(source.tensors[name], name, device)
 
 
-def check_block_tensors(source: ModelSource, expected: dict[str, tuple[int, ...]], blocks_path: str) -> None:
-    """The shard headers hold exactly the block tensors of the model config.json describes (`expected`: every
-    block's state-dict name and shape, from the meta skeleton), so no block fails to load in the middle of a job.
+def check_config_matches_weights(source: ModelSource, expected: dict[str, tuple[int, ...]], blocks_path: str) -> None:
+    """The shard headers agree with the model config.json describes (`expected`: state-dict name -> shape, from
+    the meta skeleton), so no tensor fails to load in the middle of a job. Every tensor of config.json's blocks
+    must be there, and no other; the others (embeddings, final norm) are checked where present. Blocks past
+    config.json's are never read (DeepSeek-V3 keeps its multi-token-prediction layer there).
 
     Raises:
-        InvalidModelFiles: a block tensor is missing, has another shape, or lies beyond config.json's blocks.
+        InvalidModelFiles: a tensor has another shape, or one of config.json's blocks lacks or adds a tensor.
     """
     prefix = blocks_path + "."
-    found = {name: tuple(info.shape) for name, info in source.tensors.items() if name.startswith(prefix)}
+
+    def block_of(name: str) -> str | None:
+        return name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else None
+
+    blocks = {block_of(name) for name in expected} - {None}
+    found = {name: tuple(info.shape) for name, info in source.tensors.items()
+             if name in expected or block_of(name) in blocks}
     problems = [f"{name} is {list(found[name])} in the weights, {list(shape)} by config.json"
                 for name, shape in expected.items() if name in found and found[name] != shape]
-    missing = [name for name in expected if name not in found]
+    missing = [name for name in expected if block_of(name) is not None and name not in found]
     extra = [name for name in found if name not in expected]
     if missing:
         problems.append(f"{len(missing)} tensors config.json needs are not in the weights (first: {missing[0]})")

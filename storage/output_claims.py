@@ -22,6 +22,7 @@ share an output need clocks within a small fraction of `stale_after_s`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -52,6 +53,10 @@ OUTPUT_FIELD = "output.uri"
 
 class OutputLocked(Exception):
     """Another job holds the output's lock and renewed it within stale_after_s."""
+
+
+class OutputNotWritable(Exception):
+    """The output's directory cannot be created or written (read-only, no permission, a file on its path)."""
 
 
 class OutputLockLost(Exception):
@@ -355,13 +360,18 @@ class _LocalRegister:
     def read(self) -> _Seen:
         try:
             body = self.path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file on the path: create() names it
             return _Seen(None, "")
         return _Seen(body, hashlib.sha256(body).hexdigest())
 
     def create(self, body: bytes) -> str | None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=f"-{self.path.name}", dir=self.path.parent)
+        try:  # the first write of a job into its output: a directory it cannot write fails here, before any work
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=f"-{self.path.name}", dir=self.path.parent)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:  # the CLI's DiskFull line
+                raise
+            raise OutputNotWritable(_not_writable(self.path.parent, err)) from err
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
@@ -414,6 +424,13 @@ class _LocalRegister:
             return False
         finally:
             aside.unlink()
+
+
+def _not_writable(directory: Path, err: OSError) -> str:
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    why = f"{existing} is a file" if existing is not None and not existing.is_dir() else err.strerror or str(err)
+    return (f"output directory {directory} cannot be written ({why}); choose an output.uri (for s3:// and hf:// "
+            "outputs: output.work_dir) in a directory you can write")
 
 
 class _S3Register:

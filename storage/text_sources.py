@@ -83,7 +83,12 @@ def read_text_records(dataset: str, text_field: str = "text", split: str = "trai
         if not path.is_file():
             raise DatasetNotFound(f"calibration.dataset {dataset!r}: no such file ({path.resolve()}); "
                                   "check the path (relative paths start at the working directory)")
-        records = _parse(dataset, path.read_bytes(), suffix, text_field)
+        try:
+            data = path.read_bytes()
+        except OSError as err:  # permissions, an unreadable device or file system
+            raise UnreadableDataset(f"calibration.dataset {dataset!r} cannot be read ({err.strerror or err}); "
+                                    "check its permissions or point calibration.dataset at a readable file") from err
+        records = _parse(dataset, data, suffix, text_field)
     if not any(t.strip() for t in records.texts):
         raise EmptyDataset(f"calibration.dataset {dataset!r} holds no text ({len(records.texts)} records, all "
                            f"empty); point calibration.dataset at a file with text"

@@ -30,7 +30,8 @@ from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefin
 from rayquant.solver.pack import PackedLinear, pack_linear
 from rayquant.solver.rtn import quantize_rtn
 from rayquant.storage.job_records import LayerReport
-from rayquant.storage.model_source import ModelSource, check_block_tensors, open_model_source, read_source_tensor
+from rayquant.storage.model_source import (ModelSource, check_config_matches_weights, open_model_source,
+                                           read_source_tensor)
 from rayquant.storage.shard_plan import ShardPlan
 from rayquant.workers.adapter import (
     BlockInput,
@@ -197,9 +198,10 @@ class BlockWorker:
             self.layout = find_layout(self.model)
             self.blocks = self.model.get_submodule(self.layout.blocks_path)
             t_skeleton = time.perf_counter()
-            prefix = self.layout.blocks_path + "."  # a config that disagrees with the weights: here, not at its block
-            check_block_tensors(self.source, {prefix + n: tuple(t.shape) for n, t in self.blocks.state_dict().items()},
-                                self.layout.blocks_path)
+            head = set(self.layout.head_names)  # never read by a worker
+            # a config.json that disagrees with the weights fails here, not when a block loads
+            check_config_matches_weights(self.source, {n: tuple(t.shape) for n, t in self.model.state_dict().items()
+                                                       if n not in head}, self.layout.blocks_path)
             names = embedding_stage_names(self.model, self.layout)
             tensors = {n: read_source_tensor(self.source, n, self.device) for n in names if n in self.source.tensors}
             materialize_embedding_stage(self.model, tensors, self.dtype)

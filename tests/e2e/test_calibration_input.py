@@ -87,13 +87,6 @@ def test_tokenizer_of_another_model_is_bad_input(source_dir, tmp_path):
                       "config.vocab_size is 1024", out)
 
 
-def test_jsonl_with_no_text_is_bad_input(tmp_path):
-    data = tmp_path / "data.jsonl"
-    data.write_text('{"text": ""}\n', encoding="utf-8")
-    out = tmp_path / "out"
-    _expect_bad_input(_quantize(out, f"calibration.dataset={data}"), "EmptyDataset", "holds no text", out)
-
-
 def test_s3_missing_key_is_bad_input(s3_server, tmp_path):
     s3_server.create_bucket(BUCKET)
     out = tmp_path / "out"
