@@ -1,8 +1,10 @@
 """What a dead worker costs, and the two ways to restore its calibration shard, measured side by side.
 
     python -m tests.bench.recovery_bench --preset llama-8b --kill-block 16 [--samples 128 --seq-len 2048]
+    python -m tests.bench.recovery_bench --preset llama-70b --blocks 10 --kill-block 8 --also llama-70b
 
-1. Replay (what rayquant does): `rayquant quantize` on synthetic://<preset> (weights drawn on read), rank 0
+1. Replay (what rayquant does): `rayquant quantize` on synthetic://<preset> (weights drawn on read; with
+   --blocks N its first N blocks written to disk first, as tests/bench/job_bench.py does), rank 0
    SIGKILLed as it enters block --kill-block's collect (workers/failpoints.py). From the job's log lines:
    the replacement's start-up (workers_replaced → the first replayed block), each replayed block's seconds,
    the whole recovery (`recovered`), and the job's steady block wall for comparison.
@@ -36,7 +38,12 @@ def run_with_a_death(args: argparse.Namespace, gpu: bool) -> dict:
     out = Path(tempfile.mkdtemp(prefix="recovery-bench-", dir=args.work_dir))
     fired = out / "fired"
     fired.mkdir()
-    sets = {"name": f"recovery-{args.preset}", "model.source": f"synthetic://{args.preset}",
+    source = f"synthetic://{args.preset}"
+    if args.blocks:
+        from tests.bench.job_bench import prepare_model
+
+        source = str(prepare_model(args.preset, args.blocks, Path(args.work_dir), "cuda" if gpu else "cpu")[0])
+    sets = {"name": f"recovery-{args.preset}", "model.source": source,
             "output.uri": str(out / "output"), "calibration.n_samples": args.samples,
             "calibration.seq_len": args.seq_len, "calibration.eval_samples": args.eval_samples,
             "cluster.num_workers": 1, "cluster.gpus_per_worker": int(gpu), "cluster.cpus_per_worker": 4 if gpu else 2}
@@ -91,6 +98,7 @@ def main() -> None:
     parser.add_argument("--preset", default="llama-8b", choices=sorted(GENERATED_PRESETS))
     parser.add_argument("--also", default="llama-70b", choices=sorted(GENERATED_PRESETS))
     parser.add_argument("--kill-block", type=int, default=16)
+    parser.add_argument("--blocks", type=int, help="write the first N blocks to disk and quantize those")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--eval-samples", type=int, default=16)
