@@ -174,13 +174,5 @@ class _RayMetrics:
         if eta is not None:
             self.eta.set(eta)
 
-    def rewind(self) -> None:
-        """Workers were replaced: the job replays from block 0 (the rate so far stays for the ETA)."""
-        self._blocks_done = 0
-        self._where = (0, "recovering")
-        if self.bar is not None:
-            self.bar.reset()
-        self._write_record()
-
     def uploaded(self, n_bytes: int) -> None:
         self.bytes_uploaded.inc(n_bytes)
