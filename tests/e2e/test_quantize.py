@@ -47,7 +47,7 @@ def test_quantize_prints_progress_and_output_last_and_checksums_every_file(run_w
     # stderr is a pipe here: every line one JSON object (no Ray warnings, no worker prefixes, no colours)
     events = [json.loads(line) for line in proc.stderr.splitlines()]
     assert "\x1b[" not in proc.stderr
-    assert [e["event"] for e in events][:2] == ["job_starting", "calibration_records"]
+    assert [e["event"] for e in events][:3] == ["job_starting", "driver_imported", "calibration_records"]
     ready = [e for e in events if e["event"] == "workers_ready"]
     assert len(ready) == 1 and ready[0]["workers"] == 2 and ready[0]["seconds"] > ready[0]["ray_seconds"] > 0
     progress = [e for e in events if e["event"] == "block_done"]
@@ -230,9 +230,8 @@ def _tensors(out: Path) -> dict[str, bytes]:
 def test_a_run_waits_for_a_live_lock_of_the_same_job_and_refuses_another_jobs(tmp_path):
     """One job per output: a live holder of another job → exit 2 naming it, at once; a live holder of the same
     job (the same command run twice, or a resubmission while Ray still stops the last attempt) is waited
-    for, and the job then runs. The holders here are this test process, so the timing is the test's."""
-    import threading
-
+    for, and the job then runs. The holders here are this test process: the same job's lock is released once
+    the CLI logs that it waits for it."""
     from rayquant.jobs.spec import load_spec
     from rayquant.storage.model_source import open_model_source
     from rayquant.storage.output_claims import OutputLock, lock_holder
@@ -251,13 +250,19 @@ def test_a_run_waits_for_a_live_lock_of_the_same_job_and_refuses_another_jobs(tm
 
     same = OutputLock(str(out), lock_holder("same-job"), fingerprint)
     same.acquire()
-    released = threading.Timer(8.0, same.release)
-    released.start()
+    cmd = [sys.executable, "-m", "rayquant.jobs.cli", "quantize", str(SPEC), "--set", f"output.uri={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
     try:
-        run = run_cli("quantize", str(SPEC), "--set", f"output.uri={out}")
+        for line in proc.stderr:  # the lock goes once the job says it waits for it, however long start-up took
+            lines.append(line)
+            if '"output_lock_wait"' in line:
+                break
     finally:
-        released.join()
-    assert run.returncode == 0, run.stderr[-3000:]
-    waited = log_events(run.stderr, "output_lock_wait")
+        same.release()
+    _, tail = proc.communicate(timeout=300)
+    stderr = "".join(lines) + tail
+    assert proc.returncode == 0, stderr[-3000:]
+    waited = log_events(stderr, "output_lock_wait")
     assert len(waited) == 1 and waited[0]["holder"] == lock_holder("same-job")
-    assert len(log_events(run.stderr, "block_done")) == 4 and (out / "rayquant-manifest.json").is_file()
+    assert len(log_events(stderr, "block_done")) == 4 and (out / "rayquant-manifest.json").is_file()
