@@ -6,6 +6,8 @@ its planned shard on a background thread while the next block runs, and the driv
 done once rank 0 says its bytes are durable: the marker is the resume point. The driver receives
 layer records only, never tensors. Start-up overlaps: the worker actors are created before the
 shards are planned and the calibration windows cut, so their processes start and import meanwhile.
+A worker that dies is replaced with the whole set, which replays the durable blocks and goes on
+(`_quantize_with_recovery`, DESIGN.md §4 step 6).
 """
 
 from __future__ import annotations
