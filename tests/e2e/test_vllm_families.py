@@ -18,6 +18,13 @@ from .test_vllm import N_PROMPTS, PROMPT_LEN, bf16_tolerance, check_vllm_matches
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_here():
+    """Skip the module before its jobs run where vLLM cannot run a GPTQ checkpoint (see test_vllm.require_vllm)."""
+    return require_vllm()
+
+
 # block 1's o_proj stays bf16; every down_proj gets groups of 64 (its K is 256: 4 groups, not 2)
 OVERRIDES = r"[{pattern: '.*\.mlp\.down_proj', group_size: 64}, {pattern: 'model\.layers\.1\.self_attn\.o_proj', skip: true}]"
 
