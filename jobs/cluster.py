@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -217,8 +218,9 @@ class WorkerHost:
 def _process_age() -> float | None:
     """Seconds since this process started (Linux: /proc), None elsewhere."""
     try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
     except (OSError, ValueError, IndexError, StopIteration):
         return None
     return round(time.time() - boot - ticks / os.sysconf("SC_CLK_TCK"), 2)
