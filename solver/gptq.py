@@ -27,10 +27,17 @@ result does not depend on column_batch, and it equals the textbook column-by-col
 
 Two implementations of the column loop, one algorithm: on CUDA with triton, `solver/gptq_fused.py`
 (a Triton kernel per column batch, working from R = U⁻¹ so U is never formed; its loss comes from
-the scaled errors it sums, see there); elsewhere the torch loop below.
+the scaled errors it sums, see there); elsewhere the torch loop of `solver/gptq_torch.py`.
+
+Many input groups at once (`solve_input_groups`, an MoE block's experts): groups that share one Hessian
+are one stacked solve (one factorization, as linears of one input group are); groups with Hessians of
+their own and equal shapes are batched (one batched Cholesky; one column loop whose every launch or
+step covers every problem). Rows and problems never mix in the algorithm, so each group's result is
+the one it gets alone.
 """
 
 import dataclasses
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -40,9 +47,11 @@ from torch import Tensor
 
 from rayquant.solver.valid_settings import (bits_problem, damp_increment_problem, damp_problem, group_size_problem,
                                              solve_order_problem)
-from rayquant.solver.grid import (act_order, count_groups, dequantize, find_grid,
-                                  find_group_grids, group_aware_order, group_index, group_width, max_level, quantize_to_grid)
-from rayquant.solver.hessian import InvalidSolverInput, layer_loss, layer_objective
+from rayquant.solver.gptq_torch import quantize_columns
+from rayquant.solver.grid import (act_order, count_groups, dequantize, find_group_grids, group_aware_order,
+                                  group_index, group_width)
+from rayquant.solver.hessian import (InvalidSolverInput, check_layer_inputs, compute_dtype, layer_loss,
+                                     objective_hessians, objective_weights)
 
 __all__ = ["GPTQConfig", "GPTQResult", "HessianNotPositiveDefinite", "InvalidGPTQConfig", "dequantize",
            "solve_gptq", "solve_input_group"]
@@ -59,6 +68,8 @@ class HessianNotPositiveDefinite(Exception):
         super().__init__(message)
         self.n_tokens = n_tokens
         self.damp_tried = damp_tried
+        self.problem = 0  # which Hessian of a batched factorization (solver internal)
+        self.group: int | None = None  # solve_input_groups: the index of the group whose Hessian failed
 
 
 @dataclass(frozen=True)
@@ -109,10 +120,31 @@ class _Solution:
 
 
 @dataclass(frozen=True)
-class _HessianFactor:
-    L: Tensor        # [K, K] lower Cholesky factor of J (H + λI) J, J reversing the (solve) order
-    damp_percent: float
-    damping: float   # λ = damp_percent · mean(diag(H))
+class GroupProblem:
+    """One input group to solve: its linears' weights [N_i, K] (any float dtype; converted a chunk at a
+    time) and the Hessian sum they share over n_tokens."""
+
+    weights: list[Tensor]
+    hessian_sum: Tensor
+    n_tokens: int
+
+
+@dataclass
+class _Factors:
+    """The factored Hessians of a batch of E problems of one width K."""
+
+    H: Tensor               # [E, K, K] the objectives' H (dead inputs fixed), kept for the torch path's loss
+    dead: Tensor            # [E, K] bool: inputs no token reached (their weights are zeroed)
+    perm: list[Tensor]      # per problem: the solve order
+    L: Tensor | None        # [E, K, K] lower Cholesky factors of J (H + λI) J in solve order (dropped once used)
+    damp_percent: list[float]
+    damping: list[float]    # λ = damp_percent · mean(diag(H))
+    R: Tensor | None = None  # [E, K, K] from L: R (the fused loop) or U (the torch loop), for every row chunk
+
+
+# compute-dtype bytes of weights, Hessians and factors one batched solve holds at once: bounds the memory of
+# many experts' solves (each chunk factors its Hessians and runs its column loop); one input group is never cut
+SOLVE_CHUNK_BYTES = 8 << 30
 
 
 def solve_gptq(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQConfig) -> GPTQResult:
@@ -133,77 +165,168 @@ def solve_input_group(weights: list[Tensor], hessian_sum: Tensor, n_tokens: int,
         HessianNotPositiveDefinite: Cholesky failed for every damping up to cfg.damp_cap.
         InvalidSolverInput: shapes disagree, n_tokens < 1, or (subclass) NaN/Inf inputs.
     """
+    return solve_input_groups([GroupProblem(weights, hessian_sum, n_tokens)], cfg)[0]
+
+
+def solve_input_groups(groups: list[GroupProblem], cfg: GPTQConfig) -> list[list[GPTQResult]]:
+    """Quantize many input groups at once (an MoE block's experts); per group, one result per weight.
+
+    Groups whose hessian_sum is one tensor (every expert's gate/up under all-token calibration) are one
+    stacked solve: one factorization, their rows in one column loop. Groups with Hessians of their own
+    and equal shapes (the experts' down projections) are batched: one batched Cholesky, one column loop
+    over every expert's rows. Each group's result is the one `solve_input_group` gives it alone (bitwise
+    on CPU; on CUDA, batched library calls may round differently).
+
+    Raises:
+        HessianNotPositiveDefinite: Cholesky failed for every damping up to cfg.damp_cap (`group`: which).
+        InvalidSolverInput: shapes disagree, n_tokens < 1, or (subclass) NaN/Inf inputs.
+    """
+    checked: set[int] = set()
+    for g in groups:
+        _check_weights(g.weights)
+        for w in g.weights:  # a Hessian many experts share is checked for NaN once
+            check_layer_inputs(w, g.hessian_sum, g.n_tokens, hessian_values=id(g.hessian_sum) not in checked)
+            checked.add(id(g.hessian_sum))
+    sharing: dict[int, list[int]] = {}  # one entry per Hessian tensor: the groups that share it
+    for i, g in enumerate(groups):
+        sharing.setdefault(id(g.hessian_sum), []).append(i)
+    batches: dict[tuple, list[list[int]]] = {}  # Hessians whose solves fit one batch: same K and rows
+    for members in sharing.values():
+        rows = sum(w.shape[0] for i in members for w in groups[i].weights)
+        first = groups[members[0]]
+        key = (first.hessian_sum.shape[0], rows, first.hessian_sum.device, compute_dtype(first.weights[0].dtype))
+        batches.setdefault(key, []).append(members)
+    results: list[list[GPTQResult] | None] = [None] * len(groups)
+    for (K, rows, _, dtype), problems in batches.items():
+        per_problem = dtype.itemsize * (rows * K + 3 * K * K)  # W + Z (+ codes, spans); H, damped copy, factor
+        step = max(1, SOLVE_CHUNK_BYTES // per_problem)
+        for c in range(0, len(problems), step):
+            _solve_problems([[groups[i] for i in members] for members in problems[c:c + step]], cfg,
+                            [members for members in problems[c:c + step]], results)
+    return results
+
+
+def _check_weights(weights: list[Tensor]) -> None:
     if not weights or any(w.dim() != 2 or w.shape[1] != weights[0].shape[1] for w in weights):
         raise InvalidSolverInput(
             f"an input group needs one or more weights [N_i, K] with one in_features K, got shapes "
             f"{[tuple(w.shape) for w in weights]}")
-    # cat promotes dtypes: float64 when any linear is float64, so an exact comparison stays exact
-    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
-    objective = layer_objective(stacked, hessian_sum, n_tokens)
-    solution = _solve(objective.W, objective.H, n_tokens, cfg)
-    results = []
-    row = 0
-    for w in weights:
-        rows = slice(row, row + w.shape[0])
-        row += w.shape[0]
-        results.append(GPTQResult(
-            codes=solution.codes[rows],
-            scales=solution.scales[:, rows].float(),
-            zeros=solution.zeros[:, rows].to(torch.int32),
-            g_idx=solution.g_idx.to(torch.int32),
-            loss=(layer_loss(objective.W[rows], solution.Q[rows], objective.H) if solution.row_loss is None
-                  else float(solution.row_loss[rows].sum())),
-            damp_percent=solution.damp_percent,
-        ))
-    return results
 
 
-def _solve(W: Tensor, H: Tensor, n_tokens: int, cfg: GPTQConfig) -> _Solution:
-    """Algorithm 1 on the objective's W [N, K], H [K, K]; W and H are not modified."""
-    N, K = W.shape
-    n_groups = count_groups(cfg.group_size, K)
+def _solve_problems(problems: list[list[GroupProblem]], cfg: GPTQConfig, indices: list[list[int]],
+                    results: list) -> None:
+    """One batch: problems[e] are the groups sharing Hessian e (every e of one width and row count); fills
+    results[indices[e][j]] with group problems[e][j]'s results. One Hessian's groups are solved in row
+    chunks of whole groups (SOLVE_CHUNK_BYTES), all against its one factor."""
+    weights = [w for p in problems for g in p for w in g.weights]
+    dtype = compute_dtype(functools.reduce(torch.promote_types, [w.dtype for w in weights]))
+    try:
+        factors = _factor([(p[0].hessian_sum, p[0].n_tokens) for p in problems], dtype, cfg)
+    except HessianNotPositiveDefinite as err:
+        err.group = indices[err.problem][0]
+        raise
+    chunks = _row_chunks(problems[0], dtype) if len(problems) == 1 else [range(len(problems[0]))]
+    for chunk in chunks:
+        members = [[p[j] for j in chunk] for p in problems]
+        W = objective_weights([[w for g in m for w in g.weights] for m in members], factors.dead, dtype)
+        for e, solution in enumerate(_solve(W, factors, cfg)):
+            row = 0
+            for j, g in zip(chunk, members[e]):
+                group_results = []
+                for w in g.weights:
+                    rows = slice(row, row + w.shape[0])
+                    row += w.shape[0]
+                    group_results.append(GPTQResult(
+                        codes=solution.codes[rows],
+                        scales=solution.scales[:, rows].float(),
+                        zeros=solution.zeros[:, rows].to(torch.int32),
+                        g_idx=solution.g_idx.to(torch.int32),
+                        loss=(layer_loss(W[e, rows], solution.Q[rows], factors.H[e]) if solution.row_loss is None
+                              else float(solution.row_loss[rows].sum())),
+                        damp_percent=solution.damp_percent,
+                    ))
+                results[indices[e][j]] = group_results
+
+
+def _row_chunks(groups: list[GroupProblem], dtype: torch.dtype) -> list[list[int]]:
+    """Consecutive groups whose weights (with the loop's working copies) fit SOLVE_CHUNK_BYTES; one at least."""
+    chunks: list[list[int]] = []
+    size = 0
+    for j, g in enumerate(groups):
+        nbytes = 3 * dtype.itemsize * sum(w.numel() for w in g.weights)  # W, its moved copy / Z, codes + spans
+        if not chunks or size + nbytes > SOLVE_CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(j)
+        size += nbytes
+    return chunks
+
+
+def _factor(hessians: list[tuple[Tensor, int]], dtype: torch.dtype, cfg: GPTQConfig) -> _Factors:
+    """Objective Hessians (solver/hessian.py: H = hessian_sum / n_tokens, dead inputs fixed), their solve orders and damped Cholesky factors, for a batch of E Hessians of one width.
+
+    Raises:
+        HessianNotPositiveDefinite: for problem `err.problem`, no damping up to cfg.damp_cap worked.
+    """
+    K = hessians[0][0].shape[0]
+    H, dead = objective_hessians(hessians, dtype)
+    E = H.shape[0]
     if cfg.desc_act:
-        perm = act_order(H)
+        perm = [act_order(h) for h in H]
     elif cfg.act_group_aware:
-        perm = group_aware_order(H, group_width(cfg.group_size, K))
+        perm = [group_aware_order(h, group_width(cfg.group_size, K)) for h in H]
     else:
-        perm = torch.arange(K, device=W.device)
+        perm = [torch.arange(K, device=H.device)] * E
     reordered = cfg.desc_act or cfg.act_group_aware
-    g_idx = group_index(perm, cfg.group_size, cfg.static_groups)
+    L, damp_percent, damping = _cholesky_factors(H, [n for _, n in hessians], cfg, perm if reordered else None)
+    return _Factors(H=H, dead=dead, perm=perm, L=L, damp_percent=damp_percent, damping=damping)
+
+
+def _solve(W: Tensor, factors: _Factors, cfg: GPTQConfig) -> list[_Solution]:
+    """Algorithm 1 on the objectives' W [E, N, K] against their factored Hessians; W is not modified."""
+    E, N, K = W.shape
+    n_groups = count_groups(cfg.group_size, K)
+    reordered = cfg.desc_act or cfg.act_group_aware
+    g_idx = [group_index(p, cfg.group_size, cfg.static_groups) for p in factors.perm]
     if cfg.static_groups:
-        grids = find_group_grids(W, g_idx, n_groups, cfg.bits, cfg.sym)
-        scales, zeros = grids.scale, grids.zero  # [G, N]
+        grids = [find_group_grids(W[e], g_idx[e], n_groups, cfg.bits, cfg.sym) for e in range(E)]
+        scales = torch.stack([g.scale for g in grids])  # [E, G, N]
+        zeros = torch.stack([g.zero for g in grids])
     else:
-        scales = W.new_zeros(n_groups, N)
-        zeros = W.new_zeros(n_groups, N)
-    group_of = g_idx[perm]  # group of each column in solve order
+        scales = W.new_zeros(E, n_groups, N)
+        zeros = W.new_zeros(E, n_groups, N)
+    group_of = torch.stack([g[p] for g, p in zip(g_idx, factors.perm)])  # [E, K] group of each column in solve order
 
     fused = _runs_fused(W)
     if reordered:  # an indexing copy: the objective's W stays intact (H is permuted inside the factor)
-        W = W[:, perm]
-    elif not fused:
-        W = W.clone()  # the torch loop moves W in place; the objective's W stays intact for the loss
-    factor = _cholesky_factor(H, n_tokens, cfg, perm if reordered else None)
-    invperm = torch.argsort(perm)
+        moved = torch.empty_like(W)
+        for e in range(E):
+            torch.index_select(W[e], 1, factors.perm[e], out=moved[e])
+    else:  # the torch loop moves W in place; the objective's W stays intact for the loss
+        moved = W if fused else W.clone()
+    invperm = [torch.argsort(p) for p in factors.perm]
+    if factors.L is not None:  # R and U from the factor once, for every row chunk; L is dropped then
+        if fused:  # R = J L J is upper with H + λI = R Rᵀ, so U = R⁻¹: the fused loop works from R only
+            factors.R = factors.L.flip(1, 2)  # at K = 53248 each K×K fp32 matrix is 11 GB
+        else:
+            factors.R = torch.stack([_invert_lower(L).flip(0, 1) for L in factors.L])  # U, row-major rows
+        factors.L = None
     if fused:
         from rayquant.solver.gptq_fused import quantize_column_batches
-        # R = J L J is upper with H + λI = R Rᵀ, so U = R⁻¹: the fused loop works from R, never forming U.
-        # L is dropped once R exists: at K = 53248 each K×K fp32 matrix is 11 GB.
-        R, damping, damp_percent = factor.L.flip(0, 1), factor.damping, factor.damp_percent
-        del factor
-        result = quantize_column_batches(W, R, damping, scales, zeros, group_of, cfg.bits,
+        result = quantize_column_batches(moved, factors.R, factors.damping, scales, zeros, group_of, cfg.bits,
                                          cfg.group_size, cfg.sym, cfg.static_groups, cfg.column_batch)
-        codes = result.codes[:, invperm] if reordered else result.codes
-        solution = _Solution(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, damp_percent=damp_percent,
-                             Q=None, row_loss=result.row_loss)
+        solutions = [_Solution(codes=result.codes[e][:, invperm[e]] if reordered else result.codes[e],
+                               scales=scales[e], zeros=zeros[e], g_idx=g_idx[e], damp_percent=factors.damp_percent[e],
+                               Q=None, row_loss=result.row_loss[e]) for e in range(E)]
     else:
-        U = _invert_lower(factor.L).flip(0, 1).contiguous()  # row-major: the loop reads rows of U
-        codes, Q = _quantize_columns(W, U, scales, zeros, group_of.tolist(), cfg)
-        solution = _Solution(codes=codes[:, invperm], scales=scales, zeros=zeros, g_idx=g_idx,
-                             damp_percent=factor.damp_percent, Q=Q[:, invperm], row_loss=None)
+        codes, Q = quantize_columns(moved, factors.R, scales, zeros, group_of, cfg)
+        solutions = [_Solution(codes=codes[e][:, invperm[e]], scales=scales[e], zeros=zeros[e], g_idx=g_idx[e],
+                               damp_percent=factors.damp_percent[e], Q=Q[e][:, invperm[e]], row_loss=None)
+                     for e in range(E)]
     if cfg.act_group_aware and not cfg.static_groups:
-        solution = _groups_in_channel_order(solution, perm, group_width(cfg.group_size, K))
-    return solution
+        width = group_width(cfg.group_size, K)
+        solutions = [_groups_in_channel_order(s, p, width) for s, p in zip(solutions, factors.perm)]
+    return solutions
 
 
 def _groups_in_channel_order(solution: _Solution, perm: Tensor, width: int) -> _Solution:
@@ -221,56 +344,11 @@ def _runs_fused(W: Tensor) -> bool:
     return W.is_cuda and importlib.util.find_spec("triton") is not None
 
 
-def _quantize_columns(W: Tensor, U: Tensor, scales: Tensor, zeros: Tensor, group_of: list[int],
-                      cfg: GPTQConfig) -> tuple[Tensor, Tensor]:
-    """The column loop in torch, one column at a time: W [N, K] solve order (updated in place) -> codes, Q.
-
-    Fills scales, zeros [G, N] at each dynamic group start.
-    """
-    N, K = W.shape
-    maxq = max_level(cfg.bits)
-    width = group_width(cfg.group_size, K)
-    codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
-    Q = torch.zeros_like(W)
-    B = cfg.column_batch
-    for i1 in range(0, K, B):
-        i2 = min(i1 + B, K)
-        W1 = W[:, i1:i2]   # view: in-batch updates go straight into W
-        E1 = torch.zeros_like(W1)  # [N, i2-i1] scaled errors (w - q) / U[j, j]
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if not cfg.static_groups and j % width == 0:
-                grid = find_grid(_current_group(W, E1, U, i1, i2, j, width), cfg.bits, cfg.sym)
-                scales[j // width], zeros[j // width] = grid.scale, grid.zero
-            k = group_of[j]
-            w = W1[:, i]
-            q = quantize_to_grid(w, scales[k], zeros[k], maxq)
-            codes[:, j] = q.to(torch.uint8)
-            Q[:, j] = (q - zeros[k]) * scales[k]
-            err = (w - Q[:, j]) / U1[i, i]
-            W1[:, i:] -= torch.outer(err, U1[i, i:])
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the lazy batch update of all later columns
-    return codes, Q
-
-
-def _current_group(W: Tensor, E1: Tensor, U: Tensor, i1: int, i2: int, j: int, width: int) -> Tensor:
-    """Columns [j, j+width) of W [N, K] with every error update of columns < j applied.
-
-    Columns inside the current batch [i1, i2) already have them; later columns still lack the
-    batch's pending update -E1[:, :j-i1] @ U[i1:j, ·], which is added here for the grid only.
-    """
-    end = min(j + width, W.shape[1])
-    if end <= i2 or j == i1:  # nothing pending for these columns
-        return W[:, j:end]
-    beyond = W[:, i2:end] - E1[:, :j - i1] @ U[i1:j, i2:end]
-    return torch.cat([W[:, j:i2], beyond], dim=1)
-
-
-def _cholesky_factor(H: Tensor, n_tokens: int, cfg: GPTQConfig, perm: Tensor | None = None) -> _HessianFactor:
-    """Cholesky factor of the damped H (in solve order `perm`, if given) reversed, growing damp_percent
-    on failure. The permuted, reversed copy is the only K×K copy made besides L (11 GB each at K = 53248).
+def _cholesky_factors(H: Tensor, n_tokens: list[int], cfg: GPTQConfig,
+                      perm: list[Tensor] | None) -> tuple[Tensor, list[float], list[float]]:
+    """Cholesky factors L [E, K, K] of the damped H [E, K, K] (in solve order `perm`, if given) reversed,
+    each growing its damp_percent on failure; with the damp_percent and λ each used. The permuted,
+    reversed copy is the only K×K copy made besides L (11 GB each at K = 53248).
 
     With J the reversal of rows and columns, J (H + λI) J = L Lᵀ gives (H + λI)⁻¹ = Uᵀ U for
     U = J L⁻¹ J (upper, positive diagonal): the upper Cholesky factor of the inverse that Section 3
@@ -278,24 +356,49 @@ def _cholesky_factor(H: Tensor, n_tokens: int, cfg: GPTQConfig, perm: Tensor | N
     and a second Cholesky).
 
     Raises:
-        HessianNotPositiveDefinite: no damping up to cfg.damp_cap gave a positive definite matrix.
+        HessianNotPositiveDefinite: no damping up to cfg.damp_cap gave a positive definite matrix
+            (`problem`: the index in the batch of the first such H).
     """
-    K = H.shape[0]
-    mean_diag = torch.mean(torch.diagonal(H))  # damp relative to it, so it is independent of n_tokens
-    tried = []
-    for damp_percent in _damping_schedule(cfg):
-        tried.append(damp_percent)
-        damping = damp_percent * mean_diag
-        damped = H.flip(0, 1) if perm is None else _permuted_copy(H, perm.flip(0))
-        damped.diagonal().add_(damping)
-        L, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0 and bool(torch.isfinite(torch.diagonal(L)).all()):
-            return _HessianFactor(L=L, damp_percent=damp_percent, damping=float(damping))
-    steps = f" in steps of {cfg.damp_auto_increment}" if len(tried) > 1 else ""
-    raise HessianNotPositiveDefinite(
-        f"Hessian not positive definite: Cholesky failed after damping {tried[0]} to {tried[-1]}{steps} "
-        f"(in_features={K}, n_tokens={n_tokens}); raise quant.damp_percent (e.g. 0.05) or calibration.n_samples",
-        n_tokens=n_tokens, damp_tried=tuple(tried))
+    E, K = H.shape[0], H.shape[1]
+    mean_diag = [torch.mean(torch.diagonal(h)) for h in H]  # damp relative to it: independent of n_tokens
+    schedule = _damping_schedule(cfg)
+    L: Tensor | None = None
+    used: list[float | None] = [None] * E
+    pending = list(range(E))
+    for damp_percent in schedule:
+        if len(pending) > 1:
+            damped = torch.empty(len(pending), K, K, dtype=H.dtype, device=H.device)
+        for i, e in enumerate(pending):
+            copy = H[e].flip(0, 1) if perm is None else _permuted_copy(H[e], perm[e].flip(0))
+            if len(pending) == 1:
+                damped = copy.unsqueeze(0)  # no second copy: at K = 53248 each is 11 GB
+            else:
+                damped[i] = copy
+            damped[i].diagonal().add_(damp_percent * mean_diag[e])
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        ok = ((info == 0) & torch.isfinite(torch.diagonal(factor, dim1=1, dim2=2)).all(dim=1)).tolist()
+        if L is None and all(ok):
+            L = factor  # no copy: at K = 53248 the one factor is 11 GB
+        else:
+            L = torch.empty(E, K, K, dtype=H.dtype, device=H.device) if L is None else L
+            for i, e in enumerate(pending):
+                if ok[i]:
+                    L[e] = factor[i]
+        for i, e in enumerate(pending):
+            if ok[i]:
+                used[e] = damp_percent
+        del factor
+        pending = [e for i, e in enumerate(pending) if not ok[i]]
+        if not pending:
+            return L, used, [float(d * m) for d, m in zip(used, mean_diag)]
+    steps = f" in steps of {cfg.damp_auto_increment}" if len(schedule) > 1 else ""
+    err = HessianNotPositiveDefinite(
+        f"Hessian not positive definite: Cholesky failed after damping {schedule[0]} to {schedule[-1]}{steps} "
+        f"(in_features={K}, n_tokens={n_tokens[pending[0]]}); raise quant.damp_percent (e.g. 0.05) or "
+        "calibration.n_samples", n_tokens=n_tokens[pending[0]], damp_tried=tuple(schedule))
+    err.problem = pending[0]
+    raise err
 
 
 def _permuted_copy(H: Tensor, index: Tensor) -> Tensor:

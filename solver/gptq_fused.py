@@ -16,7 +16,7 @@ Rows are independent, so programs never talk to each other. The kernel writes th
 batch's final errors D = W - Q and per row Σ E_j² and Σ D_j².
 
 Working from R instead of U. U, the upper Cholesky factor of (H + λI)⁻¹, is R⁻¹ for the upper R with
-H + λI = R Rᵀ, which one Cholesky gives (`gptq._cholesky_factor`); forming U would cost a K×K triangular
+H + λI = R Rᵀ, which one Cholesky gives (`gptq._cholesky_factors`); forming U would cost a K×K triangular
 inverse (2/3 of the factorization time at K = 28672). The torch loop moves later columns by
 -E[:, :i1] U[:i1, b]; since D[:, :i1] = E[:, :i1] U[:i1, :i1] and U[:i1, b] = -U[:i1, :i1] R[:i1, b] U[b, b]
 for a batch b = [i1, i2) (U upper), that is the same as
@@ -60,8 +60,8 @@ LAZY_UPDATE_PRECISION = "tf32x3"
 
 @dataclass(frozen=True)
 class FusedColumns:
-    codes: Tensor     # [N, K] uint8 integer levels, solve order
-    row_loss: Tensor  # [N] float64 Σ_j E_j² - λ Σ_j D_j² per row: tr((W - Q) H (W - Q)ᵀ) of each row
+    codes: Tensor     # [E, N, K] uint8 integer levels, solve order
+    row_loss: Tensor  # [E, N] float64 Σ_j E_j² - λ Σ_j D_j² per row: tr((W - Q) H (W - Q)ᵀ) of each row
 
 
 @triton.jit
@@ -122,11 +122,24 @@ def _column_batch_kernel(
         Wc_ptr, W_ptr, U_ptr, D_ptr, codes_ptr, scales_ptr, zeros_ptr, group_ptr, e2_ptr, d2_ptr,
         N, n_cols, width, first_group,
         stride_wc, stride_w, stride_u, stride_d, stride_c, stride_g,
+        problem_wc, problem_w, problem_u, problem_d, problem_c, problem_g, problem_group,
         MAXQ: tl.constexpr, GRID_IN_KERNEL: tl.constexpr, SYM: tl.constexpr, FP64: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One column batch for BLOCK_N rows: Wc the batch's current weights, W its original ones (both
-    [N, n_cols] with their row strides), U the batch's diagonal block of U; W_ptr, codes_ptr and
-    group_ptr point at the batch's first column; scales/zeros are [G, N] with row stride stride_g."""
+    """One column batch for BLOCK_N rows of problem program_id(1): Wc the batch's current weights, W its
+    original ones (both [N, n_cols] with their row strides), U the batch's diagonal block of U; W_ptr,
+    codes_ptr and group_ptr point at the batch's first column; scales/zeros are [G, N] with row stride
+    stride_g. Each problem's tensors start problem_* elements after the previous one's; e2/d2 are [E, N]."""
+    problem = tl.program_id(1).to(tl.int64)
+    Wc_ptr += problem * problem_wc
+    W_ptr += problem * problem_w
+    U_ptr += problem * problem_u
+    D_ptr += problem * problem_d
+    codes_ptr += problem * problem_c
+    scales_ptr += problem * problem_g
+    zeros_ptr += problem * problem_g
+    group_ptr += problem * problem_group
+    e2_ptr += problem * N
+    d2_ptr += problem * N
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     row_ok = rows < N
@@ -199,18 +212,19 @@ def update_spans(batches: list[tuple[int, int]], update_columns: int, wide_width
     return spans
 
 
-def quantize_column_batches(W: Tensor, R: Tensor, damping: float, scales: Tensor, zeros: Tensor, group_of: Tensor,
-                            bits: int, group_size: int, sym: bool, static_groups: bool,
+def quantize_column_batches(W: Tensor, R: Tensor, damping: list[float], scales: Tensor, zeros: Tensor,
+                            group_of: Tensor, bits: int, group_size: int, sym: bool, static_groups: bool,
                             column_batch: int) -> FusedColumns:
-    """Algorithm 1's column loop on CUDA for W [N, K] in solve order (read only).
+    """Algorithm 1's column loop on CUDA for a batch of E problems (MoE experts), W [E, N, K] in solve
+    order (read only): one launch per column batch covers every problem's rows.
 
-    R [K, K] upper with H + λI = R Rᵀ in solve order (λ = damping); scales, zeros [G, N] are read
-    (static_groups) or filled; group_of [K] the group of each column in solve order.
+    R [E, K, K] upper with H + λI = R Rᵀ in solve order (λ = damping[e]); scales, zeros [E, G, N] are
+    read (static_groups) or filled; group_of [E, K] the group of each column in solve order.
 
     Raises:
         ScaleNotRepresentable: a group's scale exceeds float16's maximum.
     """
-    N, K = W.shape
+    E, N, K = W.shape
     W = W.contiguous()  # the kernel reads rows of W
     width = K if group_size == -1 else group_size
     batch = max(1, min(column_batch, BATCH_COLUMNS))
@@ -219,45 +233,58 @@ def quantize_column_batches(W: Tensor, R: Tensor, damping: float, scales: Tensor
     # wide groups find their grid from Z at their start: every earlier update must have reached it
     spans = update_spans(batches, UPDATE_COLUMNS, width if not static_groups and not grid_in_kernel else 0)
     Z = torch.zeros_like(W)  # Z[:, j] = D[:, :i1] R[:i1, j]: columns < i1 moved column j by Z[:, j] U[j, j]
-    D = torch.empty(N, max(UPDATE_COLUMNS, BATCH_COLUMNS), dtype=W.dtype, device=W.device)  # W - Q of one span
-    current = torch.empty(N, BATCH_COLUMNS, dtype=W.dtype, device=W.device)
+    D = torch.empty(E, N, max(UPDATE_COLUMNS, BATCH_COLUMNS), dtype=W.dtype, device=W.device)  # W - Q of one span
+    current = torch.empty(E, N, BATCH_COLUMNS, dtype=W.dtype, device=W.device)
     eye = torch.eye(BATCH_COLUMNS, dtype=W.dtype, device=W.device)
-    codes = torch.empty(N, K, dtype=torch.uint8, device=W.device)
-    e2 = torch.zeros(N, dtype=torch.float64, device=W.device)
-    d2 = torch.zeros(N, dtype=torch.float64, device=W.device)
-    group_of = group_of.to(torch.int32)
+    codes = torch.empty(E, N, K, dtype=torch.uint8, device=W.device)
+    e2 = torch.zeros(E, N, dtype=torch.float64, device=W.device)
+    d2 = torch.zeros(E, N, dtype=torch.float64, device=W.device)
+    group_of = group_of.to(torch.int32).contiguous()
     # fp64 tiles take twice the registers: half the rows per program
     block_n = BLOCK_ROWS // 2 if W.dtype == torch.float64 else BLOCK_ROWS
-    launch = (triton.cdiv(N, block_n),)
+    launch = (triton.cdiv(N, block_n), E)
     for span in spans:
         s1, s2 = span[0][0], span[-1][1]
         for i1, i2 in span:
             B = i2 - i1
             if i1 > s1:  # the span's earlier batches, not yet in Z
-                Z[:, i1:i2].addmm_(D[:, :i1 - s1], R[s1:i1, i1:i2])
-            U_bb = torch.linalg.solve_triangular(R[i1:i2, i1:i2], eye[:B, :B], upper=True).contiguous()  # U[b, b]
+                _addmm_each(Z[:, :, i1:i2], D[:, :, :i1 - s1], R[:, s1:i1, i1:i2])
+            U_bb = torch.linalg.solve_triangular(R[:, i1:i2, i1:i2], eye[:B, :B], upper=True).contiguous()  # U[b, b]
             if i1 == 0:
-                W_b = W[:, :i2]  # nothing moved these columns yet
+                W_b = W[:, :, :i2]  # nothing moved these columns yet
             else:
-                W_b = torch.addmm(W[:, i1:i2], Z[:, i1:i2], U_bb, out=current[:, :B])
+                W_b = current[:, :, :B]
+                W_b.copy_(W[:, :, i1:i2])
+                _addmm_each(W_b, Z[:, :, i1:i2], U_bb)
             if not static_groups and not grid_in_kernel and i1 % width == 0:
                 # a wide group starts here: its columns move by Z[:, group] R[group, group]⁻¹ (as W_b does)
                 end = min(i1 + width, K)
-                group = W[:, i1:end]
+                group = W[:, :, i1:end]
                 if i1 > 0:
-                    group = group + torch.linalg.solve_triangular(R[i1:end, i1:end], Z[:, i1:end], upper=True,
+                    group = group + torch.linalg.solve_triangular(R[:, i1:end, i1:end], Z[:, :, i1:end], upper=True,
                                                                   left=False)
                 grid = find_grid(group, bits, sym)
-                scales[i1 // width], zeros[i1 // width] = grid.scale, grid.zero
-            D_b = D[:, i1 - s1:]
+                scales[:, i1 // width], zeros[:, i1 // width] = grid.scale, grid.zero
+            D_b = D[:, :, i1 - s1:]
             _column_batch_kernel[launch](
-                W_b, W[:, i1:], U_bb, D_b, codes[:, i1:], scales, zeros, group_of[i1:], e2, d2,
+                W_b, W[:, :, i1:], U_bb, D_b, codes[:, :, i1:], scales, zeros, group_of[:, i1:], e2, d2,
                 N, B, width, i1 // width,
+                W_b.stride(1), W.stride(1), U_bb.stride(1), D_b.stride(1), codes.stride(1), scales.stride(1),
                 W_b.stride(0), W.stride(0), U_bb.stride(0), D_b.stride(0), codes.stride(0), scales.stride(0),
+                group_of.stride(0),
                 MAXQ=max_level(bits), GRID_IN_KERNEL=grid_in_kernel, SYM=sym, FP64=W.dtype == torch.float64,
                 BLOCK_N=block_n, BLOCK_K=BATCH_COLUMNS, num_warps=4)
         if s2 < K:  # the lazy update of all later columns by the span's errors
-            addmm_split_(Z[:, s2:], D[:, :s2 - s1], R[s1:s2, s2:], LAZY_UPDATE_PRECISION)
+            addmm_split_(Z[:, :, s2:], D[:, :, :s2 - s1], R[:, s1:s2, s2:], LAZY_UPDATE_PRECISION)
     if grid_in_kernel:
         raise_if_scale_overflows(scales, bits)
-    return FusedColumns(codes=codes, row_loss=e2 - damping * d2)
+    damping_t = torch.tensor(damping, dtype=torch.float64, device=W.device)[:, None]
+    return FusedColumns(codes=codes, row_loss=e2 - damping_t * d2)
+
+
+def _addmm_each(out: Tensor, A: Tensor, B: Tensor) -> None:
+    """out[e] += A[e] @ B[e] for every problem e: one batched product, a plain one for a single problem."""
+    if out.shape[0] == 1:
+        out[0].addmm_(A[0], B[0])
+    else:
+        out.baddbmm_(A, B)

@@ -58,12 +58,12 @@ def count_groups(group_size: int, in_features: int) -> int:
 
 
 def find_grid(W_group: Tensor, bits: int, sym: bool) -> GroupGrid:
-    """Min-max grid of each row of one group: W_group [N, columns] -> scale, zero [N].
+    """Min-max grid of each row of one group: W_group [..., N, columns] -> scale, zero [..., N].
 
     Raises:
         ScaleNotRepresentable: a row's range needs a scale above float16's maximum.
     """
-    return grid_from_range(W_group.amin(dim=1), W_group.amax(dim=1), bits, sym)
+    return grid_from_range(W_group.amin(dim=-1), W_group.amax(dim=-1), bits, sym)
 
 
 def grid_from_range(wmin: Tensor, wmax: Tensor, bits: int, sym: bool) -> GroupGrid:
@@ -120,26 +120,30 @@ def _float16_scale(scale: Tensor, bits: int) -> Tensor:
 
 
 def find_group_grids(W: Tensor, g_idx: Tensor, n_groups: int, bits: int, sym: bool) -> GroupGrid:
-    """Grids of all groups at once from one W [N, K]: scale, zero [G, N].
+    """Grids of all groups at once from W [..., N, K] and g_idx [K] or [..., K]: scale, zero [..., G, N].
 
-    Consecutive groups (no act-order) reduce over a [N, G, width] view; any other g_idx by one
-    scatter-reduce per bound. Either way no per-group gather (which synced the GPU G times).
+    Leading dims are independent layers of one shape (the grid rules are row-wise, so a batch gives
+    each layer bitwise its own grids). Consecutive groups (no act-order) reduce over a [..., N, G, width]
+    view; any other g_idx by one scatter-reduce per bound. Either way no per-group gather (which synced
+    the GPU G times).
     """
-    N, K = W.shape
+    K = W.shape[-1]
     width = -(-K // n_groups)
     index = g_idx.long().to(W.device)
     if bool((index == torch.arange(K, device=W.device) // width).all()):
         full = K // width * width  # the last group may be partial
-        bounds = [(W[:, :full].view(N, -1, width).amin(-1), W[:, :full].view(N, -1, width).amax(-1))]
+        groups = W[..., :full].unflatten(-1, (-1, width))
+        bounds = [(groups.amin(-1), groups.amax(-1))]
         if full < K:
-            bounds.append((W[:, full:].amin(-1, keepdim=True), W[:, full:].amax(-1, keepdim=True)))
-        wmin, wmax = (torch.cat(b, dim=1) for b in zip(*bounds))
+            bounds.append((W[..., full:].amin(-1, keepdim=True), W[..., full:].amax(-1, keepdim=True)))
+        wmin, wmax = (torch.cat(b, dim=-1) for b in zip(*bounds))
     else:
-        index = index.expand_as(W)
-        wmin = torch.full((N, n_groups), torch.inf, dtype=W.dtype, device=W.device).scatter_reduce(1, index, W, "amin")
-        wmax = torch.full((N, n_groups), -torch.inf, dtype=W.dtype, device=W.device).scatter_reduce(1, index, W, "amax")
+        index = index.unsqueeze(-2).expand_as(W)
+        shape = (*W.shape[:-1], n_groups)
+        wmin = W.new_full(shape, torch.inf).scatter_reduce(-1, index, W, "amin")
+        wmax = W.new_full(shape, -torch.inf).scatter_reduce(-1, index, W, "amax")
     grid = grid_from_range(wmin, wmax, bits, sym)
-    return GroupGrid(scale=grid.scale.T.contiguous(), zero=grid.zero.T.contiguous())
+    return GroupGrid(scale=grid.scale.transpose(-2, -1).contiguous(), zero=grid.zero.transpose(-2, -1).contiguous())
 
 
 def quantize_to_grid(W: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
@@ -186,9 +190,16 @@ def group_index(perm: Tensor, group_size: int, static_groups: bool) -> Tensor:
 
 
 def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
-    """Weights [N, K] float32 = (codes - zeros[g_idx].T) * scales[g_idx].T.
+    """Weights [..., N, K] float32 = (codes - zeros[g_idx].T) * scales[g_idx].T.
 
-    codes [N, K] integer levels, scales [G, N], zeros [G, N], g_idx [K].
+    codes [..., N, K] integer levels, scales [..., G, N], zeros [..., G, N], g_idx [K] or [..., K];
+    leading dims are independent layers of one shape.
     """
-    g = g_idx.long()
-    return (codes.float() - zeros[g].T.float()) * scales[g].T.float()
+    return (codes.float() - per_column(zeros, g_idx).float()) * per_column(scales, g_idx).float()
+
+
+def per_column(values: Tensor, g_idx: Tensor) -> Tensor:
+    """Each input column's group value: values [..., G, N] at g_idx [K] or [..., K] -> [..., N, K]."""
+    g = g_idx.long().to(values.device)
+    index = g.unsqueeze(-1).expand(*values.shape[:-2], g.shape[-1], values.shape[-1])  # [..., K, N]
+    return values.gather(-2, index).transpose(-2, -1)

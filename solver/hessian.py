@@ -12,7 +12,6 @@ implementation does: H[i, i] = 1 and W[:, i] = 0, so H is invertible and the col
 """
 
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -26,12 +25,6 @@ class InvalidSolverInput(ValueError):
 
 class NonFiniteSolverInput(InvalidSolverInput):
     """Weights or Hessian of a solve contain NaN or Inf."""
-
-
-@dataclass(frozen=True)
-class LayerObjective:
-    W: Tensor  # [N, K] compute dtype, a private copy, dead input columns zeroed
-    H: Tensor  # [K, K] compute dtype, hessian_sum / n_tokens, dead diagonal entries set to 1
 
 
 def accumulate_hessian(hessian_sum: Tensor, x: Tensor, mirror: bool = True) -> int:
@@ -111,25 +104,36 @@ def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
-def layer_objective(weight: Tensor, hessian_sum: Tensor, n_tokens: int) -> LayerObjective:
-    """Private compute-dtype copies of W [N, K] and H = hessian_sum / n_tokens, dead inputs fixed.
-
-    Raises:
-        InvalidSolverInput: shapes disagree or n_tokens < 1.
-        NonFiniteSolverInput: weight or hessian_sum holds NaN or Inf.
-    """
-    check_layer_inputs(weight, hessian_sum, n_tokens)
-    dtype = compute_dtype(weight.dtype)
-    W = weight.to(dtype=dtype, copy=True)
-    H = hessian_sum.to(dtype) / n_tokens  # a new tensor
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    return LayerObjective(W=W, H=H)
+def objective_hessians(hessians: list[tuple[Tensor, int]], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """H [E, K, K] = hessian_sum / n_tokens of each (hessian_sum, n_tokens) in `dtype`, a new tensor, dead
+    inputs' diagonal set to 1; and the dead inputs [E, K] (bool)."""
+    E, K = len(hessians), hessians[0][0].shape[0]
+    H = torch.empty(E, K, K, dtype=dtype, device=hessians[0][0].device)
+    for e, (hessian_sum, n_tokens) in enumerate(hessians):
+        torch.div(hessian_sum.to(dtype), n_tokens, out=H[e])
+    dead = torch.diagonal(H, dim1=1, dim2=2) == 0
+    for e in range(E):
+        H[e][dead[e], dead[e]] = 1.0
+    return H, dead
 
 
-def check_layer_inputs(weight: Tensor, hessian_sum: Tensor, n_tokens: int) -> None:
-    """Raises InvalidSolverInput / NonFiniteSolverInput for inputs no solve can use."""
+def objective_weights(weights: list[list[Tensor]], dead: Tensor, dtype: torch.dtype) -> Tensor:
+    """W [E, N, K]: weights[e] (each [N_i, K], ΣN_i = N) stacked in `dtype`, a new tensor, dead inputs'
+    columns zeroed."""
+    E, K = dead.shape
+    W = torch.empty(E, sum(w.shape[0] for w in weights[0]), K, dtype=dtype, device=dead.device)
+    for e, ws in enumerate(weights):
+        row = 0
+        for w in ws:
+            W[e, row:row + w.shape[0]].copy_(w)
+            row += w.shape[0]
+        W[e][:, dead[e]] = 0.0
+    return W
+
+
+def check_layer_inputs(weight: Tensor, hessian_sum: Tensor, n_tokens: int, hessian_values: bool = True) -> None:
+    """Raises InvalidSolverInput / NonFiniteSolverInput for inputs no solve can use (hessian_values=False:
+    hessian_sum's values were checked already)."""
     if weight.dim() != 2 or hessian_sum.shape != (weight.shape[1], weight.shape[1]):
         raise InvalidSolverInput(
             f"weight {tuple(weight.shape)} and hessian_sum {tuple(hessian_sum.shape)} do not fit: "
@@ -142,7 +146,7 @@ def check_layer_inputs(weight: Tensor, hessian_sum: Tensor, n_tokens: int) -> No
         raise InvalidSolverInput(
             f"n_tokens={n_tokens}: the Hessian was accumulated over no calibration tokens; check that "
             "calibration.n_samples > 0 and the layer is reached by the forward pass")
-    for name, t in (("weight", weight), ("hessian_sum", hessian_sum)):
+    for name, t in (("weight", weight), ("hessian_sum", hessian_sum))[:2 if hessian_values else 1]:
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise NonFiniteSolverInput(

@@ -21,16 +21,26 @@ TF32_LOW_BITS = -(1 << 13)  # int32 mask 0xFFFFE000: keeps sign, exponent and TF
 
 def addmm_split_(out: Tensor, A: Tensor, B: Tensor, precision: str = "tf32x3", alpha: float = 1.0) -> Tensor:
     """out += alpha · A @ B in place for fp32 CUDA tensors, in `precision` (see the module docstring); fp64
-    and CPU tensors, and precision "fp32", take the plain product."""
+    and CPU tensors, and precision "fp32", take the plain product. 3-D operands [E, ·, ·]: a batch of
+    products (one batch element: the plain 2-D product)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if out.dim() == 3 and out.shape[0] == 1:
+        addmm_split_(out[0], A[0], B[0], precision, alpha)
+        return out
+    batched = out.dim() == 3
     if precision == "fp32" or not out.is_cuda or out.dtype != torch.float32:
-        return out.addmm_(A, B, alpha=alpha)
+        return out.baddbmm_(A, B, alpha=alpha) if batched else out.addmm_(A, B, alpha=alpha)
     if precision == "tf32x3":
         Ah, Al = _split_tf32(A)
         Bh, Bl = _split_tf32(B)
         with _tf32_matmul():
-            return out.addmm_(torch.cat([Ah, Al, Ah], dim=1), torch.cat([Bh, Bh, Bl], dim=0), alpha=alpha)
+            A3, B3 = torch.cat([Ah, Al, Ah], dim=-1), torch.cat([Bh, Bh, Bl], dim=-2)
+            return out.baddbmm_(A3, B3, alpha=alpha) if batched else out.addmm_(A3, B3, alpha=alpha)
+    if batched:  # bf16 products with an fp32 output: one 2-D product per batch element
+        for e in range(out.shape[0]):
+            addmm_split_(out[e], A[e], B[e], precision, alpha)
+        return out
     Ah, Al = split_bf16(A)
     Bh, Bl = split_bf16(B)
     return torch.addmm(out, torch.cat([Ah, Al, Ah], dim=1), torch.cat([Bh, Bh, Bl], dim=0),

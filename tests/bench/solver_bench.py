@@ -35,7 +35,7 @@ import torch
 from tests.bench.algorithm1 import plain_gptq
 
 from rayquant.solver import hessian
-from rayquant.solver.gptq import GPTQConfig, _cholesky_factor, dequantize, solve_input_group
+from rayquant.solver.gptq import GPTQConfig, _cholesky_factors, dequantize, solve_input_group
 from rayquant.solver.hessian import accumulate_hessian
 
 INPUT_GROUPS = {"qkv": ["q", "k", "v"], "o": ["o"], "gate_up": ["gate", "up"], "down": ["down"]}
@@ -149,10 +149,10 @@ def factorization_seconds(hessians, tokens: int) -> dict:
         H = hessians[group] / tokens
         K = H.shape[0]
         if group == "o":  # warm-up: cuSOLVER handles and workspaces
-            _cholesky_factor(H, tokens, GPTQConfig())
+            _cholesky_factors(H[None], [tokens], GPTQConfig(), None)
             _reference_factor(H)
         t = sync_time()
-        L = _cholesky_factor(H, tokens, GPTQConfig()).L
+        L = _cholesky_factors(H[None], [tokens], GPTQConfig(), None)[0][0]
         out[f"rayquant_{K}"] = sync_time() - t
         t = sync_time()
         U = _reference_factor(H)

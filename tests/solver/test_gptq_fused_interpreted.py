@@ -53,6 +53,9 @@ COLUMN_BATCH_CASES = [dict(bits=4, group_size=32, desc_act=True, column_batch=20
 FLOAT32_CASES = [CASES[i] for i in (5, 7, 8, 10, 11)]
 FLOAT32_REST = [p for p in CASES if p not in FLOAT32_CASES]
 # one interpreter process each, run side by side (the interpreter keeps one core busy), of similar lengths
+# solve_input_groups' batches through the kernel: a shared Hessian's groups stacked, distinct Hessians batched
+BATCHED_CASES = [dict(bits=4, group_size=128, act_group_aware=True, sym=True),  # grids in the kernel
+                 dict(bits=4, group_size=-1, desc_act=True, sym=False)]  # grids before the launch, per problem
 RUNS = {"float64": [(p, torch.float64) for p in CASES[:7]],
         "float64_column_batches": [(p, torch.float64) for p in CASES[7:] + COLUMN_BATCH_CASES],
         "float32": [(p, torch.float32) for p in FLOAT32_CASES],
@@ -87,6 +90,19 @@ def main(out_path: str, runs: str) -> None:
 
     layer = _layer()
     outputs = {}
+    if runs.startswith("batched"):
+        for params in BATCHED_CASES[:1] if runs == "batched" else BATCHED_CASES[1:]:
+            groups = _batched_groups()
+            fused_calls.clear()
+            together = gptq.solve_input_groups(groups, GPTQConfig(**params))
+            calls = len(fused_calls)
+            alone = [gptq.solve_input_group(g.weights, g.hessian_sum, g.n_tokens, GPTQConfig(**params)) for g in groups]
+            as_dicts = [[{f: getattr(r, f) for f in ("codes", "scales", "g_idx", "loss")} for r in res]
+                        for res in together + alone]
+            outputs[(_id(params), "batched")] = dict(together=as_dicts[:len(groups)], alone=as_dicts[len(groups):],
+                                                     fused_calls=calls)
+        torch.save(outputs, out_path)
+        return
     for params, dtype in RUNS[runs]:
         fused_calls.clear()
         result = gptq.solve_gptq(layer.weight.to(dtype), layer.hessian_sum, layer.n_tokens, GPTQConfig(**params))
@@ -105,6 +121,31 @@ def interpreted(tmp_path_factory, request) -> dict:
     runs = [run for run, cases in RUNS.items() if any((_id(p), str(dtype)) in wanted for p, dtype in cases)]
     return run_interpreted("tests.solver.test_gptq_fused_interpreted", runs, tmp_path_factory.mktemp("interpreted"),
                            timeout_s=600)
+
+
+def _batched_groups() -> list:
+    """Two groups sharing the layer's Hessian and three down-projection-like groups of 48 rows with
+    Hessians of their own (float64)."""
+    from rayquant.solver.gptq import GroupProblem
+
+    layer = _layer()
+    g = torch.Generator().manual_seed(5)
+    W = layer.weight.double()
+    groups = [GroupProblem([W[:48], W[48:64]], layer.hessian_sum, layer.n_tokens),
+              GroupProblem([W[64:]], layer.hessian_sum, layer.n_tokens)]
+    for e in range(3):
+        x = torch.randn(300, W.shape[1], generator=g, dtype=torch.float64) * torch.rand(W.shape[1], generator=g,
+                                                                                    dtype=torch.float64)
+        groups.append(GroupProblem([torch.randn(48, W.shape[1], generator=g, dtype=torch.float64)], x.T @ x, 300))
+    return groups
+
+
+@pytest.fixture(scope="module")
+def batched_runs(tmp_path_factory, request) -> dict:
+    pytest.importorskip("triton")
+    wide = any("group_size=-1" in item.name and "batched" in item.name for item in request.session.items)
+    return run_interpreted("tests.solver.test_gptq_fused_interpreted", ["batched"] + ["batched_wide"] * wide,
+                           tmp_path_factory.mktemp("batched"), timeout_s=600)
 
 
 def _decoded_loss(out: dict) -> float:
@@ -153,6 +194,21 @@ def test_interpreted_fused_float32_loss_within_0p1_percent_of_textbook_and_decod
 def test_interpreted_fused_float64_equals_textbook_whatever_the_column_batch(interpreted: dict, params: dict) -> None:
     _assert_same_as_textbook_in_float64(interpreted[(_id(params), str(torch.float64))],
                                         GPTQConfig(**params))
+
+
+@pytest.mark.parametrize("params", [BATCHED_CASES[0], pytest.param(BATCHED_CASES[1], marks=pytest.mark.full_matrix)],
+                         ids=_id)
+def test_interpreted_fused_batched_solves_equal_each_group_alone(params: dict, batched_runs: dict) -> None:
+    """One column loop over a shared Hessian's stacked groups and one over three Hessians batched (the
+    kernel's problem dimension) give every group the codes and loss it gets alone (float64)."""
+    out = batched_runs[(_id(params), "batched")]
+    assert out["fused_calls"] == 2  # one per batch: the shared Hessian's, the three distinct ones'
+    for together, alone in zip(out["together"], out["alone"], strict=True):
+        for a, b in zip(together, alone, strict=True):
+            assert torch.equal(a["g_idx"], b["g_idx"])
+            assert (a["codes"] == b["codes"]).double().mean().item() >= 0.999
+            assert (a["scales"] == b["scales"]).double().mean().item() >= 0.999
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-9)
 
 
 if __name__ == "__main__":

@@ -173,12 +173,13 @@ def test_reversed_cholesky_gives_the_cholesky_factor_of_the_damped_inverse(monke
     monkeypatch.setattr(gptq, "TRIANGULAR_SOLVE_MAX", 16)  # K = 100: the inverse by halves down to 12-13 columns
     x = correlated_activations(512, 100, seed=16).double()
     H = x.T @ x / 512
-    factor = gptq._cholesky_factor(H, 512, GPTQConfig(damp_percent=0.01))
+    Ls, _, damping = gptq._cholesky_factors(H[None], [512], GPTQConfig(damp_percent=0.01), None)
+    L = Ls[0]
     damped = H + 0.01 * torch.diagonal(H).mean() * torch.eye(100, dtype=torch.float64)
-    R = factor.L.flip(0, 1)  # what the fused path uses: H + λI = R Rᵀ, R upper
+    R = L.flip(0, 1)  # what the fused path uses: H + λI = R Rᵀ, R upper
     assert torch.equal(R, torch.triu(R))
     torch.testing.assert_close(R @ R.T, damped, rtol=1e-12, atol=1e-12)
-    U = gptq._invert_lower(factor.L).flip(0, 1)  # what the torch loop uses: U = R⁻¹
+    U = gptq._invert_lower(L).flip(0, 1)  # what the torch loop uses: U = R⁻¹
     assert torch.equal(U, torch.triu(U))
     torch.testing.assert_close(U, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-9, atol=1e-12)
-    assert factor.damping == pytest.approx(0.01 * float(torch.diagonal(H).mean()), rel=1e-12)
+    assert damping[0] == pytest.approx(0.01 * float(torch.diagonal(H).mean()), rel=1e-12)
