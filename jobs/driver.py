@@ -472,7 +472,7 @@ def worker_setups(spec: JobSpec, job_id: str, model_path: str, source: ModelSour
         num_threads=c.cpus_per_worker, device="cuda" if c.gpus_per_worker else "cpu",
         gpu_activations=spec.quant.gpu_activations,
         eval_on=spec.calibration.eval_samples > 0, eval_rtn=spec.calibration.eval_rtn,
-        moe=MoEConfig(min_tokens=spec.quant.moe.min_tokens, starved_experts=spec.quant.moe.starved_experts),
+        moe=MoEConfig(**spec.quant.moe.model_dump()),
         source=source, rendezvous_timeout_s=c.rendezvous_timeout_s, collective_timeout_s=c.collective_timeout_s,
     ) for rank in range(c.num_workers)]
 

@@ -132,7 +132,7 @@ def _block_shapes(spec: JobSpec, source: ModelSource, model: nn.Module, layout: 
     from rayquant.storage.shard_plan import block_of_tensor
     from rayquant.workers.adapter import quantizable_linears
     from rayquant.workers.layer_overrides import layer_config
-    from rayquant.workers.moe import routed_experts, sequential_stages, shared_hessians
+    from rayquant.workers.moe import routed_experts, sequential_stages, set_calibration, shared_hessians
 
     weights, source_bytes, packed = ([0] * layout.n_blocks for _ in range(3))
     for name, info in source.tensors.items():
@@ -150,8 +150,11 @@ def _block_shapes(spec: JobSpec, source: ModelSource, model: nn.Module, layout: 
     shapes, n_groups = [], []
     for b, block in enumerate(blocks):
         groups = groups_of[b]
-        stages = sequential_stages(block, groups) if spec.quant.true_sequential else [groups]
+        stages = (sequential_stages(block, groups, spec.quant.moe.hessian_tokens) if spec.quant.true_sequential
+                  else [groups])
         stage_shapes = []
+        # the workers' collect mode: experts share one gate/up Hessian under hessian_tokens=all only
+        set_calibration(block, spec.quant.moe.hessian_tokens == "all")
         for stage in stages:
             aliases = shared_hessians(block, stage)
             solves = []

@@ -55,6 +55,9 @@ class MoESpec(_Strict):
     # what a starved expert gets: error (stop, exit 2), calibrate_all (GPTQ on the all-token Hessian
     # every expert is calibrated with), rtn (round-to-nearest); recorded per expert in report.json
     starved_experts: Literal["error", "calibrate_all", "rtn"] = "calibrate_all"
+    # whose inputs an expert's Hessians are: routed (the tokens its router sends it, as GPTQModel and
+    # MoE-Quant; top-k/E of the expert compute) or all (every token through every expert; E× the compute)
+    hessian_tokens: Literal["all", "routed"] = "routed"
 
 
 def _checked(value, problem, prefix: str = ""):

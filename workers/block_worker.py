@@ -24,11 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rayquant.kernels.dequant_gemm import dequant_gemm
-from rayquant.kernels.validation import KernelMismatch, validate_packed_layer
-from rayquant.solver.gptq import GPTQConfig, GPTQResult, HessianNotPositiveDefinite, dequantize, solve_input_group
+from rayquant.solver.gptq import GPTQConfig, GPTQResult
 from rayquant.solver.pack import PackedLinear, pack_linear
-from rayquant.solver.rtn import quantize_rtn
 from rayquant.storage.job_records import LayerReport
 from rayquant.storage.model_source import (ModelSource, check_config_matches_weights, open_model_source,
                                            read_source_tensor)
@@ -61,6 +58,7 @@ from rayquant.workers.moe import (
     sequential_stages,
     set_calibration,
     shared_hessians,
+    stage_experts_only,
     unfuse_experts,
 )
 from rayquant.workers.output_plan import plan_output
@@ -71,9 +69,10 @@ from rayquant.workers.rank_group import PeerFailed as PeerFailed
 from rayquant.workers.rank_group import RankGroup, agree_on_errors, balance
 from rayquant.workers.stage_collect import CollectedStage, collect_stage
 from rayquant.workers.stage_inputs import StageInputs, once_called_children
+from rayquant.workers.stage_solve import GroupWork, SolveSettings, solve_groups
 from rayquant.workers.stage_strategy import OwnerStage, Reduced, RowSplitStage, stage_strategy
 from rayquant.workers.stage_timing import StageClock
-from rayquant.workers.starved_experts import routed_tokens, starved_policy
+from rayquant.workers.starved_experts import routed_tokens
 
 log = structlog.get_logger()
 
@@ -331,18 +330,25 @@ class BlockWorker:
         install. Returns the block's tensors under checkpoint names (on the device) and its layer reports."""
         with self.clock.timed("plan"):
             plan = self._plan(block_idx, source)
+        from rayquant.workers.starved_experts import recollect_starved, validation_samples
+
         block, packed, layers = plan.block, {}, []
+        all_tokens = self.setup.moe.hessian_tokens == "all"
         for i, stage in enumerate(plan.stages):
-            # all tokens through all experts only where an expert's Hessian is collected; the output is the same
-            set_calibration(block, any(expert_of(block, g) is not None for g in stage))
+            # hessian_tokens=all: all tokens through all experts only where an expert's Hessian is collected
+            # (the output is the same); routed: each expert sees its routed tokens only
+            set_calibration(block, all_tokens and any(expert_of(block, g) is not None for g in stage))
             reset_routed_tokens(block)
-            aliases = shared_hessians(block, stage)  # MoE: one all-token Hessian for every expert's gate/up
+            aliases = shared_hessians(block, stage)  # MoE `all`: one all-token Hessian for every expert's gate/up
             collected = self._collect(block, [g for g in stage if g.name not in aliases], plan.stage_inputs, i)
             routed = routed_tokens(self.group, block_idx, block, stage, self.setup.moe)
+            recollect_starved(block, stage, routed, self.setup.moe, collected,
+                              lambda groups, i=i: self._collect(block, groups, plan.stage_inputs, i))
             strategy = stage_strategy(self.group, stage, aliases, plan.owners, self.setup.split_rows)
             with self.clock.timed("reduce"):
                 reduced = strategy.reduce(collected.sums, collected.tokens, aliases)
-            samples = collected.samples | {name: collected.samples[first] for name, first in aliases.items()}
+            samples = validation_samples(
+                block, stage, collected.samples | {name: collected.samples[first] for name, first in aliases.items()})
             with agree_on_errors(self.group):
                 mine = self._solve_stage(block_idx, block, stage, strategy, reduced, samples, routed)
             with self.clock.timed("share"):
@@ -364,7 +370,8 @@ class BlockWorker:
             self._groups_by_structure[signature] = find_input_groups(block, self.inputs[0])
             self._once_called_by_structure[signature] = once_called_children(block, self.inputs[0])
         groups = self._groups_by_structure[signature]
-        stages = sequential_stages(block, groups) if self.setup.true_sequential else [groups]
+        stages = (sequential_stages(block, groups, self.setup.moe.hessian_tokens, self.hessian_dtype.itemsize)
+                  if self.setup.true_sequential else [groups])
         once_called = self._once_called_by_structure[signature]
         return _BlockPlan(block=block, owners=balance({g.name: g.in_features ** 2 for g in groups}, self.world),
                           stages=stages, stage_inputs=StageInputs(block, stages, once_called, self.stage_shortcut))
@@ -372,68 +379,40 @@ class BlockWorker:
     def _collect(self, block: nn.Module, stage: list[InputGroup], stage_inputs: StageInputs,
                  stage_idx: int) -> CollectedStage:
         """This rank's Hessian sums of the stage's input groups (workers/stage_collect.py)."""
-        with self.clock.timed("collect"):
+        with self.clock.timed("collect"), stage_experts_only(block, stage):
             return collect_stage(block, stage, self.inputs, stage_inputs, stage_idx, self.hessian_dtype, self.device,
                                  self.setup.validate_tokens)
 
     def _solve_stage(self, block_idx: int, block: nn.Module, stage: list[InputGroup],
                      strategy: OwnerStage | RowSplitStage, reduced: Reduced, samples: dict[str, torch.Tensor],
                      routed: dict[str, int]) -> dict[str, PackedLinear]:
-        """What this rank solves of the stage (`strategy.assign`): its packed linears or row slices by linear;
-        their reports go to the strategy."""
-        mine: dict[str, PackedLinear] = {}
+        """What this rank solves of the stage (`strategy.assign`), in batched calls (workers/stage_solve.py):
+        its packed linears or row slices by linear; their reports go to the strategy."""
+        works: list[GroupWork] = []
+        assignments = []
         for g in stage:
             for linears, cfg in self._configs_of(block_idx, g):
                 assignment = strategy.assign(block, g, linears)
                 if assignment is None:
                     continue  # another rank's group, or every slice of this rank is empty
                 H, n = reduced[g.name]
-                results, reports = self._solve(block_idx, block, assignment.group, H, n, samples[g.name],
-                                               routed.get(g.name), cfg, assignment.rows)
-                mine.update(results)
-                strategy.keep(assignment, reports)
-        return mine
+                assignments.append(assignment)
+                works.append(GroupWork(group=assignment.group, rows=assignment.rows, cfg=cfg, hessian_sum=H,
+                                       n_tokens=n, x_val=samples[g.name], routed_tokens=routed.get(g.name)))
+        for w in works:
+            self.rows_solved += sum((w.rows[lin][1] - w.rows[lin][0]) if w.rows is not None
+                                    else block.get_submodule(lin).out_features for lin in w.group.linears)
+        packed, reports = self._solve_groups(block_idx, block, works)
+        for assignment, r in zip(assignments, reports):
+            strategy.keep(assignment, r)
+        return packed
 
-    def _solve(self, block_idx: int, block: nn.Module, group: InputGroup, H: torch.Tensor, n_tokens: int,
-               x_val: torch.Tensor, routed_tokens: int | None, cfg: GPTQConfig,
-               rows: dict[str, tuple[int, int]] | None) -> tuple[dict[str, PackedLinear], list[LayerReport]]:
-        """GPTQ on the group's linears, which all take `cfg`, then the RTN baseline and kernel validation on
-        `x_val`; with `rows`, on each linear's output rows [start, stop) only (its packed slice and report)."""
-        policy = starved_policy(routed_tokens, self.setup.moe)
-        prefix = self.layout.block_prefix(block_idx)
-        weights = [block.get_submodule(lin).weight for lin in group.linears]
-        if rows is not None:
-            weights = [w[rows[lin][0]:rows[lin][1]] for lin, w in zip(group.linears, weights)]
-        weights = [w.float() for w in weights]  # [N_i, K]
-        self.rows_solved += sum(w.shape[0] for w in weights)
-        with self.clock.timed("solve"):
-            try:
-                results = solve_input_group(weights, H, n_tokens, cfg)
-            except HessianNotPositiveDefinite as err:
-                raise HessianNotPositiveDefinite(f"block {block_idx} input group {group.name}: {err}") from err
-        with self.clock.timed("baseline"):
-            rtn = [quantize_rtn(w, H, n_tokens, cfg) for w in weights]  # the report's baseline loss
-        if policy == "rtn":
-            results = rtn  # a starved expert gets RTN's codes; both losses still use the all-token H
-        packed, reports = {}, []
-        with self.clock.timed("validate"):
-            for lin, w, res, base in zip(group.linears, weights, results, rtn):
-                packed[lin] = self._pack(res, cfg.bits)
-                expected = dequantize(res.codes, res.scales, res.zeros, res.g_idx)
-                try:
-                    check = validate_packed_layer(x_val, packed[lin], cfg.bits, expected,
-                                                  self.setup.validate_tolerance, gemm=dequant_gemm)  # Triton on GPU
-                except KernelMismatch as err:
-                    raise KernelMismatch(f"block {block_idx} layer {prefix}{lin}: {err}") from err
-                reports.append(LayerReport(
-                    name=prefix + lin, input_group=group.name, in_features=w.shape[1], out_features=w.shape[0],
-                    gptq_loss=res.loss, rtn_loss=base.loss, damp_percent=res.damp_percent, n_tokens=n_tokens,
-                    owner=self.rank, max_rel_err=check.max_rel_err, mean_rel_err=check.mean_rel_err,
-                    routed_tokens=routed_tokens, starved_policy=policy,
-                ))
-                log.debug("layer_solved", rank=self.rank, layer=prefix + lin, loss=res.loss, rtn_loss=base.loss,
-                          damp_percent=res.damp_percent)
-        return packed, reports
+    def _solve_groups(self, block_idx: int, block: nn.Module,
+                      works: list[GroupWork]) -> tuple[dict[str, PackedLinear], list[list[LayerReport]]]:
+        """GPTQ, the RTN baseline and kernel validation of every work (benchmarks add to it)."""
+        settings = SolveSettings(rank=self.rank, prefix=self.layout.block_prefix(block_idx), block_idx=block_idx,
+                                 moe=self.setup.moe, validate_tolerance=self.setup.validate_tolerance, pack=self._pack)
+        return solve_groups(block, works, settings, self.clock)
 
     def _pack(self, result: GPTQResult, bits: int) -> PackedLinear:
         """GPTQ v1 packing (tests override it to corrupt a layer before its validation)."""
@@ -449,9 +428,8 @@ class BlockWorker:
                 cfg = self._layer_config(block_idx, lin)
                 if cfg is None:
                     continue  # skipped by quant.overrides: the part keeps its `.weight`
-                linear = block.get_submodule(lin)
-                packed[lin] = strategy.share(linear, g.name, mine.get(lin), cfg)
-                install(linear, packed[lin], cfg.bits, self.dtype)
+                packed[lin] = strategy.share(block.get_submodule(lin), g.name, mine.get(lin), cfg)
+        install([block.get_submodule(lin) for lin in packed], list(packed.values()), self.dtype)
         return packed
 
     def _layer_config(self, block_idx: int, linear: str) -> GPTQConfig | None:

@@ -21,6 +21,7 @@ from rayquant.storage.gptq_checkpoint import GPTQCheckpoint, InvalidGPTQCheckpoi
 from rayquant.storage.model_source import read_source_tensor
 from rayquant.workers.adapter import build_skeleton, move_buffers
 from rayquant.workers.evaluation import perplexity, window_nll
+from rayquant.workers.moe import unfuse_experts
 
 log = structlog.get_logger()
 
@@ -44,6 +45,7 @@ def load_dequantized_model(checkpoint: GPTQCheckpoint, device: torch.device | st
     source = checkpoint.source
     config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     model = build_skeleton(config, dtype)
+    unfuse_experts(model)  # MoE: one linear per expert, under the checkpoint's names (workers/moe.py)
     packed = {linear.name: linear for linear in checkpoint.linears}
     state: dict[str, torch.Tensor] = {}
     for linear in checkpoint.linears:

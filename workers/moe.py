@@ -10,14 +10,17 @@ block's state-dict names are the checkpoint's names. Both facts come from transf
 checkpoint conversion (`revert_weight_conversion`, what `save_pretrained` writes), not from a table.
 
 Then each expert is an input group of its own (find_input_groups), its Hessian has an owner like any
-other group, and a 256-expert block spreads over the workers. In calibration mode every token runs
-through every expert for the Hessian hooks, while the block's output stays gated as the model
-computes it; the routed token counts decide which experts are starved (`MoEConfig`).
+other group, and a 256-expert block spreads over the workers. With `quant.moe.hessian_tokens: routed`
+each expert's Hessians come from the tokens its router sends it; with `all` (calibration mode) every
+token runs through every expert for the Hessian hooks. Either way the block's output stays gated as the
+model computes it; the routed token counts decide which experts are starved (`MoEConfig`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +30,7 @@ from torch import nn
 from rayquant.workers.adapter import InputGroup, UnsupportedArchitecture
 
 StarvedPolicy = Literal["error", "calibrate_all", "rtn"]
+HessianTokens = Literal["all", "routed"]
 ROLES = ("gate", "up", "down")  # gate_up_proj rows [0, I) are the gate, [I, 2I) the up projection
 
 
@@ -38,6 +42,9 @@ class StarvedExpert(Exception):
 class MoEConfig:
     min_tokens: int = 1  # an expert routed fewer calibration tokens than this is starved
     starved_experts: StarvedPolicy = "calibrate_all"  # error: stop; calibrate_all: GPTQ on all tokens; rtn: RTN
+    # routed: each expert's Hessians from the tokens routed to it (its real inputs; top-k/E of the expert
+    # compute); all: every token through every expert (one shared gate/up Hessian, E× the expert compute)
+    hessian_tokens: HessianTokens = "routed"
 
 
 class _Expert(nn.Module):
@@ -59,20 +66,33 @@ class RoutedExperts(nn.ModuleList):
         super().__init__(experts)
         object.__setattr__(self, "act_fn", act_fn)  # not a child: the list holds experts only
         self.calibrate_all = False  # run every token through every expert (for the Hessian hooks only)
+        self.calibrate_experts: frozenset[int] = frozenset()  # the same for these experts only (starved)
         self.routed_tokens: torch.Tensor | None = None  # [E] int64, tokens routed per expert since reset
+        # while a stage of these experts' groups collects, only they run (`stage_experts_only`); None: all
+        self.only: frozenset[int] | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
+        E, k = len(self), top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)  # [T·k], (token, slot) pairs in row-major order
         # index E marks a dropped slot in some routers; it counts for no expert
-        counts = torch.bincount(top_k_index.reshape(-1), minlength=len(self) + 1)[: len(self)]
-        self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
-        for e, expert in enumerate(self):
-            token_idx, top_k_pos = torch.where(top_k_index == e)
-            if self.calibrate_all:
+        counts = torch.bincount(flat, minlength=E + 1)
+        self.routed_tokens = counts[:E] if self.routed_tokens is None else self.routed_tokens + counts[:E]
+        # one dispatch for all experts: a stable sort keeps each expert's pairs in ascending token order (as
+        # torch.where(top_k_index == e) gives them) and the counts cross to the host once, not once per expert
+        by_expert = torch.argsort(flat, stable=True)
+        token_of, slot_of = by_expert // k, by_expert % k
+        start = 0
+        for e, (expert, n) in enumerate(zip(self, counts[:E].tolist())):
+            token_idx, top_k_pos = token_of[start:start + n], slot_of[start:start + n]
+            start += n
+            if self.only is not None and e not in self.only:
+                continue
+            if self.calibrate_all or e in self.calibrate_experts:
                 # view_as: a tensor object of its own, so each expert is its own input group
                 y = self._expert_forward(expert, hidden_states.view_as(hidden_states))[token_idx]
-            elif token_idx.numel() == 0:
+            elif n == 0:
                 continue
             else:
                 y = self._expert_forward(expert, hidden_states[token_idx])
@@ -205,6 +225,18 @@ def set_calibration(block: nn.Module, on: bool) -> None:
         m.calibrate_all = on
 
 
+def calibrate_experts(block: nn.Module, groups: list[InputGroup]) -> None:
+    """Every token through the experts of `groups` only (starved experts under hessian_tokens=routed), none
+    through the others beyond their routed tokens; [] ends it. Outputs stay gated."""
+    chosen: dict[str, set[int]] = {}
+    for g in groups:
+        where = expert_of(block, g)
+        chosen.setdefault(where.experts_path, set()).add(where.index)
+    for path, m in block.named_modules():
+        if isinstance(m, RoutedExperts):
+            m.calibrate_experts = frozenset(chosen.get(path, ()))
+
+
 def reset_routed_tokens(block: nn.Module) -> None:
     for m in routed_experts(block):
         m.routed_tokens = None
@@ -253,9 +285,12 @@ def shared_hessians(block: nn.Module, stage: list[InputGroup]) -> dict[str, str]
     return aliases
 
 
-def sequential_stages(block: nn.Module, groups: list[InputGroup]) -> list[list[InputGroup]]:
+def sequential_stages(block: nn.Module, groups: list[InputGroup], hessian_tokens: str = "routed",
+                      hessian_bytes: int = 4) -> list[list[InputGroup]]:
     """true_sequential sub-stages: one per input group, except that the same projection of every expert
-    of one RoutedExperts forms a single stage (the experts never read each other's outputs)."""
+    of one RoutedExperts forms a single stage (the experts never read each other's outputs), cut into
+    stages of consecutive experts whose Hessian sums stay under EXPERT_STAGE_HESSIAN_BYTES
+    (`hessian_bytes` per element; under `all` the gate/up stage sums one shared Hessian)."""
     stages: list[list[InputGroup]] = []
     by_key: dict[tuple[str, str], list[InputGroup]] = {}
     for g in groups:
@@ -268,4 +303,40 @@ def sequential_stages(block: nn.Module, groups: list[InputGroup]) -> list[list[I
             by_key[key] = []
             stages.append(by_key[key])
         by_key[key].append(g)
-    return stages
+    cut: list[list[InputGroup]] = []
+    for stage in stages:
+        where = expert_of(block, stage[0])
+        if where is None or (hessian_tokens == "all" and where.role != "down"):
+            cut.append(stage)
+            continue
+        size = 0
+        for i, g in enumerate(stage):
+            nbytes = g.in_features ** 2 * hessian_bytes
+            if i == 0 or size + nbytes > EXPERT_STAGE_HESSIAN_BYTES:
+                cut.append([])
+                size = 0
+            cut[-1].append(g)
+            size += nbytes
+    return cut
+
+
+# Hessian sums one expert stage collects at once: under `routed` every expert's gate/up Hessian is its own
+# (DeepSeek-V3: 256 × 7168² fp32 = 52 GB), so its experts are collected and solved in several stages
+EXPERT_STAGE_HESSIAN_BYTES = 8 << 30
+
+
+@contextmanager
+def stage_experts_only(block: nn.Module, stage: list[InputGroup]) -> Iterator[None]:
+    """While `stage` collects, a RoutedExperts that holds every group of the stage runs only the stage's
+    experts: the forward ends at the stage's last hook (or its output is never read: nothing after it is
+    hooked), so the other experts' outputs are not needed — a stage of a few experts costs their forwards."""
+    where = [expert_of(block, g) for g in stage]
+    module = None
+    if where and None not in where and len({w.experts_path for w in where}) == 1:
+        module = block.get_submodule(where[0].experts_path)
+        module.only = frozenset(w.index for w in where)
+    try:
+        yield
+    finally:
+        if module is not None:
+            module.only = None

@@ -10,6 +10,10 @@ import torch
 from torch import nn
 
 from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, dequantize_packed, packed_bits
+from rayquant.workers.row_split import concat_packed
+
+# float32 bytes of weights dequantized in one call: an MoE stage's experts in a few calls, not hundreds
+DEQUANTIZE_CHUNK_BYTES = 1 << 30
 
 
 def packed_part(source: dict[str, torch.Tensor], prefix: str,
@@ -30,20 +34,51 @@ def packed_part(source: dict[str, torch.Tensor], prefix: str,
 
 def dequantized_state(part: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The block's state dict (names relative to it) with each packed linear dequantized, as a reader sees it."""
-    state = {}
+    state, stems = {}, []
     for name, tensor in part.items():
         rel = name[len(prefix):]
         stem, _, suffix = rel.rpartition(".")
-        if suffix in PACKED_FIELDS:
-            if suffix == "qweight":
-                p = PackedLinear(**{f: part[f"{prefix}{stem}.{f}"] for f in PACKED_FIELDS})
-                state[f"{stem}.weight"] = dequantize_packed(p, packed_bits(p))  # overrides may differ per layer
-        else:
+        if suffix == "qweight":
+            stems.append(stem)
+        elif suffix not in PACKED_FIELDS:
             state[rel] = tensor
+    layers = [PackedLinear(**{f: part[f"{prefix}{stem}.{f}"] for f in PACKED_FIELDS}) for stem in stems]
+    for stem, weight in zip(stems, dequantize_packed_many(layers)):
+        state[f"{stem}.weight"] = weight
     return state
 
 
-def install(linear: nn.Linear, packed: PackedLinear, bits: int, dtype: torch.dtype) -> None:
-    """Replace a linear's weight by its dequantized codes, exactly as a checkpoint reader sees them."""
-    w = dequantize_packed(packed, bits).to(device=linear.weight.device, dtype=dtype)
-    linear.weight = nn.Parameter(w, requires_grad=False)
+def dequantize_packed_many(layers: list[PackedLinear]) -> list[torch.Tensor]:
+    """dequantize_packed of every layer (each at its own bits: overrides may differ per layer), bitwise:
+    layers of one bit width, in_features, device and g_idx (every expert of an MoE stage) are joined along
+    the output dim and dequantized in one call per DEQUANTIZE_CHUNK_BYTES, then split."""
+    out: list[torch.Tensor | None] = [None] * len(layers)
+    joinable: dict[tuple, list[int]] = {}
+    for i, p in enumerate(layers):
+        key = (packed_bits(p), p.g_idx.numel(), p.qweight.device)
+        joinable.setdefault(key, []).append(i)
+    for (bits, K, _), members in joinable.items():
+        chunks: list[list[int]] = []
+        size = 0
+        for i in members:
+            nbytes = 4 * K * layers[i].scales.shape[1]
+            if not chunks or size + nbytes > DEQUANTIZE_CHUNK_BYTES or not torch.equal(
+                    layers[i].g_idx, layers[chunks[-1][0]].g_idx):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(i)
+            size += nbytes
+        for chunk in chunks:
+            if len(chunk) == 1:
+                out[chunk[0]] = dequantize_packed(layers[chunk[0]], bits)
+                continue
+            joined = dequantize_packed(concat_packed([layers[i] for i in chunk]), bits)
+            for i, w in zip(chunk, joined.split([layers[i].scales.shape[1] for i in chunk])):
+                out[i] = w
+    return out
+
+
+def install(linears: list[nn.Linear], packed: list[PackedLinear], dtype: torch.dtype) -> None:
+    """Replace each linear's weight by its dequantized codes, exactly as a checkpoint reader sees them."""
+    for linear, w in zip(linears, dequantize_packed_many(packed), strict=True):
+        linear.weight = nn.Parameter(w.to(device=linear.weight.device, dtype=dtype), requires_grad=False)

@@ -1,14 +1,22 @@
-"""MoE: the calibration tokens the router sent each expert, and what an expert sent too few gets (DESIGN.md §7)."""
+"""MoE: the calibration tokens the router sent each expert, and what an expert sent too few gets (DESIGN.md §7).
+
+Under quant.moe.hessian_tokens=routed a starved expert's Hessians (from its few routed tokens) are
+replaced by all-token ones, collected again with every token through just those experts, before the
+reduce: calibrate_all then solves GPTQ on them and rtn reports its losses against them, as under `all`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import structlog
 import torch
 from torch import nn
 
 from rayquant.workers.adapter import InputGroup
-from rayquant.workers.moe import MoEConfig, StarvedExpert, expert_of, local_routed_tokens
+from rayquant.workers.moe import MoEConfig, StarvedExpert, calibrate_experts, expert_of, local_routed_tokens
 from rayquant.workers.rank_group import RankGroup
+from rayquant.workers.stage_collect import CollectedStage
 
 log = structlog.get_logger()
 
@@ -41,3 +49,38 @@ def starved_policy(n_routed: int | None, cfg: MoEConfig) -> str | None:
     None otherwise."""
     starved = n_routed is not None and n_routed < cfg.min_tokens
     return cfg.starved_experts if starved else None
+
+
+def recollect_starved(block: nn.Module, stage: list[InputGroup], routed: dict[str, int], cfg: MoEConfig,
+                      collected: CollectedStage, collect: Callable[[list[InputGroup]], CollectedStage]) -> None:
+    """Under hessian_tokens=routed, replace the starved experts' sums, token counts and samples in `collected`
+    by an all-token collect of just their groups (`collect`). Every rank takes the same branch: `routed` is
+    summed over ranks. Under `all` their Hessians are all-token already."""
+    starved = [g for g in stage if routed.get(g.name, cfg.min_tokens) < cfg.min_tokens]
+    if cfg.hessian_tokens != "routed" or not starved:
+        return
+    calibrate_experts(block, starved)
+    try:
+        again = collect(starved)
+    finally:
+        calibrate_experts(block, [])
+    collected.sums |= again.sums
+    collected.tokens |= again.tokens
+    collected.samples |= again.samples
+
+
+def validation_samples(block: nn.Module, stage: list[InputGroup], samples: dict[str, torch.Tensor]) -> dict[
+        str, torch.Tensor]:
+    """`samples` with every stage group present: under hessian_tokens=routed an expert this rank's shard
+    routed no token to has none of its own, and validates its kernel on a sibling expert's input of the
+    same projection (a real input of that width; the other ranks' tokens never reach this one)."""
+    out = dict(samples)
+    for g in stage:
+        where = expert_of(block, g)
+        if g.name in out or where is None:
+            continue
+        siblings = [s for s in stage if s.name in samples and (w := expert_of(block, s)) is not None
+                    and (w.experts_path, w.role == "down") == (where.experts_path, where.role == "down")]
+        if siblings:
+            out[g.name] = samples[siblings[0].name]
+    return out

@@ -22,7 +22,8 @@ import time
 import structlog
 import torch
 
-from rayquant.solver.gptq import GPTQConfig
+from rayquant.solver.gptq import GPTQConfig, solve_input_group
+from rayquant.workers.moe import MoEConfig
 from tests.bench.algorithm1 import layer_loss, plain_gptq
 from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
 
@@ -35,20 +36,30 @@ class BaselineTimedWorker(BlockWorker):
     def __init__(self, setup: WorkerSetup, run_baseline: bool):
         super().__init__(setup)
         self.run_baseline = run_baseline
+        self.check_unbatched = False
         self.baseline: dict[str, tuple[float, float]] = {}  # linear -> (seconds, loss)
+        self.unbatched: list[tuple[str, float, float]] = []  # (linear, batched loss, loss solved alone)
 
-    def _solve(self, block_idx, block, group, H, n_tokens, *args, **kwargs):
-        out = super()._solve(block_idx, block, group, H, n_tokens, *args, **kwargs)
+    def _solve_groups(self, block_idx, block, works):
+        out = super()._solve_groups(block_idx, block, works)
+        if self.check_unbatched and len(works) > 1:  # each input group solved alone on the same Hessian
+            reports = {r.name: r.gptq_loss for rs in out[1] for r in rs}
+            prefix = self.layout.block_prefix(block_idx)
+            for work in works:
+                weights = [block.get_submodule(lin).weight for lin in work.group.linears]
+                alone = solve_input_group(weights, work.hessian_sum, work.n_tokens, work.cfg)
+                self.unbatched += [(lin, reports[prefix + lin], a.loss) for lin, a in zip(work.group.linears, alone)]
         if self.run_baseline:
             cfg = self.setup.gptq
-            for lin in group.linears:
-                W = block.get_submodule(lin).weight.float()
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                Hm = H.float() / n_tokens
-                loss = layer_loss(W, plain_gptq(W, Hm, cfg.bits, cfg.group_size, cfg.desc_act), Hm)
-                torch.cuda.synchronize()
-                self.baseline[lin] = (time.perf_counter() - t, loss)
+            for work in works:
+                for lin in work.group.linears:
+                    W = block.get_submodule(lin).weight.float()
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    Hm = work.hessian_sum.float() / work.n_tokens
+                    loss = layer_loss(W, plain_gptq(W, Hm, cfg.bits, cfg.group_size, cfg.desc_act), Hm)
+                    torch.cuda.synchronize()
+                    self.baseline[lin] = (time.perf_counter() - t, loss)
         return out
 
 
@@ -66,6 +77,11 @@ def main() -> None:
                         help="every true_sequential stage runs the block forward (workers/stage_inputs.py off)")
     parser.add_argument("--eval-samples", type=int, default=0, help="held-out windows flowing fp and quantized")
     parser.add_argument("--profile", action="store_true", help="print the last block's top GPU kernels")
+    parser.add_argument("--hessian-tokens", choices=("all", "routed"), default=MoEConfig().hessian_tokens,
+                        help="MoE: quant.moe.hessian_tokens")
+    parser.add_argument("--check-unbatched", action="store_true",
+                        help="MoE: after the last block's batched solves, solve every input group alone on the same "
+                             "Hessian and print the largest relative loss difference")
     args = parser.parse_args()
     os.environ.setdefault("RAYQUANT_CACHE", "/tmp/rayquant-cache")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
@@ -75,7 +91,8 @@ def main() -> None:
     cfg = GPTQConfig(bits=4, group_size=128, desc_act=args.desc_act, act_group_aware=not (args.desc_act or args.no_gar))
     setup = WorkerSetup(job_id="bench", rank=0, world_size=1, model_path=f"synthetic://{args.preset}",
                         gptq=cfg, true_sequential=True, micro_batch=args.micro_batch,
-                        num_threads=8, device="cuda", eval_on=args.eval_samples > 0)
+                        num_threads=8, device="cuda", eval_on=args.eval_samples > 0,
+                        moe=MoEConfig(hessian_tokens=args.hessian_tokens))
     eval_samples = torch.randint(2, 1024, (args.eval_samples, args.seq_len), generator=gen)
     worker = BaselineTimedWorker(setup, run_baseline=False)
     worker.stage_shortcut = not args.no_stage_shortcut
@@ -86,6 +103,7 @@ def main() -> None:
     results = []
     for b in range(args.blocks):
         worker.run_baseline = not args.no_baseline and b == args.blocks - 1
+        worker.check_unbatched = args.check_unbatched and b == args.blocks - 1
         torch.cuda.synchronize()
         t = time.perf_counter()
         last_block = b == args.blocks - 1
@@ -102,8 +120,13 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 
     last, wall = results[-1]
+    if worker.unbatched:
+        worst = max(worker.unbatched, key=lambda u: abs(u[1] - u[2]) / max(u[2], 1e-30))
+        print(f"batched vs each input group alone: {len(worker.unbatched)} linears, largest relative loss difference "
+              f"{abs(worst[1] - worst[2]) / worst[2]:.2e} ({worst[0]}: {worst[1]:.6g} vs {worst[2]:.6g})")
     block_s = sum(last.seconds.get(s, 0.0) for s in STAGES)
     print(f"\n{args.preset}: {args.samples} x {args.seq_len} tokens, 4-bit g128, desc_act={args.desc_act}, act_group_aware={cfg.act_group_aware}, "
+          f"hessian_tokens={args.hessian_tokens}, "
           f"{torch.cuda.get_device_name()}")
     print(f"embed (start) {embed_s:.2f} s; blocks run {args.blocks}, reporting block {last.block_idx}")
     print("stage      " + " ".join(f"{s:>9}" for s in STAGES) + "      sum")

@@ -28,9 +28,11 @@ from rayquant.solver.gptq import GPTQConfig
 from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, dequantize_packed, packed_bits
 from rayquant.solver.rtn import rtn_weight
 from rayquant.storage.calibration import load_calibration
+from rayquant.storage.gptq_checkpoint import open_gptq_checkpoint
 from rayquant.storage.model_source import open_model_source
 from rayquant.storage.synthetic import STARVED_EXPERTS
 from rayquant.workers.adapter import ROUTER_NAMES
+from rayquant.workers.checkpoint_eval import load_dequantized_model
 
 from .models import fp_model, logit_mse, logits
 from .quantize_jobs import selected_params
@@ -128,7 +130,9 @@ def test_moe_family_quantizes_every_expert_and_beats_rtn_through_an_independent_
     assert all(x["gptq_loss"] < x["rtn_loss"] for x in layers)
 
     experts = [x for x in layers if ".experts." in x["name"]]
-    assert experts and all(x["n_tokens"] == N_TOKENS and x["starved_policy"] is None for x in experts)
+    # quant.moe.hessian_tokens=routed (the default): each expert's Hessians over the tokens routed to it
+    assert experts and all(0 < x["n_tokens"] == x["routed_tokens"] < N_TOKENS and x["starved_policy"] is None
+                           for x in experts)
     assert {x["owner"] for x in experts} == {0, 1}  # expert Hessians are spread over both workers
     down = [x for x in experts if x["input_group"].count("+") == 0]  # one linear per expert: w2 / down_proj
     for block in {x["name"].split(".experts.")[0] for x in down}:
@@ -139,6 +143,9 @@ def test_moe_family_quantizes_every_expert_and_beats_rtn_through_an_independent_
     fp = logits(fp_model(source), ids)
     rtn = logits(_rtn_model(source), ids)
     dequantized = logits(_dequantized_model(out, tmp_path / "dequantized"), ids)
+    # `rayquant eval`'s reader unfuses the experts as the workers do and computes what transformers does
+    evaluated = logits(load_dequantized_model(open_gptq_checkpoint(str(out))), ids)
+    assert logit_mse(evaluated, dequantized) < 1e-4 * logit_mse(dequantized, fp)
     if family == "mixtral-tiny":  # GPTQModel rejects the Hub's Mixtral names: see the module docstring
         loaded = dequantized
     else:
@@ -170,7 +177,9 @@ def test_expert_the_router_never_picks_gets_the_starved_policy(policy, quantize_
     assert len(starved) == 3 * 3 * len(STARVED_EXPERTS)  # 3 MoE blocks x 3 linears per expert
     assert all(x["routed_tokens"] == 0 and x["starved_policy"] == policy for x in starved)
     assert all(x["routed_tokens"] > 0 and x["starved_policy"] is None for x in fed)
-    assert all(x["n_tokens"] == N_TOKENS for x in experts)  # all-token Hessians, starved or not
+    # hessian_tokens=routed: the starved experts' Hessians collected again over all tokens, the fed ones' routed
+    assert all(x["n_tokens"] == N_TOKENS for x in starved)
+    assert all(x["n_tokens"] == x["routed_tokens"] for x in fed)
     if policy == "calibrate_all":
         assert all(x["gptq_loss"] < x["rtn_loss"] for x in layers)
         return

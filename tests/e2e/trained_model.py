@@ -28,10 +28,21 @@ PEAK_LR = 3e-3
 
 def trained_llama_tiny() -> Path:
     """Directory of the trained tiny Llama; trains it (~30 s on 2 idle cores) on first use."""
-    out = default_cache_dir().parent / "trained" / f"llama-tiny-{STEPS}steps"
+    return trained_tiny("llama-tiny")
+
+
+def trained_moe_tiny() -> Path:
+    """Directory of the trained tiny Qwen3-MoE (8 experts, top-2); trains it on first use. Its router's
+    load-balancing loss is on while training, as for real MoE models, so every expert keeps some tokens."""
+    return trained_tiny("qwen3-moe-tiny")
+
+
+def trained_tiny(preset: str) -> Path:
+    """Directory of synthetic://<preset> after STEPS AdamW steps on the shipped text (built once)."""
+    out = default_cache_dir().parent / "trained" / f"{preset}-{STEPS}steps"
     if (out / "config.json").is_file():
         return out
-    source = open_model_source("synthetic://llama-tiny").path
+    source = open_model_source(f"synthetic://{preset}").path
     torch.manual_seed(0)
     # seed 1: other windows than the jobs' calibration (seed 0); both come from the calibration part
     windows = load_calibration("builtin://text", source, STEPS * BATCH, SEQ_LEN, 0, seed=1).samples
@@ -40,7 +51,9 @@ def trained_llama_tiny() -> Path:
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=PEAK_LR, total_steps=STEPS, pct_start=0.1)
     for step in range(STEPS):
         ids = windows[step * BATCH:(step + 1) * BATCH]
-        model(input_ids=ids, labels=ids).loss.backward()
+        # MoE: output_router_logits adds the router's load-balancing loss (router_aux_loss_coef) to the loss
+        moe = {"output_router_logits": True} if getattr(model.config, "num_experts", None) else {}
+        model(input_ids=ids, labels=ids, **moe).loss.backward()
         opt.step()
         opt.zero_grad()
         schedule.step()

@@ -152,15 +152,18 @@ def test_table_names_the_blocks_the_output_and_the_memory_terms(tiny_job):
         assert expected in table, expected
 
 
-def test_moe_plan_shares_one_gate_up_hessian_and_keeps_owners(tiny_job):
+@pytest.mark.parametrize("hessian_tokens", ["all", "routed"])
+def test_moe_plan_shares_one_gate_up_hessian_under_all_only_and_keeps_owners(tiny_job, hessian_tokens):
     plan = plan_job(load_spec(SPEC, ["model.source=synthetic://mixtral-tiny", "cluster.num_workers=4",
-                                     "calibration.n_samples=8"]))
+                                     "calibration.n_samples=8", f"quant.moe.hessian_tokens={hessian_tokens}"]))
     experts = open_model_source("synthetic://mixtral-tiny").config["num_local_experts"]
     [kind] = plan.kinds
     assert kind.input_groups == 2 + 2 * experts  # q/k/v, o, then each expert's gate/up and down
     assert kind.shape.moe
     qkv, o, gate_up, down = kind.shape.stages
-    assert gate_up.shares_hessian and len(gate_up.hessian_widths) == 1 and len(gate_up.solves) == experts
+    shared = hessian_tokens == "all"  # routed: each expert's gate/up Hessian is its own
+    assert gate_up.shares_hessian == shared and len(gate_up.solves) == experts
+    assert len(gate_up.hessian_widths) == (1 if shared else experts)
     assert not down.shares_hessian and len(down.hessian_widths) == experts
     assert qkv.row_split(4) and not gate_up.row_split(4) and not down.row_split(4)
 
