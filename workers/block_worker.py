@@ -69,10 +69,10 @@ from rayquant.workers.rank_group import PeerFailed as PeerFailed
 from rayquant.workers.rank_group import RankGroup, agree_on_errors, balance
 from rayquant.workers.stage_collect import CollectedStage, collect_stage
 from rayquant.workers.stage_inputs import StageInputs, once_called_children
-from rayquant.workers.stage_solve import GroupWork, SolveSettings, solve_groups
+from rayquant.workers.stage_solve import GroupWork, SolveSettings, solve_cost, solve_groups
 from rayquant.workers.stage_strategy import OwnerStage, Reduced, RowSplitStage, stage_strategy
 from rayquant.workers.stage_timing import StageClock
-from rayquant.workers.starved_experts import routed_tokens
+from rayquant.workers.starved_experts import recollect_starved, routed_tokens, validation_samples
 
 log = structlog.get_logger()
 
@@ -330,8 +330,6 @@ class BlockWorker:
         install. Returns the block's tensors under checkpoint names (on the device) and its layer reports."""
         with self.clock.timed("plan"):
             plan = self._plan(block_idx, source)
-        from rayquant.workers.starved_experts import recollect_starved, validation_samples
-
         block, packed, layers = plan.block, {}, []
         all_tokens = self.setup.moe.hessian_tokens == "all"
         for i, stage in enumerate(plan.stages):
@@ -373,7 +371,7 @@ class BlockWorker:
         stages = (sequential_stages(block, groups, self.setup.moe.hessian_tokens, self.hessian_dtype.itemsize)
                   if self.setup.true_sequential else [groups])
         once_called = self._once_called_by_structure[signature]
-        return _BlockPlan(block=block, owners=balance({g.name: g.in_features ** 2 for g in groups}, self.world),
+        return _BlockPlan(block=block, owners=balance({g.name: solve_cost(block, g) for g in groups}, self.world),
                           stages=stages, stage_inputs=StageInputs(block, stages, once_called, self.stage_shortcut))
 
     def _collect(self, block: nn.Module, stage: list[InputGroup], stage_inputs: StageInputs,
@@ -471,7 +469,7 @@ class _BlockPlan:
     """What the plan step decides for one block."""
 
     block: nn.Module  # materialized in the worker dtype; each stage installs its quantized linears
-    owners: dict[str, int]  # input group -> the rank that solves it whole (balanced by K²)
+    owners: dict[str, int]  # input group -> the rank that solves it whole (balanced by solve_cost)
     stages: list[list[InputGroup]]  # true_sequential stages (one without), in forward order
     stage_inputs: StageInputs  # recorded child calls for the stage-replay shortcut
 

@@ -129,3 +129,11 @@ def _pack_and_validate(works: list[GroupWork], weights: list[list[torch.Tensor]]
         log.debug("layer_solved", rank=settings.rank, layer=settings.prefix + lin, loss=res.loss, rtn_loss=base.loss,
                   damp_percent=res.damp_percent)
     return packed, reports
+
+
+def solve_cost(block: torch.nn.Module, group: InputGroup) -> int:
+    """Flops of solving `group` up to a constant, to balance owners by work rather than by group count: a
+    Cholesky of its K×K Hessian (K³/3) and the column loop's lazy updates over its rows (N·K²)."""
+    K = group.in_features
+    rows = sum(block.get_submodule(lin).out_features for lin in group.linears)
+    return K * K * (K // 3 + rows)
