@@ -144,7 +144,7 @@ class _Factors:
 
 # compute-dtype bytes of weights, Hessians and factors one batched solve holds at once: bounds the memory of
 # many experts' solves (each chunk factors its Hessians and runs its column loop); one input group is never cut
-SOLVE_CHUNK_BYTES = 8 << 30
+SOLVE_CHUNK_BYTES = 4 << 30
 
 
 def solve_gptq(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQConfig) -> GPTQResult:

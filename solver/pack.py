@@ -75,12 +75,32 @@ def pack_linear(result: GPTQResult, bits: int) -> PackedLinear:
         UnpackableShape: (bits · K) or (bits · N) is not a multiple of 32.
         ZeroPointNotRepresentable: an asymmetric grid chose zero point 0.
     """
+    _check_ranges(result.codes, result.zeros, bits)
     return PackedLinear(
-        qweight=pack_qweight(result.codes, bits),
-        qzeros=pack_qzeros(result.zeros, bits),
+        qweight=_pack_dim0(result.codes.T.to(torch.int64), bits, "in_features (K)"),
+        qzeros=_pack_dim0(result.zeros.T.to(torch.int64) - 1, bits, "out_features (N)").T.contiguous(),
         scales=result.scales.to(torch.float16),
         g_idx=result.g_idx.to(torch.int32),
     )
+
+
+def _check_ranges(codes: Tensor, zeros: Tensor, bits: int) -> None:
+    """pack_qweight's and pack_qzeros' value checks with one host sync (an MoE stage packs hundreds of
+    linears; five syncs each stalled the GPU between them)."""
+    if bits not in SUPPORTED_BITS:
+        raise UnpackableShape(f"bits={bits} is not one of {SUPPORTED_BITS}; set quant.bits to one of them")
+    if not codes.numel() or not zeros.numel():
+        _check_values(codes, bits, "codes")
+        _check_values(zeros, bits, "zero points")
+        return
+    stats = torch.stack([codes.min().long(), codes.max().long(), zeros.min().long(), zeros.max().long(),
+                         (zeros == 0).sum()]).tolist()
+    if stats[0] < 0 or stats[1] > max_level(bits):
+        _check_values(codes, bits, "codes")  # raises, naming the range
+    if stats[2] < 0 or stats[3] > max_level(bits):
+        _check_values(zeros, bits, "zero points")
+    if stats[4]:
+        pack_qzeros(zeros, bits)  # raises ZeroPointNotRepresentable
 
 
 def unpack_linear(packed: PackedLinear, bits: int) -> UnpackedLinear:

@@ -322,7 +322,7 @@ def sequential_stages(block: nn.Module, groups: list[InputGroup], hessian_tokens
 
 # Hessian sums one expert stage collects at once: under `routed` every expert's gate/up Hessian is its own
 # (DeepSeek-V3: 256 × 7168² fp32 = 52 GB), so its experts are collected and solved in several stages
-EXPERT_STAGE_HESSIAN_BYTES = 8 << 30
+EXPERT_STAGE_HESSIAN_BYTES = 4 << 30
 
 
 @contextmanager

@@ -111,7 +111,7 @@ def _pack_and_validate(works: list[GroupWork], weights: list[list[torch.Tensor]]
         of_bits = [(i, lin, res) for i, lin, res in layers if works[i].cfg.bits == b]
         try:
             found = validate_packed_layers(
-                [works[i].x_val for i, _, _ in of_bits], [packed[lin] for _, lin, _ in of_bits], b,
+                shared_inputs([works[i].x_val for i, _, _ in of_bits]), [packed[lin] for _, lin, _ in of_bits], b,
                 [dequantize(res.codes, res.scales, res.zeros, res.g_idx) for _, _, res in of_bits],
                 settings.validate_tolerance, gemm=dequant_gemm, names=[settings.prefix + lin for _, lin, _ in of_bits])
         except KernelMismatch as err:
@@ -129,6 +129,28 @@ def _pack_and_validate(works: list[GroupWork], weights: list[list[torch.Tensor]]
         log.debug("layer_solved", rank=settings.rank, layer=settings.prefix + lin, loss=res.loss, rtn_loss=base.loss,
                   damp_percent=res.damp_percent)
     return packed, reports
+
+
+def shared_inputs(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One validation input per in_features for every layer of that width: rows taken evenly from every
+    distinct input of that width (each expert's own), as many as the largest has. Layers of one width then
+    share their activations, so an MoE stage's experts validate in one kernel call per shape, joined along
+    the output dim (`validate_packed_layers`), on real inputs of their projection, instead of one call each
+    (or one call computing E× the products it reads)."""
+    distinct: dict[int, list[torch.Tensor]] = {}
+    for x in xs:
+        seen = distinct.setdefault(x.shape[-1], [])
+        if not any(x is y for y in seen):
+            seen.append(x)
+    mixed = {}
+    for width, inputs in distinct.items():
+        if len(inputs) == 1:
+            mixed[width] = inputs[0]
+            continue
+        rows = torch.cat(inputs)
+        n = max(x.shape[0] for x in inputs)
+        mixed[width] = rows[torch.linspace(0, rows.shape[0] - 1, n, device=rows.device).long()]
+    return [mixed[x.shape[-1]] for x in xs]
 
 
 def solve_cost(block: torch.nn.Module, group: InputGroup) -> int:

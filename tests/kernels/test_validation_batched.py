@@ -158,7 +158,7 @@ def test_batched_triton_validation_matches_one_by_one_on_cuda(bits: int, desc_ac
     layers = _experts(bits, n_experts=8, desc_act=desc_act, seed=bits, device="cuda", dtype=torch.float16)
     gemm = CountedGemm(dequant_gemm)  # the Triton kernel for float16 x at 4 and 8 bits
     checks = validate_packed_layers(layers.xs, layers.packed, bits, layers.expected, 2e-3, gemm, layers.names)
-    alone = _one_by_one(layers, bits, gemm=dequant_gemm)
+    alone = _one_by_one(layers, bits, gemm=gemm)
     assert gemm.calls == (17 if desc_act else 2) + len(alone)
     for check, one in zip(checks, alone, strict=True):  # float16 outputs: each call rounds its own way
         assert 0.0 < check.mean_rel_err <= check.max_rel_err < 2e-3

@@ -3,6 +3,7 @@ stage in one batched call gives the same bytes and reports as solving each input
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import pytest
@@ -57,7 +58,13 @@ def test_batched_stage_equals_one_group_per_call(preset, cfg):
     assert batched_tensors.keys() == alone_tensors.keys()
     for name, tensor in batched_tensors.items():
         assert torch.equal(tensor, alone_tensors[name]), name
-    assert batched_reports == alone_reports
+    # kernel validation errors differ: a batch validates its experts on rows of every expert's input
+    assert _without_validation(batched_reports) == _without_validation(alone_reports)
+    assert all(r.max_rel_err < 1e-5 for r in batched_reports.values())
+
+
+def _without_validation(reports: dict) -> dict:
+    return {name: dataclasses.replace(r, max_rel_err=0.0, mean_rel_err=0.0) for name, r in reports.items()}
 
 
 @pytest.mark.parametrize("hessian_tokens", ["routed", "all"])
@@ -82,4 +89,4 @@ def test_expert_stages_cut_by_hessian_memory_give_the_same_bytes(monkeypatch, he
     assert {3, 2} <= {len(o) for o in ran}  # stages of 3 experts (8 = 3 + 3 + 2) ran
     for name, tensor in whole_tensors.items():
         assert torch.equal(tensor, cut_tensors[name]), name
-    assert whole_reports == cut_reports
+    assert _without_validation(whole_reports) == _without_validation(cut_reports)
