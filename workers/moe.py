@@ -68,8 +68,10 @@ class RoutedExperts(nn.ModuleList):
         self.calibrate_all = False  # run every token through every expert (for the Hessian hooks only)
         self.calibrate_experts: frozenset[int] = frozenset()  # the same for these experts only (starved)
         self.routed_tokens: torch.Tensor | None = None  # [E] int64, tokens routed per expert since reset
-        # while a stage of these experts' groups collects, only they run (`stage_experts_only`); None: all
+        # while a stage of these experts' groups collects, only they run (`stage_experts_only`), and only as
+        # far as the stage's hooks: "gate_up" stops at the gate's pre-hook, "down" at the down projection's
         self.only: frozenset[int] | None = None
+        self.only_role: str | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -87,9 +89,13 @@ class RoutedExperts(nn.ModuleList):
         for e, (expert, n) in enumerate(zip(self, counts[:E].tolist())):
             token_idx, top_k_pos = token_of[start:start + n], slot_of[start:start + n]
             start += n
-            if self.only is not None and e not in self.only:
+            every_token = self.calibrate_all or e in self.calibrate_experts
+            if self.only is not None:  # the hooks see the expert's input; nothing reads the output
+                if e in self.only and (every_token or n):
+                    self._expert_inputs(expert, hidden_states.view_as(hidden_states) if every_token
+                                        else hidden_states[token_idx])
                 continue
-            if self.calibrate_all or e in self.calibrate_experts:
+            if every_token:
                 # view_as: a tensor object of its own, so each expert is its own input group
                 y = self._expert_forward(expert, hidden_states.view_as(hidden_states))[token_idx]
             elif n == 0:
@@ -98,6 +104,15 @@ class RoutedExperts(nn.ModuleList):
                 y = self._expert_forward(expert, hidden_states[token_idx])
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
         return out
+
+    def _expert_inputs(self, expert: _Expert, x: torch.Tensor) -> None:
+        """Run the expert only as far as the stage's hooks read: its gate (gate/up stage) or its down
+        projection's input (down stage)."""
+        gate, up, down = (getattr(expert, name) for name in expert.names)
+        if self.only_role == "down":
+            down(self.act_fn(gate(x)) * up(x))
+        else:
+            gate(x)
 
     def _expert_forward(self, expert: _Expert, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(expert, name) for name in expert.names)
@@ -327,16 +342,19 @@ EXPERT_STAGE_HESSIAN_BYTES = 4 << 30
 
 @contextmanager
 def stage_experts_only(block: nn.Module, stage: list[InputGroup]) -> Iterator[None]:
-    """While `stage` collects, a RoutedExperts that holds every group of the stage runs only the stage's
-    experts: the forward ends at the stage's last hook (or its output is never read: nothing after it is
-    hooked), so the other experts' outputs are not needed — a stage of a few experts costs their forwards."""
+    """While `stage` collects, a RoutedExperts that holds every group of the stage (one projection of some
+    experts) runs only the stage's experts, and each only as far as the hook on its group's first linear:
+    the forward ends at the stage's last hook, or goes on with an output nothing reads (nothing after it is
+    hooked), so no expert's output is needed — a stage costs its experts' gate GEMMs (gate/up) or their
+    gate, up and down GEMMs (down), not the whole MoE."""
     where = [expert_of(block, g) for g in stage]
     module = None
-    if where and None not in where and len({w.experts_path for w in where}) == 1:
+    roles = {"down" if w.role == "down" else "gate_up" for w in where if w is not None}
+    if where and None not in where and len({w.experts_path for w in where}) == 1 and len(roles) == 1:
         module = block.get_submodule(where[0].experts_path)
-        module.only = frozenset(w.index for w in where)
+        module.only, module.only_role = frozenset(w.index for w in where), roles.pop()
     try:
         yield
     finally:
         if module is not None:
-            module.only = None
+            module.only, module.only_role = None, None
