@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from rayquant.kernels.dequant_gemm import dequant_gemm_reference
-from rayquant.solver.pack import PackedLinear
+from rayquant.solver.pack import PackedLinear, concat_packed
 
 
 class EmptyValidationInput(ValueError):
@@ -147,7 +147,7 @@ def _check_chunk(chunk: list[int], xs: list[Tensor], packed: list[PackedLinear],
                 first_row[id(xs[i])] = sum(x.shape[0] for x in distinct)
                 distinct.append(xs[i])
         X = distinct[0] if len(distinct) == 1 else torch.cat(distinct)  # [ΣM, K]
-        y = gemm(X, _concat_outputs([packed[i] for i in chunk]), bits)  # [ΣM, ΣN]
+        y = gemm(X, concat_packed([packed[i] for i in chunk]), bits)  # [ΣM, ΣN]
         col, outputs = 0, []
         for i in chunk:
             r, N = first_row[id(xs[i])], packed[i].scales.shape[-1]
@@ -174,10 +174,3 @@ def _check_chunk(chunk: list[int], xs: list[Tensor], packed: list[PackedLinear],
 def _stack(tensors: list[Tensor]) -> Tensor:
     """torch.stack, without a copy for one tensor."""
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-
-def _concat_outputs(layers: list[PackedLinear]) -> PackedLinear:
-    """One packed layer whose output channels are the layers' in order (their g_idx is one and the same)."""
-    return PackedLinear(qweight=torch.cat([p.qweight for p in layers], dim=1),
-                        qzeros=torch.cat([p.qzeros for p in layers], dim=1),
-                        scales=torch.cat([p.scales for p in layers], dim=1), g_idx=layers[0].g_idx)

@@ -57,6 +57,18 @@ class UnpackedLinear:
 PACKED_FIELDS = tuple(field.name for field in dataclasses.fields(PackedLinear))  # the checkpoint's names, in order
 
 
+# the dim along which each packed tensor holds the output rows (g_idx is per input channel: no such dim)
+OUTPUT_DIM = {"qweight": 1, "qzeros": 1, "scales": 1}
+
+
+def concat_packed(layers: list[PackedLinear]) -> PackedLinear:
+    """One packed layer whose output rows are the layers' in order: row slices of one solve, or layers of one
+    in_features and g_idx (g_idx comes from the first). Exact wherever each layer's output rows fill whole
+    qzeros words, which packing demands (N · bits a multiple of 32)."""
+    fields = {f: torch.cat([getattr(p, f) for p in layers], dim=d) for f, d in OUTPUT_DIM.items()}
+    return PackedLinear(g_idx=layers[0].g_idx, **fields)
+
+
 def packed_shapes(out_features: int, in_features: int, bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of each packed tensor of an [N, K] linear, known before it is solved."""
     n_groups = count_groups(group_size, in_features)

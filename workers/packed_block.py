@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, dequantize_packed, packed_bits
-from rayquant.workers.row_split import concat_packed
+from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, concat_packed, dequantize_packed, packed_bits
 
 # float32 bytes of weights dequantized in one call: an MoE stage's experts in a few calls, not hundreds
 DEQUANTIZE_CHUNK_BYTES = 1 << 30

@@ -10,13 +10,8 @@ slices' packed tensors, concatenated along the output dim, are exactly the whole
 
 from __future__ import annotations
 
-import torch
-
-from rayquant.solver.pack import PackedLinear
 
 ROW_ALIGN = 32  # output rows: a whole number of qzeros words at every supported bit width (2, 3, 4, 8)
-# the dim along which each packed tensor holds the output rows (g_idx is per input channel: no such dim)
-OUTPUT_DIM = {"qweight": 1, "qzeros": 1, "scales": 1}
 
 
 def row_bounds(n_rows: int, world: int, align: int = ROW_ALIGN) -> list[int]:
@@ -26,9 +21,3 @@ def row_bounds(n_rows: int, world: int, align: int = ROW_ALIGN) -> list[int]:
     allow (a rank may get none); rows past the last whole unit go to the last rank."""
     units = n_rows // align
     return [align * (r * units // world) for r in range(world)] + [n_rows]
-
-
-def concat_packed(slices: list[PackedLinear]) -> PackedLinear:
-    """One packed layer from the packed row slices of one solve, in row order (g_idx is shared)."""
-    fields = {f: torch.cat([getattr(p, f) for p in slices], dim=d) for f, d in OUTPUT_DIM.items()}
-    return PackedLinear(g_idx=slices[0].g_idx, **fields)

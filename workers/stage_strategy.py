@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from rayquant.solver.gptq import GPTQConfig
-from rayquant.solver.pack import PACKED_FIELDS, PackedLinear, packed_shapes
+from rayquant.solver.pack import OUTPUT_DIM, PACKED_FIELDS, PackedLinear, concat_packed, packed_shapes
 from rayquant.storage.job_records import LayerReport
 from rayquant.workers.adapter import InputGroup
 from rayquant.workers.collectives import gather_sum, sum_to_all_
 from rayquant.workers.rank_group import RankGroup, nbytes
-from rayquant.workers.row_split import OUTPUT_DIM, concat_packed, row_bounds
+from rayquant.workers.row_split import row_bounds
 
 Reduced = dict[str, tuple[torch.Tensor, int] | None]  # per input group: (Σxᵀx, n_tokens); None where not solved
 

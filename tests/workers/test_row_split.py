@@ -15,7 +15,8 @@ from rayquant.solver.grid import max_level
 from rayquant.solver.pack import PackedLinear, pack_linear
 from rayquant.solver.pack import PACKED_FIELDS
 from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
-from rayquant.workers.row_split import ROW_ALIGN, concat_packed, row_bounds
+from rayquant.solver.pack import concat_packed
+from rayquant.workers.row_split import ROW_ALIGN, row_bounds
 from tests.spawned_ranks import run_ranks
 
 
