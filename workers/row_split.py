@@ -10,7 +10,6 @@ slices' packed tensors, concatenated along the output dim, are exactly the whole
 
 from __future__ import annotations
 
-
 ROW_ALIGN = 32  # output rows: a whole number of qzeros words at every supported bit width (2, 3, 4, 8)
 
 
