@@ -190,19 +190,20 @@ def solve_input_groups(groups: list[GroupProblem], cfg: GPTQConfig) -> list[list
     sharing: dict[int, list[int]] = {}  # one entry per Hessian tensor: the groups that share it
     for i, g in enumerate(groups):
         sharing.setdefault(id(g.hessian_sum), []).append(i)
-    batches: dict[tuple, list[list[int]]] = {}  # Hessians whose solves fit one batch: same K and rows
+    batches: dict[tuple, list[list[int]]] = {}  # Hessians whose solves fit one batch: same K, rows and dtype
     for members in sharing.values():
-        rows = sum(w.shape[0] for i in members for w in groups[i].weights)
-        first = groups[members[0]]
-        key = (first.hessian_sum.shape[0], rows, first.hessian_sum.device, compute_dtype(first.weights[0].dtype))
+        weights = [w for i in members for w in groups[i].weights]
+        dtype = compute_dtype(functools.reduce(torch.promote_types, [w.dtype for w in weights]))
+        hessian = groups[members[0]].hessian_sum
+        key = (hessian.shape[0], sum(w.shape[0] for w in weights), hessian.device, dtype)
         batches.setdefault(key, []).append(members)
     results: list[list[GPTQResult] | None] = [None] * len(groups)
     for (K, rows, _, dtype), problems in batches.items():
         per_problem = dtype.itemsize * (rows * K + 3 * K * K)  # W + Z (+ codes, spans); H, damped copy, factor
         step = max(1, SOLVE_CHUNK_BYTES // per_problem)
         for c in range(0, len(problems), step):
-            _solve_problems([[groups[i] for i in members] for members in problems[c:c + step]], cfg,
-                            [members for members in problems[c:c + step]], results)
+            batch = problems[c:c + step]
+            _solve_problems([[groups[i] for i in members] for members in batch], dtype, cfg, batch, results)
     return results
 
 
@@ -213,13 +214,11 @@ def _check_weights(weights: list[Tensor]) -> None:
             f"{[tuple(w.shape) for w in weights]}")
 
 
-def _solve_problems(problems: list[list[GroupProblem]], cfg: GPTQConfig, indices: list[list[int]],
-                    results: list) -> None:
-    """One batch: problems[e] are the groups sharing Hessian e (every e of one width and row count); fills
-    results[indices[e][j]] with group problems[e][j]'s results. One Hessian's groups are solved in row
-    chunks of whole groups (SOLVE_CHUNK_BYTES), all against its one factor."""
-    weights = [w for p in problems for g in p for w in g.weights]
-    dtype = compute_dtype(functools.reduce(torch.promote_types, [w.dtype for w in weights]))
+def _solve_problems(problems: list[list[GroupProblem]], dtype: torch.dtype, cfg: GPTQConfig,
+                    indices: list[list[int]], results: list) -> None:
+    """One batch: problems[e] are the groups sharing Hessian e (every e of one width, row count and compute
+    dtype); fills results[indices[e][j]] with group problems[e][j]'s results. One Hessian's groups are solved
+    in row chunks of whole groups (SOLVE_CHUNK_BYTES), all against its one factor."""
     try:
         factors = _factor([(p[0].hessian_sum, p[0].n_tokens) for p in problems], dtype, cfg)
     except HessianNotPositiveDefinite as err:
