@@ -329,8 +329,9 @@ def worker_died(err: ray.exceptions.RayActorError, rank: int, peer_stages: list[
 
 
 def current_stage(worker: Any, timeout: float = 0.2) -> tuple[int | None, str] | None:
-    """Rank 0's (block, stage), or None if it does not answer within `timeout` (the bar keeps its text)."""
+    """Rank 0's (block, stage), or None if it does not answer within `timeout` (the bar keeps its text) or
+    has died: its death is the block wait's to report (and recover from), not the progress bar's."""
     try:
         return ray.get(worker.current_stage.remote(), timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
         return None

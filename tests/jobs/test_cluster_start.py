@@ -18,8 +18,8 @@ from ray._private.utils import get_ray_address_file
 from structlog.testing import capture_logs
 
 from rayquant.jobs.cluster import (
-    EMBEDDED, ClusterTooSmall, WorkerDied, check_resources, choose_ray, connect, create_workers, disconnect,
-    wait_all,
+    EMBEDDED, ClusterTooSmall, WorkerDied, check_resources, choose_ray, connect, create_workers, current_stage,
+    disconnect, wait_all,
 )
 from rayquant.jobs.spec import ClusterSpec
 
@@ -141,6 +141,21 @@ def test_a_worker_killed_mid_wait_without_the_actors_is_named_with_the_drivers_b
             wait_all(refs)
     finally:
         structlog.contextvars.unbind_contextvars("block")
+
+
+def test_rank_0_killed_while_the_bar_asks_its_stage_ends_the_wait_as_worker_died(sleepers) -> None:
+    """The progress bar asks rank 0 its stage between polls; when rank 0 has just died, that question gets no
+    answer (None, at once) and the wait raises WorkerDied, which the driver recovers from — not Ray's
+    ActorDiedError out of the bar (a race the fault test hit in CI)."""
+    refs = [w.call.remote("sleep_in", 4, "advance", 60) for w in sleepers]
+    time.sleep(1.0)
+    ray.kill(sleepers[0])
+    t = time.monotonic()
+    assert current_stage(sleepers[0], timeout=10.0) is None
+    assert time.monotonic() - t < 8  # the death answered, not the timeout
+    asked = []
+    with pytest.raises(WorkerDied, match=r"^worker rank 0 died during"):
+        wait_all(refs, on_wait=lambda: asked.append(current_stage(sleepers[0])), workers=sleepers)
 
 
 def test_choose_ray_follows_the_spec_then_a_ray_jobs_cluster_then_starts_embedded() -> None:
