@@ -136,10 +136,9 @@ class _Factors:
     H: Tensor               # [E, K, K] the objectives' H (dead inputs fixed), kept for the torch path's loss
     dead: Tensor            # [E, K] bool: inputs no token reached (their weights are zeroed)
     perm: list[Tensor]      # per problem: the solve order
-    L: Tensor | None        # [E, K, K] lower Cholesky factors of J (H + λI) J in solve order (dropped once used)
+    factor: Tensor          # [E, K, K] what the column loop works from, in solve order: R (fused) or U (torch)
     damp_percent: list[float]
     damping: list[float]    # λ = damp_percent · mean(diag(H))
-    R: Tensor | None = None  # [E, K, K] from L: R (the fused loop) or U (the torch loop), for every row chunk
 
 
 # compute-dtype bytes of weights, Hessians and factors one batched solve holds at once: bounds the memory of
@@ -262,7 +261,9 @@ def _row_chunks(groups: list[GroupProblem], dtype: torch.dtype) -> list[list[int
 
 
 def _factor(hessians: list[tuple[Tensor, int]], dtype: torch.dtype, cfg: GPTQConfig) -> _Factors:
-    """Objective Hessians (solver/hessian.py: H = hessian_sum / n_tokens, dead inputs fixed), their solve orders and damped Cholesky factors, for a batch of E Hessians of one width.
+    """Objective Hessians (solver/hessian.py: H = hessian_sum / n_tokens, dead inputs fixed), their solve
+    orders and what the column loop works from (R or U, from damped Cholesky factors), for a batch of E
+    Hessians of one width.
 
     Raises:
         HessianNotPositiveDefinite: for problem `err.problem`, no damping up to cfg.damp_cap worked.
@@ -278,7 +279,12 @@ def _factor(hessians: list[tuple[Tensor, int]], dtype: torch.dtype, cfg: GPTQCon
         perm = [torch.arange(K, device=H.device)] * E
     reordered = cfg.desc_act or cfg.act_group_aware
     L, damp_percent, damping = _cholesky_factors(H, [n for _, n in hessians], cfg, perm if reordered else None)
-    return _Factors(H=H, dead=dead, perm=perm, L=L, damp_percent=damp_percent, damping=damping)
+    if _runs_fused(H):  # R = J L J is upper with H + λI = R Rᵀ, so U = R⁻¹: the fused loop works from R only
+        factor = L.flip(1, 2)
+    else:
+        factor = torch.stack([_invert_lower(lower).flip(0, 1) for lower in L])  # U, row-major rows
+    del L  # at K = 53248 each K×K fp32 matrix is 11 GB
+    return _Factors(H=H, dead=dead, perm=perm, factor=factor, damp_percent=damp_percent, damping=damping)
 
 
 def _solve(W: Tensor, factors: _Factors, cfg: GPTQConfig) -> list[_Solution]:
@@ -304,21 +310,15 @@ def _solve(W: Tensor, factors: _Factors, cfg: GPTQConfig) -> list[_Solution]:
     else:  # the torch loop moves W in place; the objective's W stays intact for the loss
         moved = W if fused else W.clone()
     invperm = [torch.argsort(p) for p in factors.perm]
-    if factors.L is not None:  # R and U from the factor once, for every row chunk; L is dropped then
-        if fused:  # R = J L J is upper with H + λI = R Rᵀ, so U = R⁻¹: the fused loop works from R only
-            factors.R = factors.L.flip(1, 2)  # at K = 53248 each K×K fp32 matrix is 11 GB
-        else:
-            factors.R = torch.stack([_invert_lower(L).flip(0, 1) for L in factors.L])  # U, row-major rows
-        factors.L = None
     if fused:
         from rayquant.solver.gptq_fused import quantize_column_batches
-        result = quantize_column_batches(moved, factors.R, factors.damping, scales, zeros, group_of, cfg.bits,
+        result = quantize_column_batches(moved, factors.factor, factors.damping, scales, zeros, group_of, cfg.bits,
                                          cfg.group_size, cfg.sym, cfg.static_groups, cfg.column_batch)
         solutions = [_Solution(codes=result.codes[e][:, invperm[e]] if reordered else result.codes[e],
                                scales=scales[e], zeros=zeros[e], g_idx=g_idx[e], damp_percent=factors.damp_percent[e],
                                Q=None, row_loss=result.row_loss[e]) for e in range(E)]
     else:
-        codes, Q = quantize_columns(moved, factors.R, scales, zeros, group_of, cfg)
+        codes, Q = quantize_columns(moved, factors.factor, scales, zeros, group_of, cfg)
         solutions = [_Solution(codes=codes[e][:, invperm[e]], scales=scales[e], zeros=zeros[e], g_idx=g_idx[e],
                                damp_percent=factors.damp_percent[e], Q=Q[e][:, invperm[e]], row_loss=None)
                      for e in range(E)]

@@ -118,16 +118,16 @@ def _pack_and_validate(works: list[GroupWork], weights: list[list[torch.Tensor]]
             raise KernelMismatch(f"block {settings.block_idx} layer {err}") from err
         checks.update({lin: check for (_, lin, _), check in zip(of_bits, found)})
     reports: list[list[LayerReport]] = [[] for _ in works]
-    for i, lin, res in layers:
-        w, base = weights[i][works[i].group.linears.index(lin)], baselines[i][works[i].group.linears.index(lin)]
-        reports[i].append(LayerReport(
-            name=settings.prefix + lin, input_group=works[i].group.name, in_features=w.shape[1],
-            out_features=w.shape[0], gptq_loss=res.loss, rtn_loss=base.loss, damp_percent=res.damp_percent,
-            n_tokens=works[i].n_tokens, owner=settings.rank, max_rel_err=checks[lin].max_rel_err,
-            mean_rel_err=checks[lin].mean_rel_err, routed_tokens=works[i].routed_tokens, starved_policy=policies[i],
-        ))
-        log.debug("layer_solved", rank=settings.rank, layer=settings.prefix + lin, loss=res.loss, rtn_loss=base.loss,
-                  damp_percent=res.damp_percent)
+    for i, work in enumerate(works):
+        for lin, w, res, base in zip(work.group.linears, weights[i], results[i], baselines[i]):
+            reports[i].append(LayerReport(
+                name=settings.prefix + lin, input_group=work.group.name, in_features=w.shape[1],
+                out_features=w.shape[0], gptq_loss=res.loss, rtn_loss=base.loss, damp_percent=res.damp_percent,
+                n_tokens=work.n_tokens, owner=settings.rank, max_rel_err=checks[lin].max_rel_err,
+                mean_rel_err=checks[lin].mean_rel_err, routed_tokens=work.routed_tokens, starved_policy=policies[i],
+            ))
+            log.debug("layer_solved", rank=settings.rank, layer=settings.prefix + lin, loss=res.loss,
+                      rtn_loss=base.loss, damp_percent=res.damp_percent)
     return packed, reports
 
 
