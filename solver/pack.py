@@ -96,6 +96,40 @@ def pack_linear(result: GPTQResult, bits: int) -> PackedLinear:
     )
 
 
+def pack_linears(results: list[GPTQResult], bits: int) -> list[PackedLinear]:
+    """pack_linear of every result, in few calls: layers of one in_features, group count, device and dtypes
+    are packed as one layer of their output rows concatenated, then split (qweight packs each output
+    column on its own, qzeros whole words per layer: N · bits % 32 == 0), so bitwise pack_linear's tensors
+    with one range check for all (an MoE stage packs hundreds of linears). A layer that cannot be packed
+    raises as pack_linear does, the first such in order."""
+    out: list[PackedLinear | None] = [None] * len(results)
+    buckets: dict[tuple, list[int]] = {}
+    for i, r in enumerate(results):
+        key = (r.codes.shape[1], r.scales.shape[0], r.codes.device, r.codes.dtype, r.zeros.dtype, r.scales.dtype)
+        whole = (r.codes.shape[0] * bits) % WORD_BITS == 0 and r.codes.numel() and r.zeros.numel()
+        buckets.setdefault(key if whole and len(results) > 1 else ("alone", i), []).append(i)
+    for layers in buckets.values():
+        if len(layers) == 1:
+            out[layers[0]] = pack_linear(results[layers[0]], bits)
+            continue
+        parts = [results[i] for i in layers]
+        try:
+            joined = pack_linear(dataclasses.replace(
+                parts[0], codes=torch.cat([r.codes for r in parts]), zeros=torch.cat([r.zeros for r in parts], dim=1),
+                scales=torch.cat([r.scales for r in parts], dim=1)), bits)
+        except (UnpackableShape, CodesOutOfRange, ZeroPointNotRepresentable):
+            for i in layers:  # the first layer at fault raises, as pack_linear alone would
+                out[i] = pack_linear(results[i], bits)
+            raise
+        widths = [r.codes.shape[0] for r in parts]
+        split = {f: getattr(joined, f).split([n * bits // WORD_BITS if f == "qzeros" else n for n in widths],
+                                             dim=d) for f, d in OUTPUT_DIM.items()}
+        for j, i in enumerate(layers):
+            out[i] = PackedLinear(g_idx=results[i].g_idx.to(torch.int32),
+                                  **{f: split[f][j].contiguous() for f in OUTPUT_DIM})
+    return out
+
+
 def _check_ranges(codes: Tensor, zeros: Tensor, bits: int) -> None:
     """pack_qweight's and pack_qzeros' value checks with one host sync (an MoE stage packs hundreds of
     linears; five syncs each stalled the GPU between them)."""

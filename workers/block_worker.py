@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rayquant.solver.gptq import GPTQConfig, GPTQResult
-from rayquant.solver.pack import PackedLinear, pack_linear
+from rayquant.solver.pack import PackedLinear, pack_linears
 from rayquant.storage.job_records import LayerReport
 from rayquant.storage.model_source import (ModelSource, check_config_matches_weights, open_model_source,
                                            read_source_tensor)
@@ -58,7 +58,6 @@ from rayquant.workers.moe import (
     sequential_stages,
     set_calibration,
     shared_hessians,
-    stage_experts_only,
     unfuse_experts,
 )
 from rayquant.workers.output_plan import plan_output
@@ -377,7 +376,7 @@ class BlockWorker:
     def _collect(self, block: nn.Module, stage: list[InputGroup], stage_inputs: StageInputs,
                  stage_idx: int) -> CollectedStage:
         """This rank's Hessian sums of the stage's input groups (workers/stage_collect.py)."""
-        with self.clock.timed("collect"), stage_experts_only(block, stage):
+        with self.clock.timed("collect"):
             return collect_stage(block, stage, self.inputs, stage_inputs, stage_idx, self.hessian_dtype, self.device,
                                  self.setup.validate_tokens)
 
@@ -412,9 +411,9 @@ class BlockWorker:
                                  moe=self.setup.moe, validate_tolerance=self.setup.validate_tolerance, pack=self._pack)
         return solve_groups(block, works, settings, self.clock)
 
-    def _pack(self, result: GPTQResult, bits: int) -> PackedLinear:
-        """GPTQ v1 packing (tests override it to corrupt a layer before its validation)."""
-        return pack_linear(result, bits)
+    def _pack(self, results: list[GPTQResult], bits: int) -> list[PackedLinear]:
+        """GPTQ v1 packing of a stage's linears (tests override it to corrupt a layer before its validation)."""
+        return pack_linears(results, bits)
 
     def _share_stage(self, block_idx: int, block: nn.Module, stage: list[InputGroup],
                      strategy: OwnerStage | RowSplitStage, mine: dict[str, PackedLinear]) -> dict[str, PackedLinear]:

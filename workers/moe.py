@@ -19,8 +19,6 @@ model computes it; the routed token counts decide which experts are starved (`Mo
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from rayquant.workers.adapter import InputGroup, UnsupportedArchitecture
+from rayquant.workers.expert_padding import PADDED_DEVICES, Dispatch, padded_forward
 
 StarvedPolicy = Literal["error", "calibrate_all", "rtn"]
 HessianTokens = Literal["all", "routed"]
@@ -68,10 +67,9 @@ class RoutedExperts(nn.ModuleList):
         self.calibrate_all = False  # run every token through every expert (for the Hessian hooks only)
         self.calibrate_experts: frozenset[int] = frozenset()  # the same for these experts only (starved)
         self.routed_tokens: torch.Tensor | None = None  # [E] int64, tokens routed per expert since reset
-        # while a stage of these experts' groups collects, only they run (`stage_experts_only`), and only as
-        # far as the stage's hooks: "gate_up" stops at the gate's pre-hook, "down" at the down projection's
-        self.only: frozenset[int] | None = None
-        self.only_role: str | None = None
+        # while a stage of these experts' groups collects, forward hands its dispatch to the stage's collector
+        # (workers/expert_collect.py) and runs no expert itself: nothing reads the output of that forward
+        self.collector = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -85,16 +83,24 @@ class RoutedExperts(nn.ModuleList):
         # torch.where(top_k_index == e) gives them) and the counts cross to the host once, not once per expert
         by_expert = torch.argsort(flat, stable=True)
         token_of, slot_of = by_expert // k, by_expert % k
+        counts = counts[:E].tolist()
+        batched = (hidden_states.device.type in PADDED_DEVICES and not self.calibrate_all
+                   and not self.calibrate_experts and not self._hooked())
+        if self.collector is not None or batched:
+            starts = [0]
+            for n in counts:
+                starts.append(starts[-1] + n)
+            every = frozenset(range(E)) if self.calibrate_all else self.calibrate_experts
+            dispatch = Dispatch(hidden_states, token_of, flat[by_expert], starts, every)
+            if self.collector is not None:
+                self.collector.collect(dispatch)  # ends the forward
+            padded_forward(self, dispatch, top_k_weights.reshape(-1)[by_expert], out)
+            return out
         start = 0
-        for e, (expert, n) in enumerate(zip(self, counts[:E].tolist())):
+        for e, (expert, n) in enumerate(zip(self, counts)):
             token_idx, top_k_pos = token_of[start:start + n], slot_of[start:start + n]
             start += n
             every_token = self.calibrate_all or e in self.calibrate_experts
-            if self.only is not None:  # the hooks see the expert's input; nothing reads the output
-                if e in self.only and (every_token or n):
-                    self._expert_inputs(expert, hidden_states.view_as(hidden_states) if every_token
-                                        else hidden_states[token_idx])
-                continue
             if every_token:
                 # view_as: a tensor object of its own, so each expert is its own input group
                 y = self._expert_forward(expert, hidden_states.view_as(hidden_states))[token_idx]
@@ -105,14 +111,9 @@ class RoutedExperts(nn.ModuleList):
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
         return out
 
-    def _expert_inputs(self, expert: _Expert, x: torch.Tensor) -> None:
-        """Run the expert only as far as the stage's hooks read: its gate (gate/up stage) or its down
-        projection's input (down stage)."""
-        gate, up, down = (getattr(expert, name) for name in expert.names)
-        if self.only_role == "down":
-            down(self.act_fn(gate(x)) * up(x))
-        else:
-            gate(x)
+    def _hooked(self) -> bool:
+        """Whether a hook watches an expert's linear (input-group probes): those see one call per expert."""
+        return any(m._forward_pre_hooks or m._forward_hooks for expert in self for m in expert.children())
 
     def _expert_forward(self, expert: _Expert, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(expert, name) for name in expert.names)
@@ -340,21 +341,13 @@ def sequential_stages(block: nn.Module, groups: list[InputGroup], hessian_tokens
 EXPERT_STAGE_HESSIAN_BYTES = 4 << 30
 
 
-@contextmanager
-def stage_experts_only(block: nn.Module, stage: list[InputGroup]) -> Iterator[None]:
-    """While `stage` collects, a RoutedExperts that holds every group of the stage (one projection of some
-    experts) runs only the stage's experts, and each only as far as the hook on its group's first linear:
-    the forward ends at the stage's last hook, or goes on with an output nothing reads (nothing after it is
-    hooked), so no expert's output is needed — a stage costs its experts' gate GEMMs (gate/up) or their
-    gate, up and down GEMMs (down), not the whole MoE."""
+def expert_stage(block: nn.Module, stage: list[InputGroup]) -> tuple[RoutedExperts, list[int], str] | None:
+    """(the RoutedExperts, its experts in stage order, "gate_up" | "down") when every group of `stage` is one
+    projection of experts of one RoutedExperts (workers/expert_collect.py collects those at once); else None."""
     where = [expert_of(block, g) for g in stage]
-    module = None
-    roles = {"down" if w.role == "down" else "gate_up" for w in where if w is not None}
-    if where and None not in where and len({w.experts_path for w in where}) == 1 and len(roles) == 1:
-        module = block.get_submodule(where[0].experts_path)
-        module.only, module.only_role = frozenset(w.index for w in where), roles.pop()
-    try:
-        yield
-    finally:
-        if module is not None:
-            module.only, module.only_role = None, None
+    if not where or None in where or len({w.experts_path for w in where}) != 1:
+        return None
+    roles = {"down" if w.role == "down" else "gate_up" for w in where}
+    if len(roles) != 1:
+        return None
+    return block.get_submodule(where[0].experts_path), [w.index for w in where], roles.pop()

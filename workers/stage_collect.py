@@ -2,7 +2,9 @@
 
 A pre-hook on each input group's first linear adds xᵀx of its input and keeps the first rows for kernel
 validation. The forward stops at the stage's last input group (what follows is not needed yet); where the
-stage lies inside a child whose calls an earlier stage recorded, only that child runs (§5.2).
+stage lies inside a child whose calls an earlier stage recorded, only that child runs (§5.2). A stage of
+experts (one projection of experts of one MoE block) takes no hook per expert: its experts module hands each
+forward's dispatch to an `ExpertStageCollector` (workers/expert_collect.py), which sums them all at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from torch.utils.hooks import RemovableHandle
 
 from rayquant.solver.hessian import accumulate_hessian, mirror_upper
 from rayquant.workers.adapter import BlockInput, InputGroup, forward_block
+from rayquant.workers.expert_collect import ExpertStageCollector, StageCollected
+from rayquant.workers.expert_padding import PADDED_DEVICES
+from rayquant.workers.moe import expert_stage
 from rayquant.workers.stage_inputs import StageInputs
 
 
@@ -35,10 +40,22 @@ def collect_stage(block: nn.Module, stage: list[InputGroup], inputs: list[BlockI
                   stage_idx: int, hessian_dtype: torch.dtype, device: torch.device,
                   validate_tokens: int) -> CollectedStage:
     """Forward `inputs` (or the recorded child calls) through `block` with Hessian hooks on `stage`'s groups."""
-    out = CollectedStage(
-        sums={g.name: torch.zeros(g.in_features, g.in_features, dtype=hessian_dtype, device=device) for g in stage},
-        tokens={g.name: 0 for g in stage}, samples={})
-    hooks = [_hessian_hook(block, g, out, validate_tokens, last=g is stage[-1]) for g in stage]
+    experts = expert_stage(block, stage)
+    collector = None
+    if experts is not None:
+        module, indices, role = experts
+        K = stage[0].in_features
+        collector = ExpertStageCollector(module, indices, role,
+                                         torch.zeros(len(stage), K, K, dtype=hessian_dtype, device=device),
+                                         validate_tokens, padded=device.type in PADDED_DEVICES)
+        out = CollectedStage(sums={g.name: collector.sums[p] for p, g in enumerate(stage)}, tokens={}, samples={})
+        module.collector, hooks = collector, []
+    else:
+        out = CollectedStage(
+            sums={g.name: torch.zeros(g.in_features, g.in_features, dtype=hessian_dtype, device=device)
+                  for g in stage},
+            tokens={g.name: 0 for g in stage}, samples={})
+        hooks = [_hessian_hook(block, g, out, validate_tokens, last=g is stage[-1]) for g in stage]
     replay = stage_inputs.recorded(stage_idx, len(inputs))
     if replay is None:
         hooks += stage_inputs.record(stage_idx)  # for the next stage, if it lies in the same child
@@ -53,6 +70,11 @@ def collect_stage(block: nn.Module, stage: list[InputGroup], inputs: list[BlockI
     finally:
         for h in hooks:
             h.remove()
+        if collector is not None:
+            collector.module.collector = None
+    if collector is not None:
+        out.tokens = {g.name: collector.tokens[p] for p, g in enumerate(stage)}
+        out.samples = {g.name: collector.samples[p] for p, g in enumerate(stage) if p in collector.samples}
     stage_inputs.done(stage_idx)
     for hessian_sum in out.sums.values():
         mirror_upper(hessian_sum)
@@ -75,5 +97,5 @@ def _hessian_hook(block: nn.Module, g: InputGroup, out: CollectedStage, validate
 def _until_collected(fn, *args, **kwargs) -> None:
     try:
         fn(*args, **kwargs)
-    except _StageCollected:
+    except (_StageCollected, StageCollected):
         pass

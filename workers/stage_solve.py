@@ -50,7 +50,7 @@ class SolveSettings:
     block_idx: int
     moe: MoEConfig
     validate_tolerance: float
-    pack: Callable[[GPTQResult, int], PackedLinear]  # GPTQ v1 packing (tests corrupt it)
+    pack: Callable[[list[GPTQResult], int], list[PackedLinear]]  # GPTQ v1 packing of many linears (tests corrupt it)
 
 
 def solve_groups(block: torch.nn.Module, works: list[GroupWork], settings: SolveSettings,
@@ -105,7 +105,10 @@ def _pack_and_validate(works: list[GroupWork], weights: list[list[torch.Tensor]]
     and write the reports."""
     layers = [(i, lin, res) for i, w in enumerate(works) for lin, res in zip(w.group.linears, results[i])]
     bits = {w.cfg.bits for w in works}
-    packed = {lin: settings.pack(res, works[i].cfg.bits) for i, lin, res in layers}
+    packed = {}
+    for b in bits:  # one batched packing per bit width
+        of_bits = [(lin, res) for i, lin, res in layers if works[i].cfg.bits == b]
+        packed.update(zip([lin for lin, _ in of_bits], settings.pack([res for _, res in of_bits], b)))
     checks = {}
     for b in bits:  # one batched validation per bit width
         of_bits = [(i, lin, res) for i, lin, res in layers if works[i].cfg.bits == b]

@@ -38,17 +38,19 @@ class BaselineTimedWorker(BlockWorker):
         self.run_baseline = run_baseline
         self.check_unbatched = False
         self.baseline: dict[str, tuple[float, float]] = {}  # linear -> (seconds, loss)
-        self.unbatched: list[tuple[str, float, float]] = []  # (linear, batched loss, loss solved alone)
+        self.unbatched: list[tuple] = []  # (linear, batched loss, loss solved alone, damping of each, tokens, ...)
 
     def _solve_groups(self, block_idx, block, works):
         out = super()._solve_groups(block_idx, block, works)
         if self.check_unbatched and len(works) > 1:  # each input group solved alone on the same Hessian
-            reports = {r.name: r.gptq_loss for rs in out[1] for r in rs}
+            reports = {r.name: r for rs in out[1] for r in rs}
             prefix = self.layout.block_prefix(block_idx)
             for work in works:
                 weights = [block.get_submodule(lin).weight for lin in work.group.linears]
                 alone = solve_input_group(weights, work.hessian_sum, work.n_tokens, work.cfg)
-                self.unbatched += [(lin, reports[prefix + lin], a.loss) for lin, a in zip(work.group.linears, alone)]
+                self.unbatched += [(lin, reports[prefix + lin].gptq_loss, a.loss, reports[prefix + lin].damp_percent,
+                                    a.damp_percent, work.n_tokens, work, [w.clone() for w in weights])
+                                   for lin, a in zip(work.group.linears, alone)]
         if self.run_baseline:
             cfg = self.setup.gptq
             for work in works:
@@ -121,9 +123,18 @@ def main() -> None:
 
     last, wall = results[-1]
     if worker.unbatched:
-        worst = max(worker.unbatched, key=lambda u: abs(u[1] - u[2]) / max(u[2], 1e-30))
+        ranked = sorted(worker.unbatched, key=lambda u: -abs(u[1] - u[2]) / max(u[2], 1e-30))
+        worst = ranked[0]
         print(f"batched vs each input group alone: {len(worker.unbatched)} linears, largest relative loss difference "
               f"{abs(worst[1] - worst[2]) / worst[2]:.2e} ({worst[0]}: {worst[1]:.6g} vs {worst[2]:.6g})")
+        # the noise floor: the same solve in float64 on the same Hessian, for the three worst
+        for lin, batched, alone, damp_b, damp_a, n_tokens, work, weights in ranked[:3]:
+            weights = [w.double() for w in weights]
+            exact = solve_input_group(weights, work.hessian_sum.double(), n_tokens, work.cfg)
+            f64 = exact[work.group.linears.index(lin)].loss
+            print(f"  {lin}: batched {batched:.6g} alone {alone:.6g} float64 {f64:.6g} (alone vs float64 "
+                  f"{abs(alone - f64) / f64:.2e}, batched vs float64 {abs(batched - f64) / f64:.2e}); damp "
+                  f"{damp_b} / {damp_a}; {n_tokens} tokens")
     block_s = sum(last.seconds.get(s, 0.0) for s in STAGES)
     print(f"\n{args.preset}: {args.samples} x {args.seq_len} tokens, 4-bit g128, desc_act={args.desc_act}, act_group_aware={cfg.act_group_aware}, "
           f"hessian_tokens={args.hessian_tokens}, "

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rayquant.solver.gptq import GPTQConfig, solve_gptq
-from rayquant.solver.pack import (CodesOutOfRange, UnpackableShape, ZeroPointNotRepresentable, pack_linear,
-                                  pack_qweight, pack_qzeros, unpack_linear, unpack_qweight, unpack_qzeros)
+from rayquant.solver.gptq import GPTQConfig, GPTQResult, solve_gptq
+from rayquant.solver.pack import (PACKED_FIELDS, CodesOutOfRange, UnpackableShape, ZeroPointNotRepresentable,
+                                  pack_linear, pack_linears, pack_qweight, pack_qzeros, unpack_linear, unpack_qweight, unpack_qzeros)
 from tests.solver.calibration_cases import layer_case
 
 
@@ -125,3 +125,34 @@ def test_codes_outside_the_bit_width_are_rejected() -> None:
     codes[2, 5] = 16
     with pytest.raises(CodesOutOfRange, match="\\[0, 16\\]"):
         pack_qweight(codes, 4)
+
+
+def _random_result(n: int, k: int, bits: int, group: int, seed: int) -> GPTQResult:
+    g = torch.Generator().manual_seed(seed)
+    return GPTQResult(codes=torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8),
+                      scales=torch.rand(k // group, n, generator=g).half().float(),
+                      zeros=torch.randint(1, 2**bits, (k // group, n), generator=g, dtype=torch.int32),
+                      g_idx=(torch.randperm(k, generator=g) // group).to(torch.int32), loss=0.0, damp_percent=0.01)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_pack_linears_is_bitwise_pack_linear_of_each(bits: int) -> None:
+    """Layers of mixed widths, group counts and g_idx, packed in one call, equal each packed alone."""
+    shapes = [(64, 128, 32), (96, 128, 32), (32, 64, 32), (64, 128, 64), (64, 128, 32)]
+    results = [_random_result(n, k, bits, group, seed) for seed, (n, k, group) in enumerate(shapes)]
+    for got, result in zip(pack_linears(results, bits), results, strict=True):
+        want = pack_linear(result, bits)
+        for field in PACKED_FIELDS:
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+            assert getattr(got, field).is_contiguous()
+
+
+def test_pack_linears_raises_for_the_layer_pack_linear_rejects() -> None:
+    results = [_random_result(64, 128, 4, 32, seed) for seed in range(3)]
+    bad = results[1].codes.clone()
+    bad[5, 7] = 16
+    results[1] = GPTQResult(**{**results[1].__dict__, "codes": bad})
+    with pytest.raises(CodesOutOfRange, match="\\[0, 16\\]"):
+        pack_linears(results, 4)
+    with pytest.raises(UnpackableShape, match="out_features \\(N\\)=16"):
+        pack_linears([_random_result(64, 128, 3, 32, 0), _random_result(16, 128, 3, 32, 1)], 3)

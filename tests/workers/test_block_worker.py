@@ -31,8 +31,10 @@ def _free_address() -> str:
 class CorruptScaleWorker(BlockWorker):
     """Packs one layer with a doubled scale, as a buggy packer or kernel would."""
 
-    def _pack(self, result: GPTQResult, bits: int) -> PackedLinear:
-        packed = super()._pack(result, bits)
+    def _pack(self, results: list[GPTQResult], bits: int) -> list[PackedLinear]:
+        return [self._corrupt(result, packed) for result, packed in zip(results, super()._pack(results, bits))]
+
+    def _corrupt(self, result: GPTQResult, packed: PackedLinear) -> PackedLinear:
         if result.codes.shape == (256, 128):  # gate_proj / up_proj
             scales = packed.scales.clone()
             scales[0, :4] *= 2

@@ -169,8 +169,10 @@ def test_without_split_rows_owners_solve_whole_groups_with_the_same_losses(runs)
 class CorruptSliceWorker(BlockWorker):
     """Rank 1 packs its slice of gate_proj (rows 128-255 of 256 at W = 2) with a doubled scale."""
 
-    def _pack(self, result: GPTQResult, bits: int) -> PackedLinear:
-        packed = super()._pack(result, bits)
+    def _pack(self, results: list[GPTQResult], bits: int) -> list[PackedLinear]:
+        return [self._corrupt(result, packed) for result, packed in zip(results, super()._pack(results, bits))]
+
+    def _corrupt(self, result: GPTQResult, packed: PackedLinear) -> PackedLinear:
         if self.rank == 1 and result.codes.shape == (128, 128):  # only gate/up slices have this shape
             scales = packed.scales.clone()
             scales[0, :4] *= 2

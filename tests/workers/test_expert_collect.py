@@ -1,0 +1,136 @@
+"""Experts in padded batches (workers/expert_padding.py, workers/expert_collect.py): a stage collected at once
+gives every expert the Hessian sum, token count and validation rows that one hook per expert gives (the CPU's
+path), for routed experts, every-token experts (`all`, starved) and a mix, both projections, in chunks or
+whole; the padded MoE forward computes what the per-expert forward computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayquant.workers import expert_collect, expert_padding, moe
+from rayquant.workers.adapter import find_input_groups
+from rayquant.workers.moe import calibrate_experts, expert_of, sequential_stages, set_calibration
+from rayquant.workers import stage_collect
+from rayquant.workers.stage_collect import collect_stage
+from rayquant.workers.stage_inputs import StageInputs
+
+from .test_moe import _moe_block
+
+
+def _collect_experts(block, inp, stages, padded: bool, monkeypatch, device: torch.device):
+    monkeypatch.setattr(stage_collect, "PADDED_DEVICES", ("cuda", "cpu") if padded else ())
+    sums, tokens, samples = {}, {}, {}
+    for stage in stages:
+        out = collect_stage(block, stage, [inp], StageInputs(block, [stage], frozenset(), enabled=False), 0,
+                            torch.float64 if device.type == "cpu" else torch.float32, device, 5)
+        sums |= out.sums
+        tokens |= out.tokens
+        samples |= out.samples
+    return sums, tokens, samples
+
+
+def _expert_stages(block, inp):
+    set_calibration(block, True)
+    groups = find_input_groups(block, inp)
+    set_calibration(block, False)
+    return [s for s in sequential_stages(block, groups) if expert_of(block, s[0]) is not None]
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe-tiny", "deepseek-v3-starved-tiny"])
+@pytest.mark.parametrize("mode", ["routed", "all", "starved_2_5"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 3000])
+@torch.no_grad()
+def test_padded_batched_collect_equals_one_hook_per_expert(family, mode, chunk_bytes, monkeypatch):
+    _, _, block, inp = _moe_block(family)
+    stages = _expert_stages(block, inp)
+    if mode == "all":
+        set_calibration(block, True)
+    elif mode == "starved_2_5":  # experts 2 and 5 see every token, the others their routed tokens
+        calibrate_experts(block, [g for s in stages for g in s if expert_of(block, g).index in (2, 5)])
+    monkeypatch.setattr(expert_padding, "EXPERT_CHUNK_BYTES", chunk_bytes)  # 3000: one expert per chunk
+    cpu = torch.device("cpu")
+    want = _collect_experts(block, inp, stages, False, monkeypatch, cpu)
+    got = _collect_experts(block, inp, stages, True, monkeypatch, cpu)
+    names = [g.name for s in stages for g in s]
+    assert got[1] == want[1] and set(got[0]) == set(names) == set(want[0])
+    if family == "deepseek-v3-starved-tiny" and mode == "routed":  # experts without tokens are skipped
+        assert sum(want[1].values()) > 0 and min(want[1].values()) == 0
+    for name in names:
+        torch.testing.assert_close(got[0][name], want[0][name], rtol=1e-6, atol=1e-6)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-6, atol=1e-6)
+    if mode == "all":  # every expert saw every token
+        assert set(want[1].values()) == {inp.hidden.shape[0] * inp.hidden.shape[1]}
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe-tiny", "mixtral-tiny", "deepseek-v3-starved-tiny"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 3000])
+@torch.no_grad()
+def test_padded_forward_equals_the_per_expert_forward(family, chunk_bytes, monkeypatch):
+    _, _, block, inp = _moe_block(family)
+    first = (lambda x: x[0] if isinstance(x, tuple) else x)
+    want = first(block(inp.hidden, **inp.kwargs))
+    monkeypatch.setattr(moe, "PADDED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(expert_padding, "EXPERT_CHUNK_BYTES", chunk_bytes)  # 3000: one expert per chunk
+    calls = []
+    padded = moe.padded_forward
+    monkeypatch.setattr(moe, "padded_forward", lambda *args: calls.append(1) or padded(*args))
+    got = first(block(inp.hidden, **inp.kwargs))
+    assert calls
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a hook on an expert's linear (input-group probes) sees one call per expert: the per-expert path
+    calls.clear()
+    experts = moe.routed_experts(block)[0]
+    seen = []
+    hook = expert_padding.expert_linears(experts, 1)[0].register_forward_pre_hook(lambda *_: seen.append(1))
+    try:
+        torch.testing.assert_close(first(block(inp.hidden, **inp.kwargs)), want, rtol=0, atol=0)
+    finally:
+        hook.remove()
+    assert not calls and seen
+
+
+def test_runs_are_index_ranges_of_consecutive_positions():
+    assert expert_collect._runs([0, 1, 2, 5, 6, 9]) == [(0, 3), (3, 5), (5, 6)]
+    assert expert_collect._runs([]) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["routed", "all"])
+@torch.no_grad()
+def test_padded_collect_on_cuda_in_bf16_is_the_per_expert_collect(mode, monkeypatch):
+    """The tensor-core batched products against one hook per expert on the same GPU (bf16 activations, fp32 sums)."""
+    _, _, block, inp = _moe_block("qwen3-moe-tiny")
+    cuda = torch.device("cuda")
+    block.to(cuda, torch.bfloat16)
+    inp = type(inp)(inp.hidden.to(cuda, torch.bfloat16),
+                    [{k: (tuple(t.to(cuda, torch.bfloat16) for t in v) if isinstance(v, tuple) else
+                          v.to(cuda) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+                     for kw in inp.block_kwargs])
+    stages = _expert_stages(block, inp)
+    set_calibration(block, mode == "all")
+    want = _collect_experts(block, inp, stages, False, monkeypatch, cuda)
+    got = _collect_experts(block, inp, stages, True, monkeypatch, cuda)
+    assert got[1] == want[1]
+    for name, h in want[0].items():
+        scale = h.diagonal().abs().max().clamp(min=1e-30)
+        assert float((got[0][name] - h).abs().max() / scale) < 1e-2, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_padded_forward_on_cuda_in_bf16_is_the_per_expert_forward(monkeypatch):
+    _, _, block, inp = _moe_block("qwen3-moe-tiny")
+    cuda = torch.device("cuda")
+    block.to(cuda, torch.bfloat16)
+    experts = moe.routed_experts(block)[0]
+    hidden = torch.randn(512, experts[0].gate_proj.in_features, device=cuda, dtype=torch.bfloat16)
+    index = torch.randint(0, len(experts), (512, 2), device=cuda)
+    weights = torch.rand(512, 2, device=cuda, dtype=torch.bfloat16)
+    monkeypatch.setattr(moe, "PADDED_DEVICES", ())
+    want = experts(hidden, index, weights)
+    monkeypatch.setattr(moe, "PADDED_DEVICES", ("cuda",))
+    got = experts(hidden, index, weights)
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
