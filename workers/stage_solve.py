@@ -90,6 +90,27 @@ def solve_groups(block: torch.nn.Module, works: list[GroupWork], settings: Solve
     return packed, reports
 
 
+def _dequantize_many(results: list[GPTQResult]) -> list[torch.Tensor]:
+    """The solver's weights of every result (the validation's expected), one call per shape: elementwise,
+    so bitwise each result's own dequantize."""
+    out: list[torch.Tensor | None] = [None] * len(results)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, r in enumerate(results):
+        by_shape.setdefault((r.codes.shape, r.scales.shape, r.codes.device), []).append(i)
+    for same in by_shape.values():
+        per_chunk = max(1, DEQUANTIZE_CHUNK_BYTES // (4 * results[same[0]].codes.numel()))
+        for members in (same[c:c + per_chunk] for c in range(0, len(same), per_chunk)):
+            parts = [results[i] for i in members]
+            stacked = dequantize(*(torch.stack([getattr(r, f) for r in parts])
+                                   for f in ("codes", "scales", "zeros", "g_idx")))
+            for i, w in zip(members, stacked.unbind(0)):
+                out[i] = w
+    return out
+
+
+DEQUANTIZE_CHUNK_BYTES = 1 << 30  # float32 weights one dequantize call makes (its temporaries are twice that)
+
+
 def _weights(block: torch.nn.Module, work: GroupWork) -> list[torch.Tensor]:
     """The work's weights [N_i, K] (its rows), as the block holds them: the solver converts them a chunk at a time."""
     weights = [block.get_submodule(lin).weight for lin in work.group.linears]
@@ -115,7 +136,7 @@ def _pack_and_validate(works: list[GroupWork], weights: list[list[torch.Tensor]]
         try:
             found = validate_packed_layers(
                 shared_inputs([works[i].x_val for i, _, _ in of_bits]), [packed[lin] for _, lin, _ in of_bits], b,
-                [dequantize(res.codes, res.scales, res.zeros, res.g_idx) for _, _, res in of_bits],
+                _dequantize_many([res for _, _, res in of_bits]),
                 settings.validate_tolerance, gemm=dequant_gemm, names=[settings.prefix + lin for _, lin, _ in of_bits])
         except KernelMismatch as err:
             raise KernelMismatch(f"block {settings.block_idx} layer {err}") from err
