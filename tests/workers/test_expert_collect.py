@@ -92,6 +92,25 @@ def test_padded_forward_equals_the_per_expert_forward(family, chunk_bytes, monke
     assert not calls and seen
 
 
+@torch.no_grad()
+def test_padded_forward_skips_dropped_slots_and_unfed_experts(monkeypatch):
+    """Router slots pointing past the last expert (dropped) and experts without tokens, as the per-expert
+    forward handles them."""
+    _, _, block, _ = _moe_block("deepseek-v3-tiny")
+    experts = moe.routed_experts(block)[0]
+    E = len(experts)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(40, experts[0].gate_proj.in_features, generator=g)
+    index = torch.randint(0, E + 1, (40, 3), generator=g)
+    index[index == 4] = 5  # expert 4 gets no token
+    weights = torch.rand(40, 3, generator=g)
+    want = experts(hidden, index, weights)
+    monkeypatch.setattr(moe, "PADDED_DEVICES", ("cpu",))
+    got = experts(hidden, index, weights)
+    assert int((index == E).sum()) > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_runs_are_index_ranges_of_consecutive_positions():
     assert expert_collect._runs([0, 1, 2, 5, 6, 9]) == [(0, 3), (3, 5), (5, 6)]
     assert expert_collect._runs([]) == []
