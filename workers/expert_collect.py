@@ -101,7 +101,7 @@ class ExpertStageCollector:
         """sums[p] += x[i]ᵀx[i] for the chunk's i-th expert at stage position p; x [E_c, m, K], zero past
         `rows[i]`. One batched product per run of consecutive positions."""
         for i, (p, _) in enumerate(chunk):
-            self._count(p, x[i], rows[i])
+            self._count(p, x, rows[i], i)
         for i0, i1 in _runs([p for p, _ in chunk]):
             p0 = chunk[i0][0]
             sums = self.sums[p0:p0 + i1 - i0]
@@ -113,11 +113,12 @@ class ExpertStageCollector:
                     part = part.to(sums.dtype)
                     sums.baddbmm_(part.mT, part)
 
-    def _count(self, p: int, x: Tensor, rows: int) -> None:
-        """Tokens of stage position p, and its first rows (kernel validation) from the first forward that fed it."""
+    def _count(self, p: int, x: Tensor, rows: int, i: int | None = None) -> None:
+        """Tokens of stage position p, and its first rows (kernel validation) from the first forward that fed
+        it: rows of x, or of x[i] (indexed only then: an index per expert and forward is host work)."""
         self.tokens[p] += rows
         if p not in self.samples and rows:
-            self.samples[p] = x[:min(rows, self.validate_tokens)].clone()
+            self.samples[p] = (x if i is None else x[i])[:min(rows, self.validate_tokens)].clone()
 
 
 def _runs(positions: list[int]) -> list[tuple[int, int]]:
