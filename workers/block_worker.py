@@ -272,14 +272,14 @@ class BlockWorker:
             if task.block_idx + 1 < self.layout.n_blocks:
                 self._prefetch.start(task.block_idx + 1, self._read_share, self.device)
         if task.replay:
-            part, layers = read_durable_block(self.output, task.block_idx), []
+            part, layers, built = read_durable_block(self.output, task.block_idx), [], None
         else:
-            part, layers = self._quantize(task.block_idx, source_tensors)
+            part, layers, built = self._quantize(task.block_idx, source_tensors)
         # rank 0 copies the block to host memory for the writer; the copy overlaps the advance
         with self.clock.timed("handoff"):
             to_host = HostCopy(part, self.device) if self.rank == 0 and not task.replay else None
         with self.clock.timed("advance"):
-            quantized = self._advance(task.block_idx, part)
+            quantized = self._advance(task.block_idx, part, built)
         if self.eval is not None:
             with self.clock.timed("eval"):
                 self.eval.advance(task.block_idx, quantized, part, source_tensors)
@@ -323,10 +323,11 @@ class BlockWorker:
     def _read_share(self, block_idx: int) -> dict[str, torch.Tensor]:
         return read_share(self.group, self.source, self.layout.block_prefix(block_idx))
 
-    def _quantize(self, block_idx: int,
-                  source: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[LayerReport]]:
+    def _quantize(self, block_idx: int, source: dict[str, torch.Tensor]) -> tuple[
+            dict[str, torch.Tensor], list[LayerReport], nn.Module]:
         """Plan, then per true_sequential stage: collect → reduce → solve (baseline, validate) → share →
-        install. Returns the block's tensors under checkpoint names (on the device) and its layer reports."""
+        install. Returns the block's tensors under checkpoint names (on the device), its layer reports, and
+        the block itself with every quantized linear installed (what a reader rebuilds from the tensors)."""
         with self.clock.timed("plan"):
             plan = self._plan(block_idx, source)
         block, packed, layers = plan.block, {}, []
@@ -353,7 +354,8 @@ class BlockWorker:
                 layers += strategy.layer_reports()
         log.debug("stages_on_recorded_inputs", rank=self.rank,
                   stages={plan.stages[i][0].name: plan.stage_inputs.holders[i] for i in plan.stage_inputs.replayed})
-        return packed_part(source, self.layout.block_prefix(block_idx), packed), layers
+        set_calibration(block, False)  # the last stage may have left calibration mode on
+        return packed_part(source, self.layout.block_prefix(block_idx), packed), layers, block
 
     def _plan(self, block_idx: int, source: dict[str, torch.Tensor]) -> _BlockPlan:
         """The block materialized from its source tensors, its input groups' owners and its stages.
@@ -443,8 +445,14 @@ class BlockWorker:
                 by_config.setdefault(cfg, []).append(lin)
         return [(tuple(linears), cfg) for cfg, linears in by_config.items()]
 
-    def _advance(self, block_idx: int, part: dict[str, torch.Tensor]) -> nn.Module:
-        """Forward the shard through the quantized block, built from its packed tensors as a reader would."""
+    def _advance(self, block_idx: int, part: dict[str, torch.Tensor], built: nn.Module | None) -> nn.Module:
+        """Forward the shard through the quantized block: `built`, the block this rank quantized (share
+        installed every quantized linear as `dequantized_state` rebuilds it from the packed tensors, the
+        other tensors are the source's: the same module, bitwise), or, for a replayed block, the block
+        built from its packed tensors as a reader would."""
+        if built is not None:
+            self.inputs = [inp.advanced(forward_block(built, inp)) for inp in self.inputs]
+            return built
         part = {k: v.to(self.device) for k, v in part.items()}  # unpack on the GPU, not the host
         state = dequantized_state(part, self.layout.block_prefix(block_idx))
         block = materialize(self.blocks[block_idx], state, self.dtype)
