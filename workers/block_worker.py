@@ -450,12 +450,11 @@ class BlockWorker:
         installed every quantized linear as `dequantized_state` rebuilds it from the packed tensors, the
         other tensors are the source's: the same module, bitwise), or, for a replayed block, the block
         built from its packed tensors as a reader would."""
-        if built is not None:
-            self.inputs = [inp.advanced(forward_block(built, inp)) for inp in self.inputs]
-            return built
-        part = {k: v.to(self.device) for k, v in part.items()}  # unpack on the GPU, not the host
-        state = dequantized_state(part, self.layout.block_prefix(block_idx))
-        block = materialize(self.blocks[block_idx], state, self.dtype)
+        block = built
+        if block is None:
+            part = {k: v.to(self.device) for k, v in part.items()}  # unpack on the GPU, not the host
+            state = dequantized_state(part, self.layout.block_prefix(block_idx))
+            block = materialize(self.blocks[block_idx], state, self.dtype)
         self.inputs = [inp.advanced(forward_block(block, inp)) for inp in self.inputs]
         return block
 
