@@ -190,6 +190,7 @@ class OutputLock:
         self._seen: _Seen | None = None  # what we last wrote: the condition of the next renewal or release
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._renewing = threading.Lock()  # renew() from the caller and the thread: both condition on _seen
         self._lost: HeldBy | None = None  # the record found in our place when a renewal failed
 
     def __enter__(self) -> Self:
@@ -270,16 +271,17 @@ class OutputLock:
 
     def renew(self) -> bool:
         """Rewrite our record with the time now, only if it is still ours; whether it was."""
-        if self._seen is None or self._lost is not None:
-            return False
-        mine = new_record(self.fingerprint, self.job_id)
-        version = self._register.renew(mine.to_bytes(), self._seen)
-        if version is None:
-            self._lost = _parse(self._register.read(), self._register.where) or mine
-            log.warning("output_lock_lost", uri=self.uri, now_held_by=self._lost.holder)
-            return False
-        self._seen = _Seen(mine.to_bytes(), version)
-        return True
+        with self._renewing:
+            if self._seen is None or self._lost is not None:
+                return False
+            mine = new_record(self.fingerprint, self.job_id)
+            version = self._register.renew(mine.to_bytes(), self._seen)
+            if version is None:
+                self._lost = _parse(self._register.read(), self._register.where) or mine
+                log.warning("output_lock_lost", uri=self.uri, now_held_by=self._lost.holder)
+                return False
+            self._seen = _Seen(mine.to_bytes(), version)
+            return True
 
     def _start_renewing(self) -> None:
         self._stop.clear()

@@ -150,6 +150,7 @@ def test_rank_0_killed_while_the_bar_asks_its_stage_ends_the_wait_as_worker_died
     refs = [w.call.remote("sleep_in", 4, "advance", 60) for w in sleepers]
     time.sleep(1.0)
     ray.kill(sleepers[0])
+    ray.wait(refs[:1], timeout=10.0)  # ray.kill returns before the actor is gone: a question now could be answered
     t = time.monotonic()
     assert current_stage(sleepers[0], timeout=10.0) is None
     assert time.monotonic() - t < 8  # the death answered, not the timeout

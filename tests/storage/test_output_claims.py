@@ -132,6 +132,15 @@ def test_renewal_keeps_the_lock_fresh_past_stale_after_s(output_uri):
         lock.check()
 
 
+def test_renewals_from_two_threads_at_once_never_lose_the_lock(output_uri):
+    """The caller's renew() and the renewal thread's both rewrite the record on the version last written: one
+    at a time, or the second finds the first's write in its place and takes its own lock for lost (a CI race)."""
+    with OutputLock(output_uri, "job-1", "fp-a", stale_after_s=3600) as lock:
+        assert at_once(4, lambda i: lock.renew()) == [True] * 4
+        lock.check()
+        assert lock.held is not None
+
+
 def test_stale_lock_is_taken_over_and_its_old_holder_removes_nothing(output_uri):
     dead = OutputLock(output_uri, "job-dead", "fp-a", stale_after_s=3600)  # renews hourly: never in this test
     dead.acquire()
