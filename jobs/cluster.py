@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import ray
 import structlog
 
+from rayquant.jobs.job_client import ClusterUnreachable
 from rayquant.jobs.logs import configure_logging
 from rayquant.jobs.signals import install_sigterm_handler
 from rayquant.jobs.spec import ClusterSpec
@@ -30,6 +32,10 @@ log = structlog.get_logger()
 # set by Ray's job supervisor for a submitted job's entrypoint, beside RAY_ADDRESS (the job's cluster)
 RAY_JOB_ENTRYPOINT_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 EMBEDDED = "embedded (127.0.0.1)"
+# a cluster.address that does not accept a connection within this fails at once: ray.init retries forever
+PROBE_TIMEOUT_S = 5.0
+RAY_CLIENT_PORT = 10001  # Ray Client's default (ray://host)
+GCS_PORT = 6379  # the head's GCS default (host)
 
 
 class ClusterTooSmall(Exception):
@@ -77,6 +83,39 @@ def choose_ray(address: str | None, env: Mapping[str, str], current_cluster: str
     return RayTarget("local", EMBEDDED, {k: v for k, v in hints.items() if v})
 
 
+def endpoint(address: str) -> tuple[str, int] | None:
+    """The (host, port) a cluster address connects to first — ray://host[:port] the Ray Client server, host[:port]
+    the head's GCS — or None where Ray finds the cluster itself ("auto", "local")."""
+    if address in ("auto", "local"):
+        return None
+    scheme, sep, rest = address.partition("://")
+    default = RAY_CLIENT_PORT if sep and scheme == "ray" else GCS_PORT
+    place = (rest if sep else address).split("/", 1)[0]
+    host, colon, port = place.rpartition(":")
+    if not colon or not port.isdigit():
+        host, port = place, str(default)
+    return host.strip("[]"), int(port)
+
+
+def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse a cluster address nothing listens at before ray.init, which would retry it without end.
+
+    Raises:
+        ClusterUnreachable: the host does not resolve, refuses the connection or does not answer in `timeout`.
+    """
+    place = endpoint(address)
+    if place is None:
+        return
+    try:
+        socket.create_connection(place, timeout=timeout).close()
+    except OSError as err:
+        why = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        raise ClusterUnreachable(
+            f"cluster.address {address!r}: nothing accepts a connection at {place[0]}:{place[1]} ({why}); start "
+            f"the cluster or fix the address (the head's GCS as host:{GCS_PORT}, or ray://head:{RAY_CLIENT_PORT} "
+            "for Ray Client), or remove cluster.address to run on embedded Ray") from None
+
+
 def check_resources(spec: ClusterSpec, resources: Mapping[str, float], where: str) -> None:
     """Refuse a spec whose workers the cluster cannot place (they would stay pending forever).
 
@@ -105,6 +144,7 @@ def connect(spec: ClusterSpec, verbose: bool) -> Cluster:
     that started them.
 
     Raises:
+        ClusterUnreachable: nothing listens at cluster.address.
         ClusterTooSmall: the cluster lacks the GPUs or CPUs the spec's workers ask for.
     """
     t = time.perf_counter()
@@ -122,6 +162,8 @@ def connect(spec: ClusterSpec, verbose: bool) -> Cluster:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray binds to loopback only
         ray.init(address="local", num_cpus=spec.num_workers * spec.cpus_per_worker, include_dashboard=False, **quiet)
     else:
+        if target.address is not None:
+            probe(target.address)
         ray.init(address=target.address, **quiet)
     if not verbose:
         _route_raylet_errors()

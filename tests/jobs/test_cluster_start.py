@@ -5,6 +5,7 @@ ends a job as Ctrl-C does (real Ray, token authentication on; the real CLI for S
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,9 +20,11 @@ from structlog.testing import capture_logs
 
 from rayquant.jobs.cluster import (
     EMBEDDED, ClusterTooSmall, WorkerDied, check_resources, choose_ray, connect, create_workers, current_stage,
-    disconnect, wait_all,
+    disconnect, endpoint, probe, wait_all,
 )
+from rayquant.jobs.job_client import ClusterUnreachable
 from rayquant.jobs.spec import ClusterSpec
+from tests.ray_head import free_port
 
 # no torch or transformers imported here: the test actors import this module as they start
 REPO = Path(__file__).resolve().parents[2]
@@ -167,6 +170,27 @@ def test_choose_ray_follows_the_spec_then_a_ray_jobs_cluster_then_starts_embedde
     embedded = choose_ray(None, env, None)
     assert embedded.address == "local" and embedded.ignored == {"ray_address_env": "10.0.0.5:6379"}
     assert choose_ray(None, {}, None).ignored == {}
+
+
+def test_endpoint_names_the_port_ray_init_connects_to_first() -> None:
+    assert endpoint("ray://head:10002") == ("head", 10002)
+    assert endpoint("ray://head") == ("head", 10001)
+    assert endpoint("10.0.0.5:6380") == ("10.0.0.5", 6380)
+    assert endpoint("head") == ("head", 6379)
+    assert endpoint("ray://[::1]:10001") == ("::1", 10001)
+    assert endpoint("auto") is None and endpoint("local") is None
+
+
+def test_probe_refuses_an_address_nothing_listens_at_and_passes_one_that_listens() -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        probe(f"127.0.0.1:{listening.getsockname()[1]}")
+        closed = free_port()
+    t = time.monotonic()
+    with pytest.raises(ClusterUnreachable, match=rf"nothing accepts a connection at 127.0.0.1:{closed} \(.*refused"):
+        probe(f"ray://127.0.0.1:{closed}")
+    assert time.monotonic() - t < 2
 
 
 def test_check_resources_refuses_more_cpus_than_a_cluster_has() -> None:
