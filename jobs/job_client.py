@@ -58,7 +58,7 @@ def cluster_address(flag: str | None, spec_address: str | None, env: Mapping[str
                             (env.get("RAY_ADDRESS"), "RAY_ADDRESS")):
         if value and value != "auto":  # "auto" (a spec run inside the cluster) names no address from outside
             return ClusterAddress(url=jobs_api_url(value), named_by=named_by)
-    raise NoClusterAddress("no Ray cluster to submit to: pass --address http://HEAD:8265, set cluster.address "
+    raise NoClusterAddress("no Ray cluster named: pass --address http://HEAD:8265, set cluster.address "
                            "in the spec, or set RAY_ADDRESS")
 
 

@@ -367,6 +367,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where (its own text quotes the line under a caret)."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem is None:
+        return " ".join(str(err).split())
+
+    def at(mark) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    context = f" ({err.context}{at(err.context_mark)})" if err.context else ""
+    return f"{err.problem}{at(err.problem_mark)}{context}"
+
+
 def read_spec_file(path: Path) -> dict:
     """The raw mapping in a YAML job spec file.
 
@@ -395,7 +407,7 @@ def read_spec_file(path: Path) -> dict:
     except _RefusedYAML as err:
         raise SpecError(f"spec file {path}, {err}") from err
     except yaml.YAMLError as err:
-        raise SpecError(f"spec file {path} is not valid YAML: {err}") from err
+        raise SpecError(f"spec file {path} is not valid YAML: {_yaml_problem(err)}; fix the YAML there") from err
     if not isinstance(data, dict):
         raise SpecError(f"spec file {path} must hold a mapping of sections (name, model, quant, ...)")
     return data

@@ -219,6 +219,8 @@ CASES = [
     Case("spec-yaml-alias-bomb", _spec_file(ALIAS_BOMB), ("quantize", "{tmp}/spec.yaml", "--set", "quant.bits=8"),
          "SpecError", "YAML anchors and aliases (&name, *name, <<:) are not allowed in a job spec; write the values "
          "out", SPEC_S),
+    Case("spec-invalid-yaml", _spec_file("name: x\nquant: [4, 128\n"), ("quantize", "{tmp}/spec.yaml"), "SpecError",
+         "at line 3, column 1 (while parsing a flow sequence at line 2, column 8); fix the YAML there", SPEC_S),
     Case("spec-duplicate-key", _spec_file("quant:\n  bits: 4\n  group_size: 64\n  bits: 8\n"),
          ("quantize", "{tmp}/spec.yaml"), "SpecError", "key 'bits' appears twice in one section; keep one", SPEC_S),
     Case("spec-binary-file", _spec_file(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))),
