@@ -49,7 +49,7 @@ from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durabl
 from rayquant.workers.collectives import free_tcp_address, join_process_group
 from rayquant.workers.host_copy import HostCopy
 from rayquant.workers.in_pass_eval import EvalStreams
-from rayquant.workers.kernel_warmup import finish_warm_up, job_shapes, start_warm_up
+from rayquant.workers.kernel_warmup import finish_warm_up, header_shapes, job_shapes, start_warm_up
 from rayquant.workers.layer_overrides import LayerOverride, layer_config
 from rayquant.workers.moe import (
     MoEConfig,
@@ -191,6 +191,10 @@ class BlockWorker:
         t_group = time.perf_counter()
         with agree_on_errors(self.group):
             self.source = self.setup.source or open_model_source(self.setup.model_path)
+            if self.device.type == "cuda":  # kernels compile from the headers' shapes while the skeleton builds
+                warm = header_shapes(self.source.tensors, self.setup.gptq, self.setup.overrides)
+                self._warm_up = start_warm_up(warm, self.device, self.dtype, self.hessian_dtype,
+                                              self.setup.validate_tokens)
             self.model = build_skeleton(self.source.config, self.dtype)
             unfuse_experts(self.model)  # MoE: one linear per expert, under the checkpoint's names
             self.layout = find_layout(self.model)
@@ -204,9 +208,10 @@ class BlockWorker:
             tensors = {n: read_source_tensor(self.source, n, self.device) for n in names if n in self.source.tensors}
             materialize_embedding_stage(self.model, tensors, self.dtype)
             move_buffers(self.model, self.device)
-        if self.device.type == "cuda":  # compile block 0's kernels while the driver cuts the windows
-            shapes = job_shapes(self.blocks, self.layout, self.setup.gptq, self.setup.overrides)
-            self._warm_up = start_warm_up(shapes, self.device, self.dtype, self.hessian_dtype, self.setup.validate_tokens)
+        if self.device.type == "cuda":
+            missed = set(job_shapes(self.blocks, self.layout, self.setup.gptq, self.setup.overrides)) - set(warm)
+            if missed:  # block 0 compiles them itself
+                log.info("kernel_warmup_missed_shapes", shapes=sorted((m.out_features, m.in_features) for m in missed))
         log.info("worker_joined", rank=self.rank, blocks=self.layout.n_blocks, group_s=round(t_group - t, 2),
                  skeleton_s=round(t_skeleton - t_group, 2), embedding_s=round(time.perf_counter() - t_skeleton, 2))
         return self.layout.n_blocks

@@ -10,6 +10,7 @@ compiled kernels are in the process's cache when block 0 starts. Nothing it comp
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from rayquant.solver.gptq import GPTQConfig, dequantize, solve_input_group
 from rayquant.solver.hessian import accumulate_hessian, mirror_upper
 from rayquant.solver.pack import pack_linear
 from rayquant.solver.rtn import quantize_rtn
-from rayquant.workers.adapter import DecoderLayout, quantizable_linears
+from rayquant.storage.safetensors_reader import TensorInfo
+from rayquant.workers.adapter import ROUTER_NAMES, DecoderLayout, quantizable_linears
 from rayquant.workers.layer_overrides import LayerOverride, layer_config
 
 log = structlog.get_logger()
@@ -54,6 +56,24 @@ def job_shapes(blocks: nn.ModuleList, layout: DecoderLayout, gptq: GPTQConfig,
             mod = block.get_submodule(name)
             linears.append((mod.out_features, mod.in_features, layer_config(layout.block_prefix(b) + name, gptq,
                                                                              overrides)))
+    return distinct_shapes(linears)
+
+
+# a weight of block <n>: "<blocks path>.<n>.<module path>.weight" (checkpoint names, experts one linear each)
+_BLOCK_WEIGHT = re.compile(r"^(?P<blocks>.+?)\.(?P<block>\d+)\.(?P<module>.+)\.weight$")
+
+
+def header_shapes(tensors: dict[str, TensorInfo], gptq: GPTQConfig,
+                  overrides: tuple[LayerOverride, ...]) -> list[LinearShape]:
+    """job_shapes from the source's safetensors headers alone: every 2-D weight of a numbered block but a
+    router's. Known before the model's skeleton exists, so the kernels compile while it is built; a shape
+    it misses is compiled by block 0 itself (tests compare it with job_shapes for every family)."""
+    linears = []
+    for name, info in tensors.items():
+        found = _BLOCK_WEIGHT.match(name)
+        if found is None or len(info.shape) != 2 or found["module"].rpartition(".")[2] in ROUTER_NAMES:
+            continue
+        linears.append((info.shape[0], info.shape[1], layer_config(name.removesuffix(".weight"), gptq, overrides)))
     return distinct_shapes(linears)
 
 

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from rayquant.solver.gptq import GPTQConfig
-from rayquant.workers.kernel_warmup import LinearShape, distinct_shapes, start_warm_up, warm_up
+from rayquant.storage.generated import GENERATED_PRESETS
+from rayquant.storage.model_source import open_model_source
+from rayquant.storage.synthetic import PRESETS
+from rayquant.workers.adapter import build_skeleton, find_layout
+from rayquant.workers.kernel_warmup import (
+    LinearShape, distinct_shapes, header_shapes, job_shapes, start_warm_up, warm_up,
+)
+from rayquant.workers.layer_overrides import LayerOverride
+from rayquant.workers.moe import unfuse_experts
 
 G128 = GPTQConfig(bits=4, group_size=128)
 G64_8BIT = GPTQConfig(bits=8, group_size=64)
@@ -18,6 +26,28 @@ def test_distinct_shapes_keeps_one_per_shape_and_config_in_first_seen_order_and_
     linears = [(512, 256, G128), (256, 512, G128), (512, 256, G128), (512, 256, G64_8BIT), (64, 64, None)]
     assert distinct_shapes(linears) == [LinearShape(512, 256, G128), LinearShape(256, 512, G128),
                                         LinearShape(512, 256, G64_8BIT)]
+
+
+# every decoder family's tiny model, and a full-size generated one (headers only); the generated DeepSeek-V3 and
+# Qwen3-30B-A3B agree too but take 27 s of skeleton here (their tiny twins cover the same names)
+HEADER_PRESETS = [p for p in PRESETS if p != "bert-tiny"] + ["llama-405b"]
+# down projections (w2 in Mixtral, fc2 in OPT) in 8 bits, block 1's o_proj kept: a rule that splits one shape into two configs, one that skips
+OVERRIDES = (LayerOverride(pattern=r".*\.(down_proj|w2|fc2)", bits=8), LayerOverride(pattern=r".*\.1\.self_attn\.o_proj", skip=True))
+
+
+@pytest.mark.parametrize("preset", HEADER_PRESETS)
+def test_shapes_from_the_headers_are_the_skeletons(preset):
+    """The warm-up starts from the safetensors headers, before the skeleton exists: the same shapes and configs."""
+    assert preset in PRESETS or preset in GENERATED_PRESETS
+    source = open_model_source(f"synthetic://{preset}")
+    model = build_skeleton(source.config, torch.bfloat16)
+    unfuse_experts(model)
+    layout = find_layout(model)
+    blocks = model.get_submodule(layout.blocks_path)
+    for overrides in ((), OVERRIDES):
+        from_skeleton = job_shapes(blocks, layout, G128, overrides)
+        assert set(header_shapes(source.tensors, G128, overrides)) == set(from_skeleton)
+    assert any(s.cfg.bits == 8 for s in job_shapes(blocks, layout, G128, OVERRIDES))  # the rule took effect
 
 
 def test_warm_up_runs_every_shape_through_the_solver_on_cpu():
