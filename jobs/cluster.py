@@ -32,7 +32,7 @@ log = structlog.get_logger()
 # set by Ray's job supervisor for a submitted job's entrypoint, beside RAY_ADDRESS (the job's cluster)
 RAY_JOB_ENTRYPOINT_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 EMBEDDED = "embedded (127.0.0.1)"
-# a cluster.address that does not accept a connection within this fails at once: ray.init retries forever
+# a cluster.address that accepts no connection within this is refused: ray.init would retry it for minutes
 PROBE_TIMEOUT_S = 5.0
 RAY_CLIENT_PORT = 10001  # Ray Client's default (ray://host)
 GCS_PORT = 6379  # the head's GCS default (host)
@@ -98,7 +98,7 @@ def endpoint(address: str) -> tuple[str, int] | None:
 
 
 def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Refuse a cluster address nothing listens at before ray.init, which would retry it without end.
+    """Refuse a cluster address nothing listens at before ray.init, which would retry it for minutes.
 
     Raises:
         ClusterUnreachable: the host does not resolve, refuses the connection or does not answer in `timeout`.
