@@ -49,6 +49,7 @@ from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durabl
 from rayquant.workers.collectives import free_tcp_address, join_process_group
 from rayquant.workers.host_copy import HostCopy
 from rayquant.workers.in_pass_eval import EvalStreams
+from rayquant.workers import kernel_warmup
 from rayquant.workers.kernel_warmup import finish_warm_up, header_shapes, job_shapes, start_warm_up
 from rayquant.workers.layer_overrides import LayerOverride, layer_config
 from rayquant.workers.moe import (
@@ -191,7 +192,8 @@ class BlockWorker:
         t_group = time.perf_counter()
         with agree_on_errors(self.group):
             self.source = self.setup.source or open_model_source(self.setup.model_path)
-            if self.device.type == "cuda":  # kernels compile from the headers' shapes while the skeleton builds
+            warms = self.device.type in kernel_warmup.WARMUP_DEVICES
+            if warms:  # kernels compile from the headers' shapes while the skeleton builds
                 warm = header_shapes(self.source.tensors, self.setup.gptq, self.setup.overrides)
                 self._warm_up = start_warm_up(warm, self.device, self.dtype, self.hessian_dtype,
                                               self.setup.validate_tokens)
@@ -208,7 +210,7 @@ class BlockWorker:
             tensors = {n: read_source_tensor(self.source, n, self.device) for n in names if n in self.source.tensors}
             materialize_embedding_stage(self.model, tensors, self.dtype)
             move_buffers(self.model, self.device)
-        if self.device.type == "cuda":
+        if warms:
             missed = set(job_shapes(self.blocks, self.layout, self.setup.gptq, self.setup.overrides)) - set(warm)
             if missed:  # block 0 compiles them itself
                 log.info("kernel_warmup_missed_shapes", shapes=sorted((m.out_features, m.in_features) for m in missed))

@@ -32,6 +32,8 @@ from rayquant.workers.layer_overrides import LayerOverride, layer_config
 log = structlog.get_logger()
 
 WARMUP_TOKENS = 256  # enough rows for a damped, positive definite Hessian at any width
+# devices whose workers warm up while they join (the CPU has nothing to compile; tests add it to run the path)
+WARMUP_DEVICES = ("cuda",)
 
 
 @dataclass(frozen=True)

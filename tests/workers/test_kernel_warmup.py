@@ -1,6 +1,7 @@
 """The kernel warm-up: which shapes it runs, and (on a GPU) that block 0's kernels are compiled by it."""
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -11,12 +12,15 @@ from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage.generated import GENERATED_PRESETS
 from rayquant.storage.model_source import open_model_source
 from rayquant.storage.synthetic import PRESETS
+from rayquant.workers import kernel_warmup
 from rayquant.workers.adapter import build_skeleton, find_layout
+from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
 from rayquant.workers.kernel_warmup import (
     LinearShape, distinct_shapes, header_shapes, job_shapes, start_warm_up, warm_up,
 )
 from rayquant.workers.layer_overrides import LayerOverride
 from rayquant.workers.moe import unfuse_experts
+from structlog.testing import capture_logs
 
 G128 = GPTQConfig(bits=4, group_size=128)
 G64_8BIT = GPTQConfig(bits=8, group_size=64)
@@ -48,6 +52,33 @@ def test_shapes_from_the_headers_are_the_skeletons(preset):
         from_skeleton = job_shapes(blocks, layout, G128, overrides)
         assert set(header_shapes(source.tensors, G128, overrides)) == set(from_skeleton)
     assert any(s.cfg.bits == 8 for s in job_shapes(blocks, layout, G128, OVERRIDES))  # the rule took effect
+
+
+def _block_0(warm: bool, monkeypatch) -> tuple[dict, list[dict]]:
+    """Block 0 of the tiny Llama in-process, with or without the join's warm-up; its tensors and the log."""
+    monkeypatch.setattr(kernel_warmup, "WARMUP_DEVICES", ("cuda", "cpu") if warm else ("cuda",))
+    setup = WorkerSetup(job_id="test", rank=0, world_size=1, model_path="synthetic://llama-tiny",
+                        gptq=GPTQConfig(bits=4, group_size=128), true_sequential=True, micro_batch=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    worker = BlockWorker(setup)
+    try:
+        with capture_logs() as logs:
+            worker.start(address, torch.randint(2, 1024, (4, 64), generator=torch.Generator().manual_seed(0)))
+        return worker.run_block(BlockTask("test", 0)).tensors, logs
+    finally:
+        worker.stop()
+
+
+def test_the_join_warms_up_the_headers_shapes_and_changes_no_byte(monkeypatch):
+    """The path a GPU worker takes (started from the headers before the skeleton), run on the CPU."""
+    warmed, logs = _block_0(True, monkeypatch)
+    [done] = [e for e in logs if e["event"] == "kernels_warm"]
+    assert done["shapes"] == 4 and not [e for e in logs if e["event"] == "kernel_warmup_missed_shapes"]
+    plain, logs = _block_0(False, monkeypatch)
+    assert not [e for e in logs if e["event"] == "kernels_warm"]
+    assert warmed.keys() == plain.keys() and all(torch.equal(warmed[k], plain[k]) for k in plain)
 
 
 def test_warm_up_runs_every_shape_through_the_solver_on_cpu():
