@@ -8,6 +8,7 @@ own output): submitted, stopped at once (`wait` raises JobFailed), submitted aga
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,11 @@ def submitted(ray_head: RayHead, tmp_path_factory) -> Iterator[Submitted]:
         first = submit(TINY, set=sets, address=ray_head.address)
         with pytest.raises(JobWaitTimeout) as timed_out:
             first.wait(timeout_s=0.2, poll_s=0.1)
+        # stop it once its entrypoint runs: stopped in its first instant, Ray's supervisor can signal the shell
+        # before `rayquant` exists, which then runs on unsignalled and finishes the job (CI, 2026-12-07)
+        deadline = time.monotonic() + 60
+        while '"job_starting"' not in first.logs() and time.monotonic() < deadline:
+            time.sleep(0.2)
         stop = first.stop()
         with pytest.raises(JobFailed) as failed:
             first.wait(timeout_s=30)
