@@ -1,7 +1,6 @@
 """The kernel warm-up: which shapes it runs, and (on a GPU) that block 0's kernels are compiled by it."""
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -14,13 +13,14 @@ from rayquant.storage.model_source import open_model_source
 from rayquant.storage.synthetic import PRESETS
 from rayquant.workers import kernel_warmup
 from rayquant.workers.adapter import build_skeleton, find_layout
-from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
+from rayquant.workers.block_worker import BlockTask, BlockWorker
 from rayquant.workers.kernel_warmup import (
     LinearShape, distinct_shapes, header_shapes, job_shapes, start_warm_up, warm_up,
 )
 from rayquant.workers.layer_overrides import LayerOverride
 from rayquant.workers.moe import unfuse_experts
 from structlog.testing import capture_logs
+from tests.workers.test_block_worker import SAMPLES, _free_address, _setup
 
 G128 = GPTQConfig(bits=4, group_size=128)
 G64_8BIT = GPTQConfig(bits=8, group_size=64)
@@ -36,7 +36,8 @@ def test_distinct_shapes_keeps_one_per_shape_and_config_in_first_seen_order_and_
 # Qwen3-30B-A3B agree too but take 27 s of skeleton here (their tiny twins cover the same names)
 HEADER_PRESETS = [p for p in PRESETS if p != "bert-tiny"] + ["llama-405b"]
 # down projections (w2 in Mixtral, fc2 in OPT) in 8 bits, block 1's o_proj kept: a rule that splits one shape into two configs, one that skips
-OVERRIDES = (LayerOverride(pattern=r".*\.(down_proj|w2|fc2)", bits=8), LayerOverride(pattern=r".*\.1\.self_attn\.o_proj", skip=True))
+OVERRIDES = (LayerOverride(pattern=r".*\.(down_proj|w2|fc2)", bits=8),
+             LayerOverride(pattern=r".*\.1\.self_attn\.o_proj", skip=True))
 
 
 @pytest.mark.parametrize("preset", HEADER_PRESETS)
@@ -57,15 +58,10 @@ def test_shapes_from_the_headers_are_the_skeletons(preset):
 def _block_0(warm: bool, monkeypatch) -> tuple[dict, list[dict]]:
     """Block 0 of the tiny Llama in-process, with or without the join's warm-up; its tensors and the log."""
     monkeypatch.setattr(kernel_warmup, "WARMUP_DEVICES", ("cuda", "cpu") if warm else ("cuda",))
-    setup = WorkerSetup(job_id="test", rank=0, world_size=1, model_path="synthetic://llama-tiny",
-                        gptq=GPTQConfig(bits=4, group_size=128), true_sequential=True, micro_batch=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    worker = BlockWorker(setup)
+    worker = BlockWorker(_setup())
     try:
         with capture_logs() as logs:
-            worker.start(address, torch.randint(2, 1024, (4, 64), generator=torch.Generator().manual_seed(0)))
+            worker.start(_free_address(), SAMPLES)
         return worker.run_block(BlockTask("test", 0)).tensors, logs
     finally:
         worker.stop()
