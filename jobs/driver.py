@@ -31,7 +31,8 @@ from rayquant.jobs.input_errors import INPUT_ERRORS
 from rayquant.jobs.loader_compat import loader_warnings
 from rayquant.jobs.logs import stderr_is_terminal
 from rayquant.jobs.progress import JobProgress
-from rayquant.jobs.publishing import Publisher, ShardCloser, close_and_hand_over, work_dir
+from rayquant.jobs.publishing import Publisher, work_dir
+from rayquant.jobs.shard_closer import ShardCloser
 from rayquant.jobs.spec import JobSpec
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.storage import staging
@@ -336,6 +337,7 @@ def _quantize_with_recovery(spec: JobSpec, job_id: str, crew: _Crew, cluster: Cl
         while True:
             try:
                 started = _start(spec, job_id, crew.actors, cluster, prep)
+                closer.begin(started.target.plan, started.resume, started.non_block)
                 if progress is None:
                     first_resume = started.resume
                     c = spec.cluster
@@ -353,9 +355,8 @@ def _quantize_with_recovery(spec: JobSpec, job_id: str, crew: _Crew, cluster: Cl
                 blocks = _run_blocks(crew.actors, _BlockRange(job_id, started.n_blocks, started.resume, died_at),
                                      started.target, progress, closer)
                 structlog.contextvars.bind_contextvars(block=None)
-                if tail_closed is None:  # shards holding non-block tensors close (hash, rename) during the eval
-                    tail_closed = prep.tail_pool.submit(_close_tail_shards, prep.job.out_dir, started.target.plan,
-                                                        started.non_block, publisher)
+                if tail_closed is None:  # the shards still open close (hash the rest, rename) during the eval
+                    tail_closed = closer.finish()
                 t_eval = time.perf_counter()
                 streams = wait_all([w.call.remote("evaluate") for w in crew.actors], workers=crew.actors)[0]
                 return _QuantizedRun(started, first_resume, blocks, streams, t_blocks, t_eval, tail_closed)
@@ -449,13 +450,6 @@ def _start(spec: JobSpec, job_id: str, workers: list, cluster: Cluster, prep: _P
     return _Started(calib, n_blocks, resume, target, prep.non_block)
 
 
-def _close_tail_shards(out_dir: Path, plan: ShardPlan, non_block: Future, publisher: Publisher | None) -> None:
-    non_block.result()  # the same single-thread pool ran it first: done, or its error raised here
-    for shard in plan.shards:
-        if shard.has_tail:
-            close_and_hand_over(out_dir, shard, publisher)
-
-
 def _kill(workers: list) -> None:
     for w in workers:
         ray.kill(w)
@@ -511,12 +505,11 @@ def _run_blocks(workers: list, blocks: _BlockRange, target: OutputTarget, progre
                 closer: ShardCloser) -> _BlocksRun:
     """Every block in order: blocks below `blocks.resume` are replayed from their shards, the rest quantized.
 
-    Block b's marker is written while block b+1 runs, as soon as rank 0 reports b's bytes durable;
-    a shard whose last block is durable is then handed to `closer` (checksum, final name, upload).
+    Block b's marker is written while block b+1 runs, as soon as rank 0 reports b's bytes durable; `closer`
+    then hashes on through b's shard, and closes it if b was its last block (checksum, final name, upload).
     """
     run = _BlocksRun()
     out_dir = Path(target.out_dir)
-    closed: list[Future] = []
     unmarked: BlockMarker | None = None  # its block written, but not yet durable
     for task in blocks.tasks():
         b = task.block_idx
@@ -526,7 +519,7 @@ def _run_blocks(workers: list, blocks: _BlockRange, target: OutputTarget, progre
         t = time.perf_counter()
         refs = [w.call.remote("run_block", task) for w in workers]
         if unmarked is not None:
-            closed += _mark_durable(workers[0], target, closer, run, unmarked)
+            _mark_durable(workers[0], target, closer, run, unmarked)
             unmarked = None
         results = wait_all(refs, on_wait=_stage_poller(workers[0], progress) if progress.shows_stages else None,
                            workers=workers)
@@ -548,9 +541,7 @@ def _run_blocks(workers: list, blocks: _BlockRange, target: OutputTarget, progre
     if blocks.resume >= blocks.n_blocks:
         _log_recovered(blocks)
     if unmarked is not None:
-        closed += _mark_durable(workers[0], target, closer, run, unmarked)
-    for future in closed:
-        future.result()  # a failed close fails the job here
+        _mark_durable(workers[0], target, closer, run, unmarked)
     return run
 
 
@@ -562,20 +553,17 @@ def _log_recovered(blocks: _BlockRange) -> None:
                     seconds=round(time.perf_counter() - blocks.recovering_since, 2))
 
 
-def _mark_durable(rank0, target: OutputTarget, closer: ShardCloser, run: _BlocksRun,
-                  marker: BlockMarker) -> list[Future]:
+def _mark_durable(rank0, target: OutputTarget, closer: ShardCloser, run: _BlocksRun, marker: BlockMarker) -> None:
     """Wait until rank 0's writer has marker's block on disk, then mark it done (its stats, here and in `run`,
-    gain the writer's seconds); its shard, if this was the shard's last block, starts closing on `closer`."""
+    gain the writer's seconds) and tell `closer` (its errors surface at closer.finish())."""
     t = time.perf_counter()
     b = marker.block_idx
     stats = marker.stats.with_persist(round(wait_all([rank0.call.remote("wait_durable", b)], workers=[rank0])[0], 4))
     run.run_stats[b] = stats
     out_dir = Path(target.out_dir)
     staging.mark_block_done(out_dir, b, layers=list(marker.layers), stats=stats)
-    shard = target.plan.closes_with(b)
-    log.debug("block_durable", block=b, waited_seconds=round(time.perf_counter() - t, 3),
-              closing=shard.name if shard is not None else None)
-    return [closer.close(shard)] if shard is not None else []
+    closer.block_durable(b)
+    log.debug("block_durable", block=b, waited_seconds=round(time.perf_counter() - t, 3))
 
 
 def _stage_poller(rank0, progress: JobProgress):

@@ -21,7 +21,6 @@ from rayquant.storage import staging
 from rayquant.storage.atomic_files import file_entry
 from rayquant.storage.model_source import cache_root
 from rayquant.storage.output_layout import MANIFEST_FILE
-from rayquant.storage.shard_plan import PlannedShard
 from rayquant.storage.sinks import Sink
 
 log = structlog.get_logger()
@@ -84,34 +83,3 @@ class Publisher:
     def close(self) -> None:
         """Stop accepting uploads; an upload under way finishes (S3 multipart and Hub pre-uploads are atomic)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-
-class ShardCloser:
-    """Closes shards whose every block is durable (hash, rename) on a thread of its own, so hashing
-    gigabytes never delays the next block; each closed shard then goes to the publisher, if any."""
-
-    def __init__(self, out_dir: Path, publisher: Publisher | None):
-        self.out_dir = out_dir
-        self.publisher = publisher
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="close-shard")
-
-    def close(self, shard: PlannedShard) -> Future:
-        return self._pool.submit(self._close, shard)
-
-    def _close(self, shard: PlannedShard) -> None:
-        close_and_hand_over(self.out_dir, shard, self.publisher)
-
-    def drain(self) -> None:
-        """Wait until every close queued so far has ended (its error stays in its future)."""
-        self._pool.submit(lambda: None).result()
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
-def close_and_hand_over(out_dir: Path, shard: PlannedShard, publisher: Publisher | None) -> None:
-    """Close one shard; a remote output starts uploading it."""
-    staging.close_shard(out_dir, shard)
-    if publisher is not None:
-        publisher.shard_closed(shard.name)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from rayquant.storage.atomic_files import json_writer, write_atomic
 from rayquant.storage.safetensors_reader import INDEX_FILE, TensorInfo
 from rayquant.storage.shard_plan import PlannedTensor, block_of_tensor, plan_shards
 
@@ -51,6 +54,9 @@ GENERATED_PRESETS: dict[str, dict] = {
                           model_type="qwen3_moe"),
 }
 _BLOCKS_PATH = "model.layers"  # where every preset's transformers model keeps its decoder blocks
+# the tensors' names and shapes, kept beside config.json: listing them builds the model class (seconds,
+# on the driver and again on each worker of every job)
+_INFOS_FILE = "tensor-shapes.json"
 
 
 def materialize_generated(preset: str, cache_dir: Path) -> Path:
@@ -95,6 +101,26 @@ def write_generated_model(preset: str, target_dir: Path, n_blocks: int | None = 
     return target
 
 
+def cached_tensor_infos(config: dict, path: Path) -> dict[str, TensorInfo]:
+    """generated_tensor_infos, read from path's tensor-shapes.json when that was listed for this config by this
+    transformers version (its names could change with the version); else listed and written there."""
+    key = hashlib.sha256(json.dumps([config, version("transformers")], sort_keys=True).encode()).hexdigest()
+    try:
+        cached = json.loads((path / _INFOS_FILE).read_text(encoding="utf-8"))
+        if cached["key"] == key:
+            return {name: _info(path, tuple(shape)) for name, shape in cached["shapes"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or damaged: list them again
+    infos = generated_tensor_infos(config, path)
+    shapes = {name: list(info.shape) for name, info in infos.items()}
+    write_atomic(path, path / _INFOS_FILE, json_writer({"key": key, "shapes": shapes}))
+    return infos
+
+
+def _info(path: Path, shape: tuple[int, ...]) -> TensorInfo:
+    return TensorInfo(file=path / "generated", dtype="BF16", shape=shape, start=0, end=math.prod(shape) * 2)
+
+
 def generated_tensor_infos(config: dict, path: Path) -> dict[str, TensorInfo]:
     """Name, dtype and shape of every weight, from the model class itself on the meta device.
 
@@ -109,11 +135,7 @@ def generated_tensor_infos(config: dict, path: Path) -> dict[str, TensorInfo]:
     cfg = CONFIG_MAPPING[config["model_type"]].from_dict({k: v for k, v in config.items() if k != "model_type"})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    infos = {}
-    for name, t in revert_weight_conversion(model, model.state_dict()).items():
-        nbytes = t.numel() * t.element_size()
-        infos[name] = TensorInfo(file=path / "generated", dtype="BF16", shape=tuple(t.shape), start=0, end=nbytes)
-    return infos
+    return {name: _info(path, tuple(t.shape)) for name, t in revert_weight_conversion(model, model.state_dict()).items()}
 
 
 def generate_tensor(name: str, info: TensorInfo, device: torch.device | str = "cpu") -> torch.Tensor:

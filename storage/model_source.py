@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rayquant.storage.generated import GENERATED_PRESETS, generate_tensor, generated_tensor_infos, materialize_generated
+from rayquant.storage.generated import GENERATED_PRESETS, cached_tensor_infos, generate_tensor, materialize_generated
 
 from rayquant.storage.safetensors_reader import (
     INDEX_FILE,
@@ -107,7 +107,7 @@ def open_model_source(uri: str, cache_dir: Path | None = None) -> ModelSource:
         config_bytes = (path / CONFIG_FILE).read_bytes()
         config = json.loads(config_bytes)
         revision = hashlib.sha256(b"generated\0" + config_bytes).hexdigest()
-        return ModelSource(path=path.resolve(), config=config, tensors=generated_tensor_infos(config, path.resolve()),
+        return ModelSource(path=path.resolve(), config=config, tensors=cached_tensor_infos(config, path.resolve()),
                            revision=revision, generated=True)
     if scheme == "synthetic":
         try:

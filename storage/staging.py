@@ -295,14 +295,15 @@ def read_block_marker(out_dir: Path, block_idx: int) -> BlockMarker:
     return marker
 
 
-def close_shard(out_dir: Path, shard: PlannedShard) -> None:
-    """Move a shard whose every tensor is durable to its final name; record its checksum for the manifest."""
+def close_shard(out_dir: Path, shard: PlannedShard, entry: dict | None = None) -> None:
+    """Move a shard whose every tensor is durable to its final name; record its checksum for the manifest
+    (`entry`, if its hash was taken while it filled: storage/shard_hashing.py; else hashed here)."""
     out_dir = Path(out_dir)
     staging = _require_staging(out_dir)
     final = out_dir / shard.name
     if final.is_file() and not (staging / shard.name).is_file():
         return  # closed by an earlier run
-    entry = file_entry(staging, shard.name)
+    entry = entry or file_entry(staging, shard.name)
     write_atomic(staging, staging / _closed_name(shard.name), json_writer(entry))
     os.replace(staging / shard.name, final)
     fsync_dir(out_dir)

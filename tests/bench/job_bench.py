@@ -41,7 +41,9 @@ from rayquant.storage.generated import GENERATED_PRESETS, write_generated_model
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "jobs" / "specs" / "tiny-llama.yaml"
-EVENTS = ("job_starting", "calibration_records", "job_planned", "workers_ready", "block_done", "eval_done", "job_done")
+EVENTS = ("job_starting", "driver_imported", "calibration_ready", "job_planned", "workers_ready", "block_done",
+          "eval_done", "job_done")
+START_EVENTS = EVENTS[:5]  # the start-up's milestones, printed as seconds from the command's start
 IN_PROCESS_BLOCKS = 4  # block_bench runs blocks 0..3 at most: past warm-up, and DeepSeek-V3's first MoE block
 
 
@@ -54,11 +56,14 @@ class BlockTiming:
 
 @dataclass(frozen=True)
 class JobTiming:
+    start_up: dict[str, float]  # command start -> each of START_EVENTS
     to_workers_ready: float  # command start -> workers_ready
     to_first_block: float  # command start -> block 0 dispatched
     blocks: list[BlockTiming]
     tail: float  # last block_done -> process exit
     eval_seconds: float | None
+    finish_seconds: float  # job_done's: shards closed, metadata and manifest written
+    exit_seconds: float  # job_done -> process exit (Ray's shutdown)
     wall: float
     output_bytes: int
 
@@ -110,11 +115,14 @@ def run_job(source: str, out: Path, args: argparse.Namespace, gpu: bool) -> JobT
     first_of = {e["event"]: e for e in reversed(events)}
     done = [e for e in events if e["event"] == "block_done"]
     return JobTiming(
+        start_up={e: round(_time(first_of[e]) - t0, 2) for e in START_EVENTS if e in first_of},
         to_workers_ready=_time(first_of["workers_ready"]) - t0,
         to_first_block=_time(done[0]) - done[0]["seconds"] - t0,
         blocks=[BlockTiming(i, e["seconds"], e["stages"]) for i, e in enumerate(done)],
         tail=t_exit - _time(done[-1]),
         eval_seconds=first_of["eval_done"]["seconds"] if "eval_done" in first_of else None,
+        finish_seconds=first_of["job_done"]["finish_seconds"],
+        exit_seconds=t_exit - _time(first_of["job_done"]),
         wall=t_exit - t0,
         output_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
     )
@@ -151,6 +159,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more spec overrides")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/rayquant-job-bench"))
     parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--no-in-process", action="store_true", help="skip block_bench (a repeat on the same GPU)")
     parser.add_argument("--log", type=Path, help="keep the CLI's log lines (stderr) here")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
@@ -174,7 +183,7 @@ def main() -> None:
     projected = job.to_first_block + job.tail + full_blocks * steady
 
     in_process = None
-    if gpu:
+    if gpu and not args.no_in_process:
         ref_block, ref_wall = in_process_block_wall(args, min(len(walls), IN_PROCESS_BLOCKS))
         in_process = {"block": ref_block, "wall": ref_wall, "cli_wall": walls[ref_block],
                       "ratio": walls[ref_block] / ref_wall}
@@ -183,14 +192,16 @@ def main() -> None:
     print(f"\n{args.preset} ({source}): {len(walls)} of {full_blocks} blocks, {args.samples} x {args.seq_len} tokens, "
           f"{args.eval_samples} eval windows, 4-bit g128, {args.workers} worker(s) x {args.cpus_per_worker} CPUs"
           f"{' + 1 GPU' if gpu else ''}, {device}")
-    print(f"start-up: {job.to_workers_ready:.2f} s to workers_ready, {job.to_first_block:.2f} s to block 0")
+    print(f"start-up: {job.to_workers_ready:.2f} s to workers_ready, {job.to_first_block:.2f} s to block 0 ("
+          + ", ".join(f"{e} {t:.2f}" for e, t in job.start_up.items()) + ")")
     stages = list(job.blocks[0].stages)
     print("block      wall  stage sum  wall/sum  " + " ".join(f"{s:>8}" for s in stages))
     for b in job.blocks:
         total = sum(b.stages.values())
         print(f"{b.block_idx:>5} {b.wall:9.2f} {total:10.2f} {b.wall / total:9.3f}  "
               + " ".join(f"{b.stages.get(s, 0.0):8.2f}" for s in stages))
-    eval_note = f" (eval {job.eval_seconds:.2f} s)" if job.eval_seconds is not None else ""
+    eval_note = (f" (eval {job.eval_seconds:.2f} s, " if job.eval_seconds is not None else " (") + \
+        f"finish {job.finish_seconds:.2f} s, exit after job_done {job.exit_seconds:.2f} s)"
     print(f"tail (last block_done -> exit): {job.tail:.2f} s{eval_note}; total wall {job.wall:.2f} s; "
           f"output {job.output_bytes / 2**30:.2f} GiB")
     which = "median block wall past block 0" if len(walls) > 1 else "block 0's wall: run --blocks 2 or more"

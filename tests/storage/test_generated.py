@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rayquant.storage import generated
 from rayquant.storage.generated import GENERATED_PRESETS, generate_tensor, generated_tensor_infos, write_generated_model
 from rayquant.storage.model_source import open_model_source, read_source_tensor
 from rayquant.storage.safetensors_reader import INDEX_FILE
@@ -69,3 +70,22 @@ def test_writing_more_blocks_than_the_preset_has_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="has 32 blocks"):
         write_generated_model("llama-8b", tmp_path, n_blocks=33)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_a_synthetic_source_lists_its_tensors_once_per_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(GENERATED_PRESETS, "llama-tiny-generated", TINY_LLAMA)
+    listed = []
+    monkeypatch.setattr(generated, "generated_tensor_infos",
+                        lambda config, path: listed.append(config) or generated_tensor_infos(config, path))
+    first = open_model_source("synthetic://llama-tiny-generated", cache_dir=tmp_path)
+    again = open_model_source("synthetic://llama-tiny-generated", cache_dir=tmp_path)
+    assert len(listed) == 1 and again.tensors == first.tensors  # the second open read tensor-shapes.json
+    assert first.tensors == generated_tensor_infos(first.config, first.path)
+
+    shapes = first.path / "tensor-shapes.json"
+    shapes.write_text(shapes.read_text()[:50])  # damaged: listed again, and rewritten
+    assert open_model_source("synthetic://llama-tiny-generated", cache_dir=tmp_path).tensors == first.tensors
+    assert len(listed) == 2 and json.loads(shapes.read_text())["shapes"]
+    monkeypatch.setattr(generated, "version", lambda package: "0.0-other")  # another transformers: listed again
+    assert open_model_source("synthetic://llama-tiny-generated", cache_dir=tmp_path).tensors == first.tensors
+    assert len(listed) == 3
