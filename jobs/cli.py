@@ -279,6 +279,7 @@ def _report_error(err: Exception) -> int:
     from rayquant.jobs.input_errors import INPUT_ERRORS  # imports every module that defines one
     from rayquant.kernels.validation import KernelMismatch
     from rayquant.workers.collectives import RendezvousTimeout
+    from rayquant.workers.out_of_memory import DeviceOutOfMemory
 
     if isinstance(err, INPUT_ERRORS):
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
@@ -288,7 +289,7 @@ def _report_error(err: Exception) -> int:
               "(or move output.uri / output.work_dir to a larger disk), then run the same command again: the job "
               "resumes after its last durable block and nothing was published", file=sys.stderr)
         return 1
-    if isinstance(err, (KernelMismatch, WorkerDied, RendezvousTimeout)):  # not the input: one line, exit 1
+    if isinstance(err, (KernelMismatch, WorkerDied, RendezvousTimeout, DeviceOutOfMemory)):  # one line, exit 1
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     raise err

@@ -24,6 +24,7 @@ from rayquant.solver.valid_settings import SUPPORTED_BITS
 
 WORD_BITS = 32
 _WORD_MASK = (1 << WORD_BITS) - 1
+PACK_CHUNK_ELEMENTS = 1 << 25  # values per int64 pass of _pack_dim0 (256 MB a temporary)
 
 
 class UnpackableShape(ValueError):
@@ -89,7 +90,7 @@ def pack_linear(result: GPTQResult, bits: int) -> PackedLinear:
     """
     _check_ranges(result.codes, result.zeros, bits)
     return PackedLinear(
-        qweight=_pack_dim0(result.codes.T.to(torch.int64), bits, "in_features (K)"),
+        qweight=_pack_dim0(result.codes.T, bits, "in_features (K)"),
         qzeros=_pack_dim0(result.zeros.T.to(torch.int64) - 1, bits, "out_features (N)").T.contiguous(),
         scales=result.scales.to(torch.float16),
         g_idx=result.g_idx.to(torch.int32),
@@ -180,7 +181,7 @@ def pack_qweight(codes: Tensor, bits: int) -> Tensor:
         CodesOutOfRange: a code is outside [0, 2**bits - 1].
     """
     _check_values(codes, bits, "codes")
-    return _pack_dim0(codes.T.to(torch.int64), bits, "in_features (K)")
+    return _pack_dim0(codes.T, bits, "in_features (K)")
 
 
 def unpack_qweight(qweight: Tensor, bits: int, in_features: int) -> Tensor:
@@ -235,15 +236,24 @@ def _bit_positions(size: int, bits: int, what: str, device: torch.device) -> tup
 
 
 def _pack_dim0(values: Tensor, bits: int, what: str) -> Tensor:
-    """values int64 [L, C] in [0, 2**bits) -> int32 words [L*bits/32, C]."""
+    """values (any integer dtype) [L, C] in [0, 2**bits) -> int32 words [L*bits/32, C].
+
+    Columns pack independently, so they go in chunks of at most PACK_CHUNK_ELEMENTS values: the int64
+    temporaries stay bounded (a 405B block's gate and up packed together are 1.7 G codes, 14 GB per int64
+    copy) and the words are bitwise those of one pass."""
     L, C = values.shape
     word, offset = _bit_positions(L, bits, what, values.device)
-    words = torch.zeros(L * bits // WORD_BITS, C, dtype=torch.int64, device=values.device)
-    words.index_add_(0, word, (values << offset[:, None]) & _WORD_MASK)
     straddles = offset + bits > WORD_BITS  # only at 3 bits: the high bits go to the next word
-    words.index_add_(0, word[straddles] + 1, values[straddles] >> (WORD_BITS - offset[straddles])[:, None])
-    # reinterpret the unsigned 32-bit words as int32 (two's complement)
-    return torch.where(words >= 1 << 31, words - (1 << WORD_BITS), words).to(torch.int32)
+    out = torch.empty(L * bits // WORD_BITS, C, dtype=torch.int32, device=values.device)
+    step = max(1, PACK_CHUNK_ELEMENTS // max(L, 1))
+    for c in range(0, C, step):
+        chunk = values[:, c:c + step].to(torch.int64)
+        words = torch.zeros(out.shape[0], chunk.shape[1], dtype=torch.int64, device=values.device)
+        words.index_add_(0, word, (chunk << offset[:, None]) & _WORD_MASK)
+        words.index_add_(0, word[straddles] + 1, chunk[straddles] >> (WORD_BITS - offset[straddles])[:, None])
+        # reinterpret the unsigned 32-bit words as int32 (two's complement)
+        out[:, c:c + step] = torch.where(words >= 1 << 31, words - (1 << WORD_BITS), words)
+    return out
 
 
 def _unpack_dim0(packed: Tensor, bits: int, size: int, what: str) -> Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,19 +266,24 @@ def quantizable_linears(block: nn.Module) -> list[str]:
 
 
 def find_input_groups(block: nn.Module, inp: BlockInput) -> list[InputGroup]:
-    """Group the block's linears by the identity of the tensor they read, in forward order."""
-    seen: list[tuple[torch.Tensor, list[str]]] = []
+    """Group the block's linears by the identity of the tensor they read, in forward order.
+
+    Inputs are held by weak reference: a strong one would keep every linear's input alive to the end of
+    the forward (an MoE block's experts: 256 down-projection inputs of a whole micro-batch each, ~32 GB
+    at DeepSeek-V3's size). A tensor that has died can no longer be read by a later linear, and a new
+    tensor never matches a dead reference, so the groups are the same."""
+    seen: list[tuple[weakref.ref, list[str], int]] = []
     hooks = []
 
     def hook(name: str):
         def record(_mod: nn.Module, args: tuple) -> None:
             x = args[0]
-            for tensor, names in seen:
-                if tensor is x:
+            for ref, names, _ in seen:
+                if ref() is x:
                     if name not in names:
                         names.append(name)
                     return
-            seen.append((x, [name]))
+            seen.append((weakref.ref(x), [name], x.shape[-1]))
         return record
 
     for name in quantizable_linears(block):
@@ -288,10 +294,10 @@ def find_input_groups(block: nn.Module, inp: BlockInput) -> list[InputGroup]:
         for h in hooks:
             h.remove()
     groups = []
-    for x, names in seen:
+    for _, names, in_features in seen:
         stem = names[0].rsplit(".", 1)
         label = names[0] if len(names) == 1 else stem[0] + "." + "+".join(n.rsplit(".", 1)[-1] for n in names)
-        groups.append(InputGroup(name=label, linears=tuple(names), in_features=x.shape[-1]))
+        groups.append(InputGroup(name=label, linears=tuple(names), in_features=in_features))
     return groups
 
 

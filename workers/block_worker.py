@@ -47,8 +47,10 @@ from rayquant.workers.block_load import broadcast_block, read_share
 from rayquant.workers import failpoints
 from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
 from rayquant.workers.collectives import free_tcp_address, join_process_group
+from rayquant.workers.cuda_allocator import configure_cuda_allocator
 from rayquant.workers.host_copy import HostCopy
 from rayquant.workers.in_pass_eval import EvalStreams
+from rayquant.workers.out_of_memory import names_out_of_memory
 from rayquant.workers import kernel_warmup
 from rayquant.workers.kernel_warmup import finish_warm_up, header_shapes, job_shapes, start_warm_up
 from rayquant.workers.layer_overrides import LayerOverride, layer_config
@@ -138,6 +140,8 @@ class BlockWorker:
         self.setup = setup
         self.rank, self.world = setup.rank, setup.world_size
         self.device = torch.device(setup.device)
+        if self.device.type == "cuda":
+            configure_cuda_allocator()  # before the first CUDA allocation: join's warm-up
         self.dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, setup.gpu_activations)
         # On CPU the Hessian sums are float64: rounding them to fp32 once, after the reduce, makes
         # them (almost always bit-)identical whatever the worker count. On GPU, fp32 for speed.
@@ -168,6 +172,7 @@ class BlockWorker:
         self.embed(samples, eval_samples)
         return n_blocks
 
+    @names_out_of_memory("start-up (join)")
     def join(self, rendezvous: str) -> int:
         """Everything before the calibration windows: the process group, the model's skeleton, the
         embedding stage's weights on the device. Returns the block count.
@@ -218,6 +223,7 @@ class BlockWorker:
                  skeleton_s=round(t_skeleton - t_group, 2), embedding_s=round(time.perf_counter() - t_skeleton, 2))
         return self.layout.n_blocks
 
+    @names_out_of_memory("start-up (embedding the calibration windows)")
     def embed(self, samples: torch.Tensor, eval_samples: torch.Tensor | None = None) -> None:
         """Embed this rank's calibration shard `samples` [n_w, T] and its held-out windows `eval_samples`
         [e_w, T] (if setup.eval_on): the block-0 inputs every later block advances."""
@@ -261,6 +267,7 @@ class BlockWorker:
 
     # ---- one block ----------------------------------------------------------------------------
 
+    @names_out_of_memory()
     @torch.no_grad()
     def run_block(self, task: BlockTask) -> BlockResult:
         """Quantize block `task.block_idx` (or replay it from its shard) and advance the calibration shard.
@@ -310,6 +317,7 @@ class BlockWorker:
         """
         return self.writer.wait_durable(block_idx) if self.writer is not None else 0.0
 
+    @names_out_of_memory("the in-pass evaluation")
     @torch.no_grad()
     def evaluate(self) -> dict[str, tuple[float, int]]:
         """Per stream: summed next-token NLL and predicted tokens over every rank's eval windows ({} without

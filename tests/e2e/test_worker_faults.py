@@ -1,7 +1,9 @@
 """A worker killed inside the job costs its block, never the job: the CLI's tiny job (4 blocks, 2 workers,
 real Ray) with workers SIGKILLed at seeded points (workers/failpoints.py) — start-up, every stage of a
 block, the background write, the evaluation — ends with the bytes of an undisturbed run; a rank that dies
-more often than cluster.max_worker_restarts ends the job in one line, and the rerun resumes.
+more often than cluster.max_worker_restarts ends the job in one line, and the rerun resumes; a rank out of
+device memory ends it in one line naming the block, the stage and the fix, and the rerun resumes to the
+same bytes.
 
 The driver killed at any point (early, after a marker mid-write, with shards closing, SIGTERM) is
 tests/e2e/test_quantize.py's and tests/jobs/test_cluster_start.py's: a rerun resumes to the same bytes."""
@@ -58,3 +60,23 @@ def test_a_rank_dying_more_often_than_allowed_ends_the_job_in_one_line(tmp_path)
                                                    "more than cluster.max_worker_restarts=0"), plain
     assert "worker rank 1 died during start-up" in plain[0] and "Traceback" not in proc.stderr
     assert not (out / "rayquant-manifest.json").exists()
+
+
+def test_a_rank_out_of_device_memory_ends_the_job_in_one_line_and_the_rerun_resumes(tmp_path, quantize_once):
+    """torch.OutOfMemoryError raised in rank 1's solve of block 2 (a failpoint: a GPU too small for the block
+    cannot be had here): not a death to recover from (it would fail again), but the user's to act on."""
+    reference = quantize_once().output()
+    out, fired = tmp_path / "out", tmp_path / "fired"
+    proc = _run_with_failpoints(("1:2:solve:oom",), out, fired)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    plain = [line for line in proc.stderr.splitlines() if not line.startswith("{")]
+    assert len(plain) == 1 and plain[0].startswith(
+        "error: DeviceOutOfMemory: worker rank 1 ran out of device memory in block 2, stage solve "
+        "(tried to allocate 1.00 GiB)."), plain
+    assert "rayquant plan" in plain[0] and "cluster.num_workers" in plain[0] and "Traceback" not in proc.stderr
+    assert not (out / "rayquant-manifest.json").exists()
+    # the same command again (the failpoint has fired): resumes after the durable blocks, same bytes
+    again = _run_with_failpoints(("1:2:solve:oom",), out, fired)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert log_events(again.stderr, "job_planned")[0]["resume_from"] >= 1
+    assert output_files(out) == output_files(reference)

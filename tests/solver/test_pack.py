@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import rayquant.solver.pack as pack_module
 from rayquant.solver.gptq import GPTQConfig, GPTQResult, solve_gptq
 from rayquant.solver.pack import (PACKED_FIELDS, CodesOutOfRange, UnpackableShape, ZeroPointNotRepresentable,
                                   pack_linear, pack_linears, pack_qweight, pack_qzeros, unpack_linear, unpack_qweight, unpack_qzeros)
@@ -21,6 +22,19 @@ def test_random_codes_and_zeros_round_trip_exactly(bits: int) -> None:
     qzeros = pack_qzeros(zeros, bits)
     assert qzeros.dtype == torch.int32 and qzeros.shape == (8, 96 * bits // 32)
     assert torch.equal(unpack_qzeros(qzeros, bits, 96), zeros)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_in_column_chunks_gives_the_words_of_one_pass(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large layers pack a bounded number of columns at a time (a 405B block's gate and up); the words must
+    not depend on where the chunks fall, including a last chunk narrower than the others."""
+    gen = torch.Generator().manual_seed(10 + bits)
+    codes = torch.randint(0, 2**bits, (100, 256), generator=gen).to(torch.uint8)  # [N, K]: qweight's C = 100
+    whole = pack_qweight(codes, bits)
+    monkeypatch.setattr(pack_module, "PACK_CHUNK_ELEMENTS", 256 * 7)  # 7 columns a chunk: 15 chunks, the last 2 wide
+    chunked = pack_qweight(codes, bits)
+    assert torch.equal(chunked, whole)
+    assert torch.equal(unpack_qweight(chunked, bits, 256), codes)
 
 
 def test_4bit_qweight_words_by_hand() -> None:

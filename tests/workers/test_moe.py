@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -91,6 +93,24 @@ def test_every_expert_is_its_own_input_group_and_routers_are_never_quantized(fam
     block(inp.hidden, **inp.kwargs)
     counts = [local_routed_tokens(block, g) for g in experts if expert_of(block, g).role == "down"]
     assert sum(counts) == inp.hidden.shape[0] * inp.hidden.shape[1] * source.config["num_experts_per_tok"]
+
+
+@torch.no_grad()
+def test_finding_input_groups_keeps_no_expert_input_alive():
+    """The probe forward must not hold every linear's input to its end: at DeepSeek-V3's size, with every
+    token through every expert, that was 256 down-projection inputs of a micro-batch (~32 GB, out of memory
+    on an 80 GB GPU before the first MoE block)."""
+    _, _, block, inp = _moe_block("deepseek-v3-tiny")
+    set_calibration(block, True)
+    experts = next(m for m in block.modules() if isinstance(m, RoutedExperts))
+    first_input: list[weakref.ref] = []
+    alive_at_last: list[bool] = []
+    experts[0].down_proj.register_forward_pre_hook(lambda _m, args: first_input.append(weakref.ref(args[0])))
+    experts[len(experts) - 1].down_proj.register_forward_pre_hook(
+        lambda _m, args: alive_at_last.append(first_input[-1]() is not None))
+    groups = find_input_groups(block, inp)
+    assert alive_at_last == [False]
+    assert sum(1 for g in groups if expert_of(block, g) is not None) == 2 * N_EXPERTS  # the groups are unchanged
 
 
 def test_calibration_mode_feeds_every_token_to_every_expert_hook():
