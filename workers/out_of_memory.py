@@ -26,10 +26,13 @@ def describe(err: BaseException, rank: int, device: torch.device, where: str) ->
     """DeviceOutOfMemory for `err` (torch.OutOfMemoryError) on `rank` while `where` ran."""
     asked = _ASKED.search(str(err))
     details = ["t" + asked.group(0)[1:] if asked else "an allocation failed"]
-    if device.type == "cuda" and torch.cuda.is_available():
-        _, total = torch.cuda.mem_get_info(device)
-        details.append(f"{torch.cuda.memory_allocated(device) / GIB:.1f} GiB allocated of the GPU's "
-                       f"{total / GIB:.1f} GiB")
+    if device.type == "cuda":
+        try:
+            _, total = torch.cuda.mem_get_info(device)
+            details.append(f"{torch.cuda.memory_allocated(device) / GIB:.1f} GiB allocated of the GPU's "
+                           f"{total / GIB:.1f} GiB")
+        except Exception:  # noqa: BLE001 - a device in a failed state: the error without the figures
+            pass
     kind = "GPU" if device.type == "cuda" else "device"
     return DeviceOutOfMemory(
         f"worker rank {rank} ran out of {kind} memory in {where} ({'; '.join(details)}). `rayquant plan SPEC` "
