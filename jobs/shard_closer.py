@@ -107,9 +107,8 @@ class ShardCloser:
             raise RuntimeError(f"shards left open after the last block: {sorted(self._hashers)}")
 
 
-def close_and_hand_over(out_dir: Path, shard: PlannedShard, publisher: Publisher | None,
-                        entry: dict | None = None) -> None:
-    """Close one shard (`entry`: its checksum if taken already); a remote output starts uploading it."""
+def close_and_hand_over(out_dir: Path, shard: PlannedShard, publisher: Publisher | None, entry: dict) -> None:
+    """Close one shard under `entry`, the checksum taken while it filled; a remote output starts uploading it."""
     staging.close_shard(out_dir, shard, entry)
     if publisher is not None:
         publisher.shard_closed(shard.name)
