@@ -13,12 +13,14 @@ import errno
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 # huggingface_hub reads this once, at import: its upload bars would break stderr's one JSON object per line
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from rayquant.jobs.logs import configure_logging  # noqa: E402
 from rayquant.jobs.plan import add_plan_parser  # noqa: E402
+from rayquant.jobs.quick_exit import exit_without_teardown  # noqa: E402
 from rayquant.jobs.reconcile import add_reconcile_parser  # noqa: E402
 from rayquant.jobs.spec import CalibrationSpec, SpecError, load_spec  # noqa: E402
 
@@ -252,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> NoReturn:
+    """The `rayquant` command: `main`, then out without the interpreter's teardown (jobs/quick_exit.py)."""
+    exit_without_teardown(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
@@ -296,4 +303,4 @@ def _report_error(err: Exception) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

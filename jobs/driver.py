@@ -40,6 +40,7 @@ from rayquant.storage.calibration import CalibrationSet, load_calibration, vocab
 from rayquant.storage.finished_checkpoint import finish_checkpoint, gptq_quantization_config
 from rayquant.storage.job_records import (BlockMarker, BlockStats, EvalReport, JobReport, LayerReport,
                                           QuantizationConfig, RunStats)
+from rayquant.storage.loss_plot import import_matplotlib_in_background
 from rayquant.storage.model_source import ModelSource, open_model_source
 from rayquant.storage.output_claims import OutputLock, lock_holder
 from rayquant.storage.output_layout import STAGING
@@ -349,6 +350,7 @@ def _quantize_with_recovery(spec: JobSpec, job_id: str, crew: _Crew, cluster: Cl
                                            status_dir=prep.job.out_dir / STAGING)
                     if publisher is not None:
                         publisher.on_uploaded = progress.uploaded
+                    import_matplotlib_in_background()  # the finish draws the model card's picture
                     t_blocks = time.perf_counter()
                 else:
                     progress.rewind()

@@ -4,7 +4,9 @@ The head runs in a session of its own, with its own temp dir, free loopback port
 (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN: the user's ~/.ray is neither read nor written). Jobs it runs
 inherit its environment: this interpreter's bin directory first on PATH (so `rayquant` is this
 checkout's), the session's RAYQUANT_CACHE and what the caller adds (the S3 server's credentials).
-`--metrics-export-port` is a free port of its own: the node's metrics in Prometheus text. Stopped by
+`--metrics-export-port` is a free port of its own: the node's metrics in Prometheus text. Without the
+dashboard (`dashboard=False`: no Jobs API, as tests/bench/job_bench.py's standing cluster, whose GPU
+machine lacks the dashboard's packages) it is ready once `ray start` says so. Stopped by
 SIGTERM to the `ray start` process (which shuts its Ray processes down), then SIGKILL to its process
 group if any is left.
 """
@@ -33,6 +35,7 @@ START_TIMEOUT_S = 90
 @dataclass(frozen=True)
 class RayHead:
     address: str  # the Jobs API: http://127.0.0.1:<dashboard port>
+    gcs_address: str  # what `ray.init` and cluster.address take: 127.0.0.1:<GCS port>
     token: str
     temp_dir: Path
     metrics_port: int  # Prometheus text of the node's metrics agent: http://127.0.0.1:<port>/metrics
@@ -48,22 +51,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _head_command(head: RayHead, dashboard_port: int, num_cpus: int) -> list[str]:
-    ports = {"--port": free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": free_port(),
+def _head_command(head: RayHead, dashboard_port: int, num_cpus: int, dashboard: bool) -> list[str]:
+    ports = {"--port": int(head.gcs_address.rsplit(":", 1)[1]), "--dashboard-port": dashboard_port, "--ray-client-server-port": free_port(),
              "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
              "--metrics-export-port": head.metrics_port, "--node-manager-port": free_port(),
              "--object-manager-port": free_port(), "--runtime-env-agent-port": free_port()}
-    ray = str(Path(sys.executable).parent / "ray")
-    return [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true", f"--num-cpus={num_cpus}", f"--temp-dir={head.temp_dir}",
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` script, where no bin/ holds it
+    return [*ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+            f"--include-dashboard={str(dashboard).lower()}", f"--num-cpus={num_cpus}", f"--temp-dir={head.temp_dir}",
             "--disable-usage-stats", *(f"{flag}={port}" for flag, port in ports.items())]
 
 
-def _wait_ready(proc: subprocess.Popen, head: RayHead, log: Path) -> None:
+def _wait_ready(proc: subprocess.Popen, head: RayHead, log: Path, dashboard: bool) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if not dashboard:
+            if "Ray runtime started" in log.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+            continue
         try:
             answer = requests.get(f"{head.address}/api/jobs/", timeout=2,
                                   headers={"Authorization": f"Bearer {head.token}"})
@@ -72,27 +80,27 @@ def _wait_ready(proc: subprocess.Popen, head: RayHead, log: Path) -> None:
         except requests.RequestException:
             pass  # not listening yet
         time.sleep(0.5)
-    raise RuntimeError(f"the Ray head's Jobs API did not answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"the Ray head did not start within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
 @contextmanager
-def run_ray_head(num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[RayHead]:
+def run_ray_head(num_cpus: int = 2, env: dict[str, str] | None = None, dashboard: bool = True) -> Iterator[RayHead]:
     """A head whose processes, and so its jobs, also get `env` (e.g. the S3 server's credentials, as a
     cluster's nodes get them from Kubernetes Secrets)."""
     # a short path: Ray's unix sockets live under it (at most 107 bytes)
     temp_dir = Path(tempfile.mkdtemp(prefix="rq-ray-", dir="/tmp"))
     dashboard_port = free_port()
-    head = RayHead(address=f"http://127.0.0.1:{dashboard_port}", token=secrets.token_hex(32), temp_dir=temp_dir,
+    head = RayHead(address=f"http://127.0.0.1:{dashboard_port}", gcs_address=f"127.0.0.1:{free_port()}", token=secrets.token_hex(32), temp_dir=temp_dir,
                    metrics_port=free_port())
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")} | (env or {})
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token, "RAY_USAGE_STATS_ENABLED": "0",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
     log = temp_dir / "ray-start.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(_head_command(head, dashboard_port, num_cpus), env=env, stdout=out,
+        proc = subprocess.Popen(_head_command(head, dashboard_port, num_cpus, dashboard), env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(proc, head, log)
+        _wait_ready(proc, head, log, dashboard)
         yield head
     finally:
         _stop(proc)

@@ -2,6 +2,7 @@
 
     python -m tests.bench.job_bench --preset llama-70b --blocks 4 [--samples 128 --seq-len 2048 --eval-samples 16]
     python -m tests.bench.job_bench --preset qwen3-30b-a3b --on-read [--json run.json]
+    python -m tests.bench.job_bench --preset llama-8b --on-read --standing-ray
     python -m tests.bench.job_bench --preset llama-8b --blocks 1 --samples 2 --seq-len 64 --eval-samples 0  # CPU
 
 The CLI runs in a fresh process as a user runs it (embedded Ray, one GPU per worker when CUDA is
@@ -19,12 +20,17 @@ num_hidden_layers x the median block wall past block 0 (the tail's assembly grow
 On CUDA, tests/bench/block_bench.py then runs the same blocks in-process on the same GPU (no Ray, no
 files) and the ratio of the two block walls is the job's overhead per block; it needs CUDA, so on CPU
 it is skipped with a note.
+
+With `--standing-ray` the job runs as on a standing cluster: a Ray head (`ray start --head` on loopback,
+token auth, no dashboard) is started before the command and stopped after it, and the job joins it
+(cluster.address, output.shared): neither Ray's start nor its shutdown is in the job's time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -38,6 +44,7 @@ from pathlib import Path
 import torch
 
 from rayquant.storage.generated import GENERATED_PRESETS, write_generated_model
+from tests.ray_head import run_ray_head
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "jobs" / "specs" / "tiny-llama.yaml"
@@ -80,8 +87,9 @@ def prepare_model(preset: str, n_blocks: int, work_dir: Path, device: str) -> tu
     return target, time.perf_counter() - t
 
 
-def run_job(source: str, out: Path, args: argparse.Namespace, gpu: bool) -> JobTiming:
-    """`rayquant quantize` in a fresh process; its JSON log lines timed against the command's start."""
+def run_job(source: str, out: Path, args: argparse.Namespace, gpu: bool, env: dict[str, str] | None = None) -> JobTiming:
+    """`rayquant quantize` in a fresh process (`env` added to its environment); its JSON log lines timed
+    against the command's start."""
     sets = {
         "name": f"bench-{args.preset}", "model.source": source, "output.uri": str(out),
         "quant.bits": 4, "quant.group_size": 128, "calibration.dataset": "builtin://text",
@@ -92,7 +100,8 @@ def run_job(source: str, out: Path, args: argparse.Namespace, gpu: bool) -> JobT
     cmd = [sys.executable, "-m", "rayquant.jobs.cli", "quantize", str(SPEC),
            *(a for k, v in sets.items() for a in ("--set", f"{k}={v}")), *(a for s in args.set for a in ("--set", s))]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | (env or {}))
     events, other = [], []
     log = args.log.open("w") if args.log else None
     for line in proc.stderr:  # echoed as it comes: a full-size job runs for hours
@@ -161,6 +170,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--no-in-process", action="store_true", help="skip block_bench (a repeat on the same GPU)")
     parser.add_argument("--log", type=Path, help="keep the CLI's log lines (stderr) here")
+    parser.add_argument("--standing-ray", action="store_true",
+                        help="join a Ray head started before the command (a standing cluster) instead of embedded Ray")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     args.cpus_per_worker = args.cpus_per_worker or (4 if gpu else max(1, torch.get_num_threads() // args.workers))
@@ -177,7 +188,12 @@ def main() -> None:
               + ("reused)" if write_s is None else f"written in {write_s:.1f} s)"), flush=True)
     out = args.work_dir / "output"
     shutil.rmtree(out, ignore_errors=True)
-    job = run_job(source, out, args, gpu)
+    if args.standing_ray:
+        with run_ray_head(num_cpus=args.workers * args.cpus_per_worker, dashboard=False) as head:
+            args.set += [f"cluster.address={head.gcs_address}", "output.shared=true"]
+            job = run_job(source, out, args, gpu, env=head.env() | {"RAY_AUTH_MODE": "token"})
+    else:
+        job = run_job(source, out, args, gpu)
     walls = [b.wall for b in job.blocks]
     steady = statistics.median(walls[1:] if len(walls) > 1 else walls)
     projected = job.to_first_block + job.tail + full_blocks * steady
@@ -191,7 +207,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.preset} ({source}): {len(walls)} of {full_blocks} blocks, {args.samples} x {args.seq_len} tokens, "
           f"{args.eval_samples} eval windows, 4-bit g128, {args.workers} worker(s) x {args.cpus_per_worker} CPUs"
-          f"{' + 1 GPU' if gpu else ''}, {device}")
+          f"{' + 1 GPU' if gpu else ''}, {device}, {'a standing Ray head' if args.standing_ray else 'embedded Ray'}")
     print(f"start-up: {job.to_workers_ready:.2f} s to workers_ready, {job.to_first_block:.2f} s to block 0 ("
           + ", ".join(f"{e} {t:.2f}" for e, t in job.start_up.items()) + ")")
     stages = list(job.blocks[0].stages)

@@ -122,3 +122,39 @@ print(sorted(name for name in sys.modules if name.split(".")[0] == "matplotlib")
     proc = run_python(code, {})
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert proc.stdout.decode().strip() == "[]"
+
+
+def test_the_background_import_loads_the_picture_s_modules_and_the_bytes_stay_the_same():
+    code = """
+import sys, threading, json
+from rayquant.storage.job_records import JobReport
+from rayquant.storage.loss_plot import import_matplotlib_in_background, render_loss_ratio_png
+report = JobReport.from_json(json.load(sys.stdin))
+import_matplotlib_in_background()
+png = render_loss_ratio_png(report)  # may meet the import still under way: it waits for it
+[t.join() for t in threading.enumerate() if t.name == "import-matplotlib"]
+assert "matplotlib.figure" in sys.modules and "matplotlib.ticker" in sys.modules
+sys.stdout.buffer.write(png)
+"""
+    proc = run_python(code, {})
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout == render_loss_ratio_png(REPORT)
+
+
+def test_the_background_import_without_matplotlib_leaves_the_error_to_the_render():
+    code = """
+import sys, threading, json
+sys.modules["matplotlib"] = None
+from rayquant.storage.job_records import JobReport
+from rayquant.storage.loss_plot import MatplotlibMissing, import_matplotlib_in_background, render_loss_ratio_png
+import_matplotlib_in_background()
+[t.join() for t in threading.enumerate() if t.name == "import-matplotlib"]
+try:
+    render_loss_ratio_png(JobReport.from_json(json.load(sys.stdin)))
+except MatplotlibMissing:
+    print("missing")
+"""
+    proc = run_python(code, {})
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout.decode().strip() == "missing"
+    assert b"Traceback" not in proc.stderr
