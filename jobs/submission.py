@@ -91,9 +91,13 @@ def work_dir_of(spec: JobSpec) -> Path:
 
 
 def entrypoint(spec: JobSpec) -> str:
-    """`rayquant quantize --set name=... --set model={...} ...`: the whole spec, quoted for Ray's shell."""
+    """`exec rayquant quantize --set name=... --set model={...} ...`: the whole spec, quoted for Ray's shell.
+
+    `exec`: Ray runs the entrypoint with `sh -c` and `stop` signals the processes it finds at that moment.
+    Without it the shell forks rayquant; a stop in the instant before the fork killed only the shell, and
+    the orphaned rayquant ran the job to its end while Ray reported it STOPPED."""
     sets = [f"{section}={json.dumps(value, sort_keys=True)}" for section, value in spec.model_dump(mode="json").items()]
-    return " ".join(["rayquant", "quantize", *(f"--set {shlex.quote(item)}" for item in sets)])
+    return " ".join(["exec", "rayquant", "quantize", *(f"--set {shlex.quote(item)}" for item in sets)])
 
 
 def submit(client, spec: JobSpec, fingerprint: str, work_dir: Path) -> SubmittedJob:

@@ -111,5 +111,5 @@ def rayquant_commands() -> list[CliCommand]:
     for instruction in dockerfile.parse_file(str(DOCKERFILE)):
         if instruction.cmd.upper() == "RUN":
             lines.append((f"Dockerfile:{instruction.start_line}", shell_commands(" ".join(instruction.value))))
-    return [CliCommand(where, words[1:]) for where, commands in lines for words in commands
-            if words[0] == "rayquant"]
+    commands = [(where, words[1:] if words[0] == "exec" else words) for where, found in lines for words in found]
+    return [CliCommand(where, words[1:]) for where, words in commands if words and words[0] == "rayquant"]

@@ -84,8 +84,8 @@ def submitted(ray_head: RayHead, tmp_path_factory) -> Iterator[Submitted]:
         first = submit(TINY, set=sets, address=ray_head.address)
         with pytest.raises(JobWaitTimeout) as timed_out:
             first.wait(timeout_s=0.2, poll_s=0.1)
-        # stop it once its entrypoint runs: stopped in its first instant, Ray's supervisor can signal the shell
-        # before `rayquant` exists, which then runs on unsignalled and finishes the job (CI, 2026-12-07)
+        # stop it once its entrypoint runs: the test wants a job that ran and was stopped (a stop in its first
+        # instant used to reach only the shell, CI 2026-12-07; the entrypoint now execs rayquant)
         deadline = time.monotonic() + 60
         while '"job_starting"' not in first.logs() and time.monotonic() < deadline:
             time.sleep(0.2)

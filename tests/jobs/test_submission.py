@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from rayquant.jobs.cli import build_parser
@@ -68,6 +69,7 @@ class Jobs:
     done_out: Path
     stopped_id: str
     stopped_at: dict  # its status just before `stop`
+    stopped_parent: str  # the name of its `rayquant quantize` process's parent, while it ran
     stop: CliRun
     stopped_status: dict
     resumed: CliRun  # the stopped job's spec submitted again
@@ -105,6 +107,7 @@ def jobs(ray_head: RayHead, tmp_path_factory) -> Jobs:
     slow = ("--set", "name=tiny-stopped", "--set", "calibration.n_samples=96")
     stopped_id = _submit(env, ray_head, stopped_out, *slow).out.strip()
     stopped_at = _wait_for_a_durable_block(env, ray_head, stopped_id)
+    stopped_parent = _parent_of_quantize("tiny-stopped")
     stop = ok(cli(env, "stop", "--address", ray_head.address, stopped_id))
     stopped_status = _status(env, ray_head, stopped_id)
     done_logs = ok(cli(env, "logs", "--address", ray_head.address, "--follow", done_id))
@@ -115,9 +118,18 @@ def jobs(ray_head: RayHead, tmp_path_factory) -> Jobs:
     resumed_status = _status(env, ray_head, resumed_id)
     listed = json.loads(ok(cli(env, "list", "--address", ray_head.address, "--json")).out)
     return Jobs(done_id=done_id, done_again=done_again, done_logs=done_logs, done_status=done_status,
-                done_out=done_out, stopped_id=stopped_id, stopped_at=stopped_at, stop=stop,
+                done_out=done_out, stopped_id=stopped_id, stopped_at=stopped_at, stopped_parent=stopped_parent, stop=stop,
                 stopped_status=stopped_status, resumed=resumed, resumed_logs=resumed_logs,
                 resumed_status=resumed_status, listed=listed)
+
+
+def _parent_of_quantize(name: str) -> str:
+    """The process name of the parent of the `rayquant quantize` process running the job named `name`."""
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if "quantize" in argv and f'name="{name}"' in argv:
+            return proc.parent().name()
+    raise AssertionError(f"no rayquant quantize process runs the job {name}")
 
 
 def _events(logs: str) -> dict[str, dict]:
@@ -162,6 +174,12 @@ def test_status_of_a_running_job_comes_from_its_progress_record(jobs: Jobs):
     assert at["seconds_per_block"] > 0 and at["eta_s"] > 0
     assert at["stage"] in ("load", "plan", "collect", "reduce", "solve", "baseline", "validate", "share", "advance",
                            "eval", "handoff")
+
+
+def test_the_job_s_process_is_ray_s_own_child_not_a_shell_s(jobs: Jobs):
+    # a stop signals the processes Ray finds at that moment: a shell in between could be signalled before
+    # it forked rayquant, which then ran the job to its end as an orphan
+    assert jobs.stopped_parent not in ("sh", "dash", "bash")
 
 
 def test_stopped_job_is_stopped_and_resumes_when_submitted_again(jobs: Jobs):
@@ -233,8 +251,8 @@ def test_token_is_read_where_ray_reads_it(tmp_path: Path):
 def test_entrypoint_is_quantize_with_the_whole_resolved_spec(tmp_path: Path):
     spec = spec_for_cluster(load_spec(TINY, ["output.shared=true", "output.uri=rel/out"]), tmp_path)
     argv = shlex.split(entrypoint(spec))
-    assert argv[:2] == ["rayquant", "quantize"]
-    args = build_parser().parse_args(argv[1:])
+    assert argv[:3] == ["exec", "rayquant", "quantize"]
+    args = build_parser().parse_args(argv[2:])
     shipped = load_spec(None, args.set)
     assert shipped == spec
     assert (shipped.cluster.address, shipped.output.uri) == ("auto", str(tmp_path / "rel" / "out"))
