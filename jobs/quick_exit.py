@@ -1,11 +1,11 @@
 """Leave the process without the interpreter's teardown once the command's work is done.
 
 Python's exit unloads every module one by one after the atexit functions: with torch, transformers and
-Ray loaded that costs 1.2 s on a 2-core CPU and 1.5-2.8 s after a GPU job (tests/bench/job_bench.py's
-"exit after job_done"), time a user waits for nothing: by then the job's files are closed and fsynced and
-Ray is shut down. The atexit functions still run (weakref finalizers such as temporary directories', Ray's
-own), stdout and stderr are flushed; a thread that is not a daemon still running keeps the ordinary exit,
-which waits for it.
+Ray loaded that costs 1.2 s on a 2-core CPU and 1.2-1.5 s after an 8B job on an H100
+(tests/bench/job_bench.py's "exit after job_done"), time a user waits for nothing: by then the job's
+files are closed and fsynced and Ray is shut down. The atexit functions still run (weakref finalizers
+such as temporary directories', Ray's own), stdout and stderr are flushed; a thread that is not a daemon
+still running keeps the ordinary exit, which waits for it.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ The head runs in a session of its own, with its own temp dir, free loopback port
 inherit its environment: this interpreter's bin directory first on PATH (so `rayquant` is this
 checkout's), the session's RAYQUANT_CACHE and what the caller adds (the S3 server's credentials).
 `--metrics-export-port` is a free port of its own: the node's metrics in Prometheus text. Without the
-dashboard (`dashboard=False`: no Jobs API, as tests/bench/job_bench.py's standing cluster, whose GPU
-machine lacks the dashboard's packages) it is ready once `ray start` says so. Stopped by
+dashboard (`dashboard=False`: no Jobs API, as tests/bench/job_bench.py's standing cluster needs none) it
+is ready once `ray start` says so. Stopped by
 SIGTERM to the `ray start` process (which shuts its Ray processes down), then SIGKILL to its process
 group if any is left.
 """
