@@ -70,6 +70,7 @@ from rayquant.workers.prefetch import Prefetch
 from rayquant.workers.rank_group import PeerFailed as PeerFailed
 from rayquant.workers.rank_group import RankGroup, agree_on_errors, balance
 from rayquant.workers.stage_collect import CollectedStage, collect_stage
+from rayquant.workers.child_memo import ChildMemo
 from rayquant.workers.stage_inputs import StageInputs, once_called_children
 from rayquant.workers.stage_solve import GroupWork, SolveSettings, solve_cost, solve_groups
 from rayquant.workers.stage_strategy import OwnerStage, Reduced, RowSplitStage, stage_strategy
@@ -77,6 +78,12 @@ from rayquant.workers.stage_timing import StageClock
 from rayquant.workers.starved_experts import recollect_starved, routed_tokens, validation_samples
 
 log = structlog.get_logger()
+
+# a block's child memo stays on the GPU where a block of its structure peaked below this share of the GPU's
+# memory with the memo in host memory, the memo's bytes added; before any such block, where the memo is at most
+# MEMO_FIRST_ON_GPU_SHARE of the GPU's memory (the 8B block's 9.6 GB: yes; the 70B's 19 GB, 405B's 36 GB: no)
+MEMO_ON_GPU_SHARE = 0.85
+MEMO_FIRST_ON_GPU_SHARE = 0.15
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,9 @@ class BlockWorker:
     # true_sequential stages inside one child (attention's o, the MLP's down) run that child on its
     # recorded input instead of the whole block (workers/stage_inputs.py); False: the block forward
     stage_shortcut = True
+    # later forwards of a child (attention, the MLP) compute only its last linear, from the input its stage
+    # kept (workers/child_memo.py); False: every forward computes the whole child
+    child_memo = True
 
     def __init__(self, setup: WorkerSetup):
         self.setup = setup
@@ -154,6 +164,9 @@ class BlockWorker:
         self.rows_solved = 0  # output rows solved on this rank, for the current block
         self._groups_by_structure: dict[tuple, list[InputGroup]] = {}
         self._once_called_by_structure: dict[tuple, frozenset[str]] = {}  # children one block forward calls once
+        # per block structure, a block's peak GPU memory with its child memo in host memory, and the memo's bytes
+        self._peak_with_memo_on_host: dict[tuple, tuple[int, int]] = {}
+        self._memo: ChildMemo | None = None  # the block being quantized
         self.output: OutputTarget | None = None  # set by set_output()
         self.writer: BlockWriter | None = None  # rank 0 with an output: writes blocks in the background
         self._prefetch = Prefetch()  # this rank's share of the next block, read while this one computes
@@ -294,11 +307,18 @@ class BlockWorker:
             to_host = HostCopy(part, self.device) if self.rank == 0 and not task.replay else None
         with self.clock.timed("advance"):
             quantized = self._advance(task.block_idx, part, built)
+        memo, self._memo = self._memo, None
         if self.eval is not None:
             with self.clock.timed("eval"):
                 self.eval.advance(task.block_idx, quantized, part, source_tensors)
         peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # process peak RSS (KiB on Linux)
+        if memo is not None and memo.on_host and memo.nbytes:
+            self._peak_with_memo_on_host[memo.signature] = (peak, memo.nbytes)
+        if memo is not None:
+            log.debug("child_memo", rank=self.rank, children=memo.used(), shortcuts=memo.shortcuts(),
+                      dropped=memo.dropped(), on_host=memo.on_host, gib=round(memo.nbytes / 2**30, 3))
+            memo.release()
         log.info("block_stages_done", rank=self.rank, replay=task.replay,
                  **{k: round(v, 3) for k, v in self.clock.seconds.items()})
         with self.clock.timed("handoff"):  # waits only while the writer has a block queued already
@@ -387,15 +407,29 @@ class BlockWorker:
         stages = (sequential_stages(block, groups, self.setup.moe.hessian_tokens, self.hessian_dtype.itemsize)
                   if self.setup.true_sequential else [groups])
         once_called = self._once_called_by_structure[signature]
+        self._memo = ChildMemo(block, stages, once_called, self.device, True, enabled=self.child_memo,
+                               signature=signature)
+        self._memo.on_host = self._memo_on_host(signature, self._memo.planned_bytes(self.inputs))
         return _BlockPlan(block=block, owners=balance({g.name: solve_cost(block, g) for g in groups}, self.world),
                           stages=stages, stage_inputs=StageInputs(block, stages, once_called, self.stage_shortcut))
+
+    def _memo_on_host(self, signature: tuple, planned_bytes: int) -> bool:
+        """Whether a GPU keeps the block's child memo in host memory: unless a block of this structure peaked
+        with room for it, or, before one did, the memo is small beside the GPU's memory."""
+        if self.device.type != "cuda" or planned_bytes == 0:
+            return False
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        if signature not in self._peak_with_memo_on_host:
+            return planned_bytes > MEMO_FIRST_ON_GPU_SHARE * total
+        peak, memo_bytes = self._peak_with_memo_on_host[signature]
+        return peak + memo_bytes > MEMO_ON_GPU_SHARE * total
 
     def _collect(self, block: nn.Module, stage: list[InputGroup], stage_inputs: StageInputs,
                  stage_idx: int) -> CollectedStage:
         """This rank's Hessian sums of the stage's input groups (workers/stage_collect.py)."""
         with self.clock.timed("collect"):
             return collect_stage(block, stage, self.inputs, stage_inputs, stage_idx, self.hessian_dtype, self.device,
-                                 self.setup.validate_tokens)
+                                 self.setup.validate_tokens, self._memo)
 
     def _solve_stage(self, block_idx: int, block: nn.Module, stage: list[InputGroup],
                      strategy: OwnerStage | RowSplitStage, reduced: Reduced, samples: dict[str, torch.Tensor],
@@ -465,12 +499,20 @@ class BlockWorker:
         installed every quantized linear as `dequantized_state` rebuilds it from the packed tensors, the
         other tensors are the source's: the same module, bitwise), or, for a replayed block, the block
         built from its packed tensors as a reader would."""
-        block = built
+        block, memo = built, self._memo
         if block is None:
             part = {k: v.to(self.device) for k, v in part.items()}  # unpack on the GPU, not the host
             state = dequantized_state(part, self.layout.block_prefix(block_idx))
-            block = materialize(self.blocks[block_idx], state, self.dtype)
-        self.inputs = [inp.advanced(forward_block(block, inp)) for inp in self.inputs]
+            block, memo = materialize(self.blocks[block_idx], state, self.dtype), None
+        if memo is None:
+            self.inputs = [inp.advanced(forward_block(block, inp)) for inp in self.inputs]
+            return block
+        advanced = []
+        with memo.run(len(self.inputs)):  # attention and MLP compute their last linear only (child_memo.py)
+            for k, inp in enumerate(self.inputs):
+                with memo.micro_batch(k):
+                    advanced.append(inp.advanced(forward_block(block, inp)))
+        self.inputs = advanced
         return block
 
     def _hand_off(self, block_idx: int, to_host: HostCopy | None) -> dict[str, torch.Tensor] | None:

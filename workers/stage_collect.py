@@ -9,6 +9,7 @@ forward's dispatch to an `ExpertStageCollector` (workers/expert_collect.py), whi
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from rayquant.solver.hessian import accumulate_hessian, mirror_upper
 from rayquant.workers.adapter import BlockInput, InputGroup, forward_block
+from rayquant.workers.child_memo import ChildMemo
 from rayquant.workers.expert_collect import ExpertStageCollector, StageCollected
 from rayquant.workers.expert_padding import PADDED_DEVICES
 from rayquant.workers.moe import expert_stage
@@ -38,8 +40,9 @@ class CollectedStage:
 
 def collect_stage(block: nn.Module, stage: list[InputGroup], inputs: list[BlockInput], stage_inputs: StageInputs,
                   stage_idx: int, hessian_dtype: torch.dtype, device: torch.device,
-                  validate_tokens: int) -> CollectedStage:
-    """Forward `inputs` (or the recorded child calls) through `block` with Hessian hooks on `stage`'s groups."""
+                  validate_tokens: int, memo: ChildMemo | None = None) -> CollectedStage:
+    """Forward `inputs` (or the recorded child calls) through `block` with Hessian hooks on `stage`'s groups;
+    `memo` keeps its children's last-linear inputs and shortcuts its complete children (workers/child_memo.py)."""
     experts = expert_stage(block, stage)
     collector = None
     if experts is not None:
@@ -56,17 +59,22 @@ def collect_stage(block: nn.Module, stage: list[InputGroup], inputs: list[BlockI
                   for g in stage},
             tokens={g.name: 0 for g in stage}, samples={})
         hooks = [_hessian_hook(block, g, out, validate_tokens, last=g is stage[-1]) for g in stage]
+    if memo is not None:
+        hooks += memo.keep_hooks(stage_idx)
     replay = stage_inputs.recorded(stage_idx, len(inputs))
     if replay is None:
         hooks += stage_inputs.record(stage_idx)  # for the next stage, if it lies in the same child
     try:
-        if replay is not None:
-            child, calls = replay
-            for call in calls:
-                _until_collected(child, *call.args, **call.kwargs)
-        else:
-            for inp in inputs:
-                _until_collected(forward_block, block, inp)
+        with memo.run(len(inputs)) if memo is not None else contextlib.nullcontext():
+            if replay is not None:
+                child, calls = replay
+                for k, call in enumerate(calls):
+                    with _micro_batch(memo, k):
+                        _until_collected(child, *call.args, **call.kwargs)
+            else:
+                for k, inp in enumerate(inputs):
+                    with _micro_batch(memo, k):
+                        _until_collected(forward_block, block, inp)
     finally:
         for h in hooks:
             h.remove()
@@ -99,3 +107,7 @@ def _until_collected(fn, *args, **kwargs) -> None:
         fn(*args, **kwargs)
     except (_StageCollected, StageCollected):
         pass
+
+
+def _micro_batch(memo: ChildMemo | None, index: int):
+    return memo.micro_batch(index) if memo is not None else contextlib.nullcontext()

@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--no-stage-shortcut", action="store_true",
                         help="every true_sequential stage runs the block forward (workers/stage_inputs.py off)")
+    parser.add_argument("--no-child-memo", action="store_true",
+                        help="later forwards compute whole children (workers/child_memo.py off)")
     parser.add_argument("--eval-samples", type=int, default=0, help="held-out windows flowing fp and quantized")
     parser.add_argument("--profile", action="store_true", help="print the last block's top GPU kernels")
     parser.add_argument("--hessian-tokens", choices=("all", "routed"), default=MoEConfig().hessian_tokens,
@@ -98,6 +100,7 @@ def main() -> None:
     eval_samples = torch.randint(2, 1024, (args.eval_samples, args.seq_len), generator=gen)
     worker = BaselineTimedWorker(setup, run_baseline=False)
     worker.stage_shortcut = not args.no_stage_shortcut
+    worker.child_memo = not args.no_child_memo
     t = time.perf_counter()
     n_blocks = worker.start(worker.rendezvous_address(), samples, eval_samples)
     torch.cuda.synchronize()

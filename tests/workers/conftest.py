@@ -1,7 +1,10 @@
+import logging
 from collections.abc import Iterator
 
 import pytest
+import structlog
 import torch
+from structlog.testing import capture_logs
 
 
 @pytest.fixture(autouse=True)
@@ -11,3 +14,15 @@ def torch_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def debug_logs():
+    """Debug events reach capture_logs even after another test configured the CLI's info filter."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(**saved)

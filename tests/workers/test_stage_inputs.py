@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import structlog
 import torch
-from structlog.testing import capture_logs
 from torch import nn
 
 from rayquant.solver.gptq import GPTQConfig
@@ -57,18 +54,6 @@ def _run_blocks(preset: str, shortcut: bool, device: str, blocks: int) -> tuple[
     finally:
         worker.stop()
     return worker, results
-
-
-@pytest.fixture
-def debug_logs():
-    """Debug events reach capture_logs even after another test configured the CLI's info filter."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with capture_logs() as logs:
-            yield logs
-    finally:
-        structlog.configure(**saved)
 
 
 # per family and block, the stages (first input group) that must run on a child's recorded calls, and
