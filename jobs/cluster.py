@@ -8,6 +8,7 @@ actors only when the job asks for no runtime environment (one second of start-up
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -210,8 +211,25 @@ def _last_cluster_address() -> str | None:
 
 
 def disconnect(cluster: Cluster) -> None:
+    """Leave the cluster; an embedded one is shut down."""
     if cluster.owns_ray:
+        if cluster.loopback:
+            _kill_autoscaler_monitor()
         ray.shutdown()
+
+
+def _kill_autoscaler_monitor() -> None:
+    """Embedded Ray's autoscaler monitor outlives the SIGTERM of Ray's shutdown, which waits its whole second
+    of grace for it before a SIGKILL (1.02 s of a 1.4 s shutdown on the 2-core CPU machine; the 8B job's exit
+    after job_done took 1.1 s longer embedded than on a standing head on an H100). Nothing of an embedded
+    cluster scales: the monitor gets its SIGKILL first, and Ray's shutdown reaps it."""
+    from ray._private import ray_constants
+    from ray._private import worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    for info in getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
+        if info.process.poll() is None:
+            info.process.kill()
 
 
 # the worker class a job runs, by name: the driver creates the actors before it has imported torch
@@ -247,7 +265,9 @@ class WorkerHost:
         """Build the worker and join the job's process group at `rendezvous`: everything the worker
         can do before the calibration windows arrive. Returns what the worker's join returns."""
         self.worker = self._class(setup)
-        return self.worker.join(rendezvous)
+        joined = self.worker.join(rendezvous)
+        freeze_startup_objects()
+        return joined
 
     def call(self, method: str, *args: Any) -> Any:
         """worker.<method>(*args) in this process; the driver's one way into the worker."""
@@ -255,6 +275,15 @@ class WorkerHost:
 
     def current_stage(self) -> tuple[int | None, str]:
         return self.worker.current_stage() if self.worker is not None else (None, "starting")
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now (the imports' modules, classes and functions: ~0.4 M objects) out of the
+    garbage collector's reach. A full collection walks them all, 0.2 s on the 2-core CPU machine, and one
+    fell inside a block at a varying point of the job (a block 16-52 % over its stage sum, once per run on
+    the 8B job on an H100); frozen objects are never walked again. Objects made later are collected as
+    before."""
+    gc.freeze()
 
 
 def _process_age() -> float | None:

@@ -26,7 +26,7 @@ import structlog
 import torch
 
 from rayquant.jobs.cluster import (WORKER_CLASS, Cluster, WorkerDied, connect, create_workers, current_stage, disconnect,
-                                   replace_workers, wait_all)
+                                   freeze_startup_objects, replace_workers, wait_all)
 from rayquant.jobs.input_errors import INPUT_ERRORS
 from rayquant.jobs.loader_compat import loader_warnings
 from rayquant.jobs.logs import stderr_is_terminal
@@ -351,6 +351,7 @@ def _quantize_with_recovery(spec: JobSpec, job_id: str, crew: _Crew, cluster: Cl
                     if publisher is not None:
                         publisher.on_uploaded = progress.uploaded
                     import_matplotlib_in_background()  # the finish draws the model card's picture
+                    freeze_startup_objects()  # no full garbage collection walks the imports during the blocks
                     t_blocks = time.perf_counter()
                 else:
                     progress.rewind()
