@@ -70,7 +70,7 @@ from rayquant.workers.prefetch import Prefetch
 from rayquant.workers.rank_group import PeerFailed as PeerFailed
 from rayquant.workers.rank_group import RankGroup, agree_on_errors, balance
 from rayquant.workers.stage_collect import CollectedStage, collect_stage
-from rayquant.workers.child_memo import ChildMemo
+from rayquant.workers.child_memo import ChildMemo, GpuRoom, available_host_memory, memo_placement
 from rayquant.workers.stage_inputs import StageInputs, once_called_children
 from rayquant.workers.stage_solve import GroupWork, SolveSettings, solve_cost, solve_groups
 from rayquant.workers.stage_strategy import OwnerStage, Reduced, RowSplitStage, stage_strategy
@@ -78,12 +78,6 @@ from rayquant.workers.stage_timing import StageClock
 from rayquant.workers.starved_experts import recollect_starved, routed_tokens, validation_samples
 
 log = structlog.get_logger()
-
-# a block's child memo stays on the GPU where a block of its structure peaked below this share of the GPU's
-# memory with the memo in host memory, the memo's bytes added; before any such block, where the memo is at most
-# MEMO_FIRST_ON_GPU_SHARE of the GPU's memory (the 8B block's 9.6 GB: yes; the 70B's 19 GB, 405B's 36 GB: no)
-MEMO_ON_GPU_SHARE = 0.85
-MEMO_FIRST_ON_GPU_SHARE = 0.15
 
 
 @dataclass(frozen=True)
@@ -407,22 +401,18 @@ class BlockWorker:
         stages = (sequential_stages(block, groups, self.setup.moe.hessian_tokens, self.hessian_dtype.itemsize)
                   if self.setup.true_sequential else [groups])
         once_called = self._once_called_by_structure[signature]
-        self._memo = ChildMemo(block, stages, once_called, self.device, True, enabled=self.child_memo,
-                               signature=signature)
-        self._memo.on_host = self._memo_on_host(signature, self._memo.planned_bytes(self.inputs))
+        self._memo = ChildMemo(block, stages, once_called, self.device, enabled=self.child_memo, signature=signature)
+        self._memo.place(self._memo_placement(signature, self._memo.planned_bytes(self.inputs)))
         return _BlockPlan(block=block, owners=balance({g.name: solve_cost(block, g) for g in groups}, self.world),
                           stages=stages, stage_inputs=StageInputs(block, stages, once_called, self.stage_shortcut))
 
-    def _memo_on_host(self, signature: tuple, planned_bytes: int) -> bool:
-        """Whether a GPU keeps the block's child memo in host memory: unless a block of this structure peaked
-        with room for it, or, before one did, the memo is small beside the GPU's memory."""
-        if self.device.type != "cuda" or planned_bytes == 0:
-            return False
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        if signature not in self._peak_with_memo_on_host:
-            return planned_bytes > MEMO_FIRST_ON_GPU_SHARE * total
-        peak, memo_bytes = self._peak_with_memo_on_host[signature]
-        return peak + memo_bytes > MEMO_ON_GPU_SHARE * total
+    def _memo_placement(self, signature: tuple, planned_bytes: int) -> str | None:
+        """Where the block's child memo lives (workers/child_memo.memo_placement): "device", "host" or None."""
+        gpu = None
+        if self.device.type == "cuda":
+            gpu = GpuRoom(total=torch.cuda.get_device_properties(self.device).total_memory,
+                          peak_with_memo_on_host=self._peak_with_memo_on_host.get(signature))
+        return memo_placement(planned_bytes, gpu, available_host_memory())
 
     def _collect(self, block: nn.Module, stage: list[InputGroup], stage_inputs: StageInputs,
                  stage_idx: int) -> CollectedStage:

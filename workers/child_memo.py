@@ -22,6 +22,7 @@ the down projection's solve).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,14 +62,22 @@ class ChildMemo:
     n micro-batches (a stage's collect or the advance) with `micro_batch(k)` around each forward."""
 
     def __init__(self, block: nn.Module, stages: list[list[InputGroup]], once_called: frozenset[str],
-                 device: torch.device, on_host: bool, enabled: bool = True, signature: tuple = ()):
+                 device: torch.device, enabled: bool = True, signature: tuple = ()):
         self.block, self.device = block, device
-        self.on_host = on_host and device.type == "cuda"  # else on the device (set before the first keep)
+        self.on_host = False  # pinned host memory (a GPU's memo, `place`); else the device's
         self.signature = signature  # the block's structure (the worker's placement choice is per structure)
         self.children = _memo_children(block, stages, once_called) if enabled else []
         self.index: int | None = None  # the micro-batch being forwarded inside a pass
         self.n_micro_batches = 0
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and self.children else None
+        self.stream: torch.cuda.Stream | None = None  # host placement: the copies out and back
+
+    def place(self, where: str | None) -> None:
+        """Before the first keep: "device", "host" (CUDA only) or None (no memo), as `memo_placement` says."""
+        if where is None:
+            self.children = []
+        self.on_host = where == "host" and self.device.type == "cuda" and bool(self.children)
+        if self.on_host:
+            self.stream = torch.cuda.Stream(self.device)
 
     def planned_bytes(self, inputs: list) -> int:
         """What the memo will keep for these micro-batches (BlockInputs): every token's input of every Lc."""
@@ -213,6 +222,52 @@ class ChildMemo:
         current.wait_event(done)
         x.record_stream(current)
         return x
+
+
+# the memo stays on the GPU where a block of its structure peaked below this share of the GPU's memory with
+# the memo in host memory, the memo's bytes added; before any such block, where the memo is at most
+# FIRST_ON_GPU_SHARE of it (the 8B block's 9.6 GB: yes; the 70B's 19 GB, the 405B's 36 GB: no)
+ON_GPU_SHARE = 0.85
+FIRST_ON_GPU_SHARE = 0.15
+# host memory (pinned for a GPU, the compute memory of a CPU worker) a memo may take, of what is available
+# when the block is planned: past it the block runs without one (a CPU worker's 8B memo would be 15 GB)
+HOST_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class GpuRoom:
+    total: int  # the GPU's memory
+    peak_with_memo_on_host: tuple[int, int] | None  # an earlier block of this structure: (its peak, its memo's bytes)
+
+
+def memo_placement(planned_bytes: int, gpu: GpuRoom | None, host_available: int) -> str | None:
+    """"device" (a CPU worker's memory, or the GPU where it has room), "host" (pinned, a GPU worker's) or
+    None (no memo: it would take too much of the host's available memory)."""
+    if planned_bytes == 0:
+        return "device"
+    if gpu is not None:
+        if gpu.peak_with_memo_on_host is None:
+            on_gpu = planned_bytes <= FIRST_ON_GPU_SHARE * gpu.total
+        else:
+            peak, memo_bytes = gpu.peak_with_memo_on_host
+            on_gpu = peak + memo_bytes <= ON_GPU_SHARE * gpu.total
+        if on_gpu:
+            return "device"
+    if planned_bytes > HOST_SHARE * host_available:
+        return None
+    return "host" if gpu is not None else "device"
+
+
+def available_host_memory() -> int:
+    """MemAvailable of /proc/meminfo (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _memo_children(block: nn.Module, stages: list[list[InputGroup]], once_called: frozenset[str]) -> list[_Child]:

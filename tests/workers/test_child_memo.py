@@ -12,7 +12,7 @@ from torch import nn
 from rayquant.solver.gptq import GPTQConfig
 from rayquant.workers.adapter import BlockInput, InputGroup
 from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
-from rayquant.workers.child_memo import ChildMemo
+from rayquant.workers.child_memo import ChildMemo, GpuRoom, memo_placement
 from rayquant.workers.stage_inputs import once_called_children
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -29,8 +29,10 @@ class _Worker(BlockWorker):
         super().__init__(setup)
         self.child_memo, self.on_host = memo, on_host
 
-    def _memo_on_host(self, signature: tuple, planned_bytes: int) -> bool:
-        return super()._memo_on_host(signature, planned_bytes) if self.on_host is None else self.on_host
+    def _memo_placement(self, signature: tuple, planned_bytes: int) -> str | None:
+        if self.on_host is None:
+            return super()._memo_placement(signature, planned_bytes)
+        return "host" if self.on_host else "device"
 
 
 def _run_blocks(preset: str, memo: bool, device: str, on_host: bool | None = None, blocks: int = 2):
@@ -122,8 +124,7 @@ def test_a_child_whose_output_reads_another_linear_directly_loses_its_memo(leak)
     torch.manual_seed(0)
     block = _Block(leak)
     xs = [torch.randn(2, 3, 8) for _ in range(3)]
-    memo = ChildMemo(block, STAGES, once_called_children(block, BlockInput(xs[0], ({},))), torch.device("cpu"),
-                     on_host=False)
+    memo = ChildMemo(block, STAGES, once_called_children(block, BlockInput(xs[0], ({},))), torch.device("cpu"))
     assert [c.name for c in memo.children] == ["attn"]
     hooks = memo.keep_hooks(1)  # stage 1 (o) collects: the keep
     with memo.run(len(xs)):
@@ -147,3 +148,20 @@ def test_a_child_whose_output_reads_another_linear_directly_loses_its_memo(leak)
     # the memo, v(x) in full without
     assert len(v_outputs) == 4
     assert (not v_outputs[2].any() and not v_outputs[3].any()) == (not leak)
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("planned, gpu, host, where", [
+    (0, None, 0, "device"),  # nothing to keep
+    (3 * GIB, None, 20 * GIB, "device"),  # a CPU worker keeps it in its own memory
+    (15 * GIB, None, 20 * GIB, None),  # the CPU 8B's memo would take most of the host: none
+    (9.6 * GIB, GpuRoom(80 * GIB, None), 100 * GIB, "device"),  # the 8B's first block: small beside the GPU
+    (36.5 * GIB, GpuRoom(80 * GIB, None), 100 * GIB, "host"),  # the 405B's first block
+    (36.5 * GIB, GpuRoom(80 * GIB, (72.3 * GIB, 36.5 * GIB)), 100 * GIB, "host"),  # its peak left no room
+    (19.3 * GIB, GpuRoom(80 * GIB, (30 * GIB, 19.3 * GIB)), 100 * GIB, "device"),  # a 70B-like block's did
+    (36.5 * GIB, GpuRoom(80 * GIB, (72.3 * GIB, 36.5 * GIB)), 60 * GIB, None),  # no room on either
+])
+def test_the_memo_goes_where_it_fits(planned, gpu, host, where):
+    assert memo_placement(int(planned), gpu, int(host)) == where
