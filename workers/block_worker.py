@@ -57,6 +57,7 @@ from rayquant.workers.layer_overrides import LayerOverride, layer_config
 from rayquant.workers.moe import (
     MoEConfig,
     expert_of,
+    routed_experts,
     reset_routed_tokens,
     sequential_stages,
     set_calibration,
@@ -402,16 +403,17 @@ class BlockWorker:
                   if self.setup.true_sequential else [groups])
         once_called = self._once_called_by_structure[signature]
         self._memo = ChildMemo(block, stages, once_called, self.device, enabled=self.child_memo, signature=signature)
-        self._memo.place(self._memo_placement(signature, self._memo.planned_bytes(self.inputs)))
+        self._memo.place(self._memo_placement(block, signature, self._memo.planned_bytes(self.inputs)))
         return _BlockPlan(block=block, owners=balance({g.name: solve_cost(block, g) for g in groups}, self.world),
                           stages=stages, stage_inputs=StageInputs(block, stages, once_called, self.stage_shortcut))
 
-    def _memo_placement(self, signature: tuple, planned_bytes: int) -> str | None:
+    def _memo_placement(self, block: nn.Module, signature: tuple, planned_bytes: int) -> str | None:
         """Where the block's child memo lives (workers/child_memo.memo_placement): "device", "host" or None."""
         gpu = None
         if self.device.type == "cuda":
             gpu = GpuRoom(total=torch.cuda.get_device_properties(self.device).total_memory,
-                          peak_with_memo_on_host=self._peak_with_memo_on_host.get(signature))
+                          peak_with_memo_on_host=self._peak_with_memo_on_host.get(signature),
+                          moe=bool(routed_experts(block)))
         return memo_placement(planned_bytes, gpu, available_host_memory())
 
     def _collect(self, block: nn.Module, stage: list[InputGroup], stage_inputs: StageInputs,

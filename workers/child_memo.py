@@ -226,7 +226,8 @@ class ChildMemo:
 
 # the memo stays on the GPU where a block of its structure peaked below this share of the GPU's memory with
 # the memo in host memory, the memo's bytes added; before any such block, where the memo is at most
-# FIRST_ON_GPU_SHARE of it (the 8B block's 9.6 GB: yes; the 70B's 19 GB, the 405B's 36 GB: no)
+# FIRST_ON_GPU_SHARE of it (the 8B block's 9.6 GB: yes; the 70B's 19 GB, the 405B's 36 GB: no) and the block
+# has no routed experts (their Hessians and padded batches make an MoE block's peak hard to foresee)
 ON_GPU_SHARE = 0.85
 FIRST_ON_GPU_SHARE = 0.15
 # host memory (pinned for a GPU, the compute memory of a CPU worker) a memo may take, of what is available
@@ -238,6 +239,7 @@ HOST_SHARE = 0.5
 class GpuRoom:
     total: int  # the GPU's memory
     peak_with_memo_on_host: tuple[int, int] | None  # an earlier block of this structure: (its peak, its memo's bytes)
+    moe: bool = False  # the block holds routed experts
 
 
 def memo_placement(planned_bytes: int, gpu: GpuRoom | None, host_available: int) -> str | None:
@@ -247,7 +249,7 @@ def memo_placement(planned_bytes: int, gpu: GpuRoom | None, host_available: int)
         return "device"
     if gpu is not None:
         if gpu.peak_with_memo_on_host is None:
-            on_gpu = planned_bytes <= FIRST_ON_GPU_SHARE * gpu.total
+            on_gpu = not gpu.moe and planned_bytes <= FIRST_ON_GPU_SHARE * gpu.total
         else:
             peak, memo_bytes = gpu.peak_with_memo_on_host
             on_gpu = peak + memo_bytes <= ON_GPU_SHARE * gpu.total

@@ -29,9 +29,9 @@ class _Worker(BlockWorker):
         super().__init__(setup)
         self.child_memo, self.on_host = memo, on_host
 
-    def _memo_placement(self, signature: tuple, planned_bytes: int) -> str | None:
+    def _memo_placement(self, block: nn.Module, signature: tuple, planned_bytes: int) -> str | None:
         if self.on_host is None:
-            return super()._memo_placement(signature, planned_bytes)
+            return super()._memo_placement(block, signature, planned_bytes)
         return "host" if self.on_host else "device"
 
 
@@ -159,6 +159,7 @@ GIB = 2**30
     (15 * GIB, None, 20 * GIB, None),  # the CPU 8B's memo would take most of the host: none
     (9.6 * GIB, GpuRoom(80 * GIB, None), 100 * GIB, "device"),  # the 8B's first block: small beside the GPU
     (36.5 * GIB, GpuRoom(80 * GIB, None), 100 * GIB, "host"),  # the 405B's first block
+    (8.6 * GIB, GpuRoom(80 * GIB, None, moe=True), 100 * GIB, "host"),  # DeepSeek-V3's first MoE block
     (36.5 * GIB, GpuRoom(80 * GIB, (72.3 * GIB, 36.5 * GIB)), 100 * GIB, "host"),  # its peak left no room
     (19.3 * GIB, GpuRoom(80 * GIB, (30 * GIB, 19.3 * GIB)), 100 * GIB, "device"),  # a 70B-like block's did
     (36.5 * GIB, GpuRoom(80 * GIB, (72.3 * GIB, 36.5 * GIB)), 60 * GIB, None),  # no room on either
