@@ -46,6 +46,8 @@ from rayquant.workers.adapter import (
 from rayquant.workers.block_load import broadcast_block, read_share
 from rayquant.workers import failpoints
 from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
+from rayquant.workers.child_memo import (ChildMemo, GpuRoom, available_host_memory, memo_micro_batch, memo_pass,
+                                         memo_placement)
 from rayquant.workers.collectives import free_tcp_address, join_process_group
 from rayquant.workers.cuda_allocator import configure_cuda_allocator
 from rayquant.workers.host_copy import HostCopy
@@ -71,7 +73,6 @@ from rayquant.workers.prefetch import Prefetch
 from rayquant.workers.rank_group import PeerFailed as PeerFailed
 from rayquant.workers.rank_group import RankGroup, agree_on_errors, balance
 from rayquant.workers.stage_collect import CollectedStage, collect_stage
-from rayquant.workers.child_memo import ChildMemo, GpuRoom, available_host_memory, memo_placement
 from rayquant.workers.stage_inputs import StageInputs, once_called_children
 from rayquant.workers.stage_solve import GroupWork, SolveSettings, solve_cost, solve_groups
 from rayquant.workers.stage_strategy import OwnerStage, Reduced, RowSplitStage, stage_strategy
@@ -496,13 +497,10 @@ class BlockWorker:
             part = {k: v.to(self.device) for k, v in part.items()}  # unpack on the GPU, not the host
             state = dequantized_state(part, self.layout.block_prefix(block_idx))
             block, memo = materialize(self.blocks[block_idx], state, self.dtype), None
-        if memo is None:
-            self.inputs = [inp.advanced(forward_block(block, inp)) for inp in self.inputs]
-            return block
         advanced = []
-        with memo.run(len(self.inputs)):  # attention and MLP compute their last linear only (child_memo.py)
+        with memo_pass(memo, len(self.inputs)):  # attention and MLP compute their last linear only (child_memo.py)
             for k, inp in enumerate(self.inputs):
-                with memo.micro_batch(k):
+                with memo_micro_batch(memo, k):
                     advanced.append(inp.advanced(forward_block(block, inp)))
         self.inputs = advanced
         return block

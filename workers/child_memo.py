@@ -272,6 +272,16 @@ def available_host_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def memo_pass(memo: ChildMemo | None, n_micro_batches: int) -> contextlib.AbstractContextManager:
+    """`memo.run`, or nothing where a pass has no memo (a replayed block, child_memo off)."""
+    return memo.run(n_micro_batches) if memo is not None else contextlib.nullcontext()
+
+
+def memo_micro_batch(memo: ChildMemo | None, index: int) -> contextlib.AbstractContextManager:
+    """`memo.micro_batch`, or nothing where a pass has no memo."""
+    return memo.micro_batch(index) if memo is not None else contextlib.nullcontext()
+
+
 def _memo_children(block: nn.Module, stages: list[list[InputGroup]], once_called: frozenset[str]) -> list[_Child]:
     """Children called once per block forward, holding two or more stages of their own, the last of them one
     linear, with every quantizable linear inside them in those stages and no routed experts (their routing

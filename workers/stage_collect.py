@@ -9,7 +9,6 @@ forward's dispatch to an `ExpertStageCollector` (workers/expert_collect.py), whi
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from rayquant.solver.hessian import accumulate_hessian, mirror_upper
 from rayquant.workers.adapter import BlockInput, InputGroup, forward_block
-from rayquant.workers.child_memo import ChildMemo
+from rayquant.workers.child_memo import ChildMemo, memo_micro_batch, memo_pass
 from rayquant.workers.expert_collect import ExpertStageCollector, StageCollected
 from rayquant.workers.expert_padding import PADDED_DEVICES
 from rayquant.workers.moe import expert_stage
@@ -65,15 +64,15 @@ def collect_stage(block: nn.Module, stage: list[InputGroup], inputs: list[BlockI
     if replay is None:
         hooks += stage_inputs.record(stage_idx)  # for the next stage, if it lies in the same child
     try:
-        with memo.run(len(inputs)) if memo is not None else contextlib.nullcontext():
+        with memo_pass(memo, len(inputs)):
             if replay is not None:
                 child, calls = replay
                 for k, call in enumerate(calls):
-                    with _micro_batch(memo, k):
+                    with memo_micro_batch(memo, k):
                         _until_collected(child, *call.args, **call.kwargs)
             else:
                 for k, inp in enumerate(inputs):
-                    with _micro_batch(memo, k):
+                    with memo_micro_batch(memo, k):
                         _until_collected(forward_block, block, inp)
     finally:
         for h in hooks:
@@ -108,6 +107,3 @@ def _until_collected(fn, *args, **kwargs) -> None:
     except (_StageCollected, StageCollected):
         pass
 
-
-def _micro_batch(memo: ChildMemo | None, index: int):
-    return memo.micro_batch(index) if memo is not None else contextlib.nullcontext()
