@@ -12,7 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rayquant.workers.prefetch_placement import prefetch_placement
+
 GIB = 2**30
+GPU_BYTES = int(79.2 * GIB)  # one H100 80GB as torch reports it: the GPU a worker's memory is planned against
 
 # what one worker process costs before any block: Python, torch and transformers imported, the Ray worker.
 # Measured here as the peak RSS of a tiny-llama job's CPU worker (run-stats.json): 535 MiB with its tiny block.
@@ -119,7 +122,7 @@ class MemoryEstimate:
     """Bytes one worker holds at once on its compute device while a block runs (rank 0, the largest share)."""
 
     embeddings: int  # the embedding stage, kept for the whole job
-    weights: int  # the block, its dequantized copy for the advance, eval copies, the next block's prefetched share
+    weights: int  # the block, its packed tensors, the rtn eval copy, the next block's share prefetched onto the device
     hessians: int  # Σxᵀx of the stage's input groups (the largest stage)
     solver: int  # the largest group's solve: two K×K fp32 factors and its stacked weights and codes in fp32
     activations: int  # this worker's calibration windows at the block's input and output
@@ -163,7 +166,12 @@ def device_memory(block: BlockShape, job: JobShape) -> MemoryEstimate:
     """What one worker holds while the block's largest stage is solved."""
     cb, w = job.compute_bytes, job.workers
     eval_on = job.eval_samples > 0
-    copies = 2 + eval_on + job.eval_rtn  # quantized block + advanced block, the fp and rtn streams' blocks
+    # the block once (each linear's source weight is freed as its quantized copy is installed; the fp eval
+    # stream's block is the source's), the rtn stream's rounded copy, the packed tensors; the next block's
+    # share where the worker prefetches it onto the device (workers/prefetch_placement.py)
+    copies = 1 + job.eval_rtn
+    share = block.source_bytes // w
+    prefetched = share if prefetch_placement(share, GPU_BYTES if job.gpu else None, 2**63) == "device" else 0
     solver = 0
     for stage in block.stages:
         split = stage.row_split(w)
@@ -173,7 +181,7 @@ def device_memory(block: BlockShape, job: JobShape) -> MemoryEstimate:
     window = job.seq_len * block.hidden * cb
     return MemoryEstimate(
         embeddings=job.embedding_weights * cb,
-        weights=block.weights * cb * copies + block.source_bytes // w,
+        weights=block.weights * cb * copies + block.packed_bytes + prefetched,
         hessians=max((sum(k * k for k in s.hessian_widths) * job.hessian_bytes for s in block.stages), default=0),
         solver=solver,
         activations=samples_per_worker(job.n_samples, w) * window * 2,

@@ -13,11 +13,25 @@ from rayquant.storage.safetensors_reader import DTYPES, TensorInfo
 from rayquant.workers.rank_group import RankGroup, balance
 
 
-def read_share(group: RankGroup, source: ModelSource, prefix: str) -> dict[str, torch.Tensor]:
-    """This rank's 1/W of the tensors under `prefix` (one block's), on its device."""
+def read_share(group: RankGroup, source: ModelSource, prefix: str, pinned: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's 1/W of the tensors under `prefix` (one block's), on its device; `pinned` (a GPU worker's
+    prefetch): each tensor, read and checked on the GPU one at a time, goes on to pinned host memory."""
     _, readers = _readers(group, source, prefix)
-    return {name: read_source_tensor(source, name, group.device)
-            for name, reader in readers.items() if reader == group.rank}
+    out = {}
+    for name, reader in readers.items():
+        if reader == group.rank:
+            tensor = read_source_tensor(source, name, group.device)
+            if pinned and tensor.is_cuda:
+                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                tensor = host.copy_(tensor, non_blocking=True)  # the host allocator keeps `host` until copied
+            out[name] = tensor
+    return out
+
+
+def share_bytes(group: RankGroup, source: ModelSource, prefix: str) -> int:
+    """Bytes of this rank's share of the tensors under `prefix` (what read_share reads)."""
+    infos, readers = _readers(group, source, prefix)
+    return sum(infos[name].nbytes for name, reader in readers.items() if reader == group.rank)
 
 
 def broadcast_block(group: RankGroup, source: ModelSource, prefix: str,

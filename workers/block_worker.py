@@ -43,14 +43,14 @@ from rayquant.workers.adapter import (
     materialize_embedding_stage,
     move_buffers,
 )
-from rayquant.workers.block_load import broadcast_block, read_share
+from rayquant.workers.block_load import broadcast_block, read_share, share_bytes
 from rayquant.workers import failpoints
 from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
-from rayquant.workers.child_memo import (ChildMemo, GpuRoom, available_host_memory, memo_micro_batch, memo_pass,
-                                         memo_placement)
+from rayquant.workers.child_memo import ChildMemo, GpuRoom, memo_micro_batch, memo_pass, memo_placement
 from rayquant.workers.collectives import free_tcp_address, join_process_group
 from rayquant.workers.cuda_allocator import configure_cuda_allocator
 from rayquant.workers.host_copy import HostCopy
+from rayquant.workers.host_memory import available_host_memory
 from rayquant.workers.in_pass_eval import EvalStreams
 from rayquant.workers.out_of_memory import names_out_of_memory
 from rayquant.workers import kernel_warmup
@@ -67,8 +67,10 @@ from rayquant.workers.moe import (
     unfuse_experts,
 )
 from rayquant.workers.output_plan import plan_output
-from rayquant.workers.packed_block import dequantized_state, install, packed_part
+from rayquant.workers.packed_block import (dequantized_state, install, packed_linears, packed_part,
+                                          release_source_weights)
 from rayquant.workers.prefetch import Prefetch
+from rayquant.workers.prefetch_placement import prefetch_placement
 # PeerFailed is raised by agree_on_errors; the driver imports it from here
 from rayquant.workers.rank_group import PeerFailed as PeerFailed
 from rayquant.workers.rank_group import RankGroup, agree_on_errors, balance
@@ -293,10 +295,12 @@ class BlockWorker:
             with self.clock.timed("load"):
                 source_tensors = self._load(task.block_idx)
             if task.block_idx + 1 < self.layout.n_blocks:
-                self._prefetch.start(task.block_idx + 1, self._read_share, self.device)
+                self._start_prefetch(task.block_idx + 1)
         if task.replay:
             part, layers, built = read_durable_block(self.output, task.block_idx), [], None
-        else:
+            self._advance_reference_eval(task.block_idx, source_tensors,
+                                         packed_linears(part, self.layout.block_prefix(task.block_idx)))
+        else:  # moves the reference eval streams first: its stages free the source weights
             part, layers, built = self._quantize(task.block_idx, source_tensors)
         # rank 0 copies the block to host memory for the writer; the copy overlaps the advance
         with self.clock.timed("handoff"):
@@ -306,7 +310,7 @@ class BlockWorker:
         memo, self._memo = self._memo, None
         if self.eval is not None:
             with self.clock.timed("eval"):
-                self.eval.advance(task.block_idx, quantized, part, source_tensors)
+                self.eval.advance_quantized(quantized)
         peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # process peak RSS (KiB on Linux)
         if memo is not None and memo.on_host and memo.nbytes:
@@ -351,8 +355,18 @@ class BlockWorker:
             mine = self._prefetch.take(block_idx) or self._read_share(block_idx)
         return broadcast_block(self.group, self.source, self.layout.block_prefix(block_idx), mine)
 
-    def _read_share(self, block_idx: int) -> dict[str, torch.Tensor]:
-        return read_share(self.group, self.source, self.layout.block_prefix(block_idx))
+    def _read_share(self, block_idx: int, pinned: bool = False) -> dict[str, torch.Tensor]:
+        return read_share(self.group, self.source, self.layout.block_prefix(block_idx), pinned)
+
+    def _start_prefetch(self, block_idx: int) -> None:
+        """Read this rank's share of block_idx in the background: onto the GPU, or into pinned host memory where
+        it would crowd the block computing now (workers/prefetch_placement.py), or not at all."""
+        nbytes = share_bytes(self.group, self.source, self.layout.block_prefix(block_idx))
+        gpu = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        where = prefetch_placement(nbytes, gpu, available_host_memory())
+        log.debug("prefetch", rank=self.rank, next_block=block_idx, where=where, gib=round(nbytes / 2**30, 3))
+        if where is not None:
+            self._prefetch.start(block_idx, lambda b: self._read_share(b, pinned=where == "host"), self.device)
 
     def _quantize(self, block_idx: int, source: dict[str, torch.Tensor]) -> tuple[
             dict[str, torch.Tensor], list[LayerReport], nn.Module]:
@@ -362,6 +376,10 @@ class BlockWorker:
         with self.clock.timed("plan"):
             plan = self._plan(block_idx, source)
         block, packed, layers = plan.block, {}, []
+        prefix = self.layout.block_prefix(block_idx)
+        self._advance_reference_eval(block_idx, source, {lin for stage in plan.stages for g in stage
+                                                          for linears, _ in self._configs_of(block_idx, g)
+                                                          for lin in linears})
         all_tokens = self.setup.moe.hessian_tokens == "all"
         for i, stage in enumerate(plan.stages):
             # hessian_tokens=all: all tokens through all experts only where an expert's Hessian is collected
@@ -381,12 +399,20 @@ class BlockWorker:
             with agree_on_errors(self.group):
                 mine = self._solve_stage(block_idx, block, stage, strategy, reduced, samples, routed)
             with self.clock.timed("share"):
-                packed |= self._share_stage(block_idx, block, stage, strategy, mine)
+                installed = self._share_stage(block_idx, block, stage, strategy, mine)
+                release_source_weights(source, prefix, installed)  # the block holds their quantized copies
+                packed |= installed
                 layers += strategy.layer_reports()
         log.debug("stages_on_recorded_inputs", rank=self.rank,
                   stages={plan.stages[i][0].name: plan.stage_inputs.holders[i] for i in plan.stage_inputs.replayed})
         set_calibration(block, False)  # the last stage may have left calibration mode on
-        return packed_part(source, self.layout.block_prefix(block_idx), packed), layers, block
+        return packed_part(source, prefix, packed), layers, block
+
+    def _advance_reference_eval(self, block_idx: int, source: dict[str, torch.Tensor], quantized: set[str]) -> None:
+        """The fp (and rtn) eval streams through the block's source weights, while it still has them all."""
+        if self.eval is not None:
+            with self.clock.timed("eval"):
+                self.eval.advance_reference(block_idx, source, quantized)
 
     def _plan(self, block_idx: int, source: dict[str, torch.Tensor]) -> _BlockPlan:
         """The block materialized from its source tensors, its input groups' owners and its stages.

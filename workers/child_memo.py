@@ -260,18 +260,6 @@ def memo_placement(planned_bytes: int, gpu: GpuRoom | None, host_available: int)
     return "host" if gpu is not None else "device"
 
 
-def available_host_memory() -> int:
-    """MemAvailable of /proc/meminfo (Linux), else the physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def memo_pass(memo: ChildMemo | None, n_micro_batches: int) -> contextlib.AbstractContextManager:
     """`memo.run`, or nothing where a pass has no memo (a replayed block, child_memo off)."""
     return memo.run(n_micro_batches) if memo is not None else contextlib.nullcontext()

@@ -43,23 +43,27 @@ class EvalStreams:
         names = ("fp", "gptq", "rtn") if rtn else ("fp", "gptq")
         self.streams = {name: list(first) for name in names}
 
-    def advance(self, block_idx: int, quantized: nn.Module, part: dict[str, torch.Tensor],
-                source: dict[str, torch.Tensor]) -> None:
-        """Move each stream through its own version of block `block_idx`; `part` is the quantized block's
-        tensors (checkpoint names), `source` its source tensors."""
+    def advance_reference(self, block_idx: int, source: dict[str, torch.Tensor], quantized: set[str]) -> None:
+        """Move the fp stream (and the rtn stream) through block `block_idx` built from its `source` tensors
+        (full names), before the block is quantized: the worker then frees each linear's source weight as its
+        quantized copy is installed. `quantized`: the linears (names relative to the block) the GPTQ part
+        replaces, which the rtn stream rounds to nearest at the same bits and groups."""
         prefix = self.layout.block_prefix(block_idx)
         fp_state = {n[len(prefix):]: t for n, t in source.items()}
-        blocks = {"gptq": quantized, "fp": materialize(self.blocks[block_idx], fp_state, self.dtype)}
+        self._move("fp", materialize(self.blocks[block_idx], fp_state, self.dtype))
         if "rtn" in self.streams:
             rtn_state = dict(fp_state)
-            for name in part:
-                if name.endswith(".qweight"):
-                    linear = name[len(prefix):].removesuffix(".qweight")
-                    cfg = layer_config(prefix + linear, self.gptq, self.overrides)  # the GPTQ codes' bits / groups
-                    rtn_state[f"{linear}.weight"] = rtn_weight(fp_state[f"{linear}.weight"].to(self.group.device), cfg)
-            blocks["rtn"] = materialize(self.blocks[block_idx], rtn_state, self.dtype)
-        for name, stream in self.streams.items():
-            self.streams[name] = [inp.advanced(forward_block(blocks[name], inp)) for inp in stream]
+            for linear in sorted(quantized):
+                cfg = layer_config(prefix + linear, self.gptq, self.overrides)  # the GPTQ codes' bits / groups
+                rtn_state[f"{linear}.weight"] = rtn_weight(fp_state[f"{linear}.weight"].to(self.group.device), cfg)
+            self._move("rtn", materialize(self.blocks[block_idx], rtn_state, self.dtype))
+
+    def advance_quantized(self, quantized: nn.Module) -> None:
+        """Move the gptq stream through the quantized block the calibration shard advanced through."""
+        self._move("gptq", quantized)
+
+    def _move(self, name: str, block: nn.Module) -> None:
+        self.streams[name] = [inp.advanced(forward_block(block, inp)) for inp in self.streams[name]]
 
     def evaluate(self, source: ModelSource) -> dict[str, tuple[float, int]]:
         """Per stream: summed next-token NLL and predicted tokens over every rank's windows (added in rank

@@ -6,6 +6,8 @@ The part: every quantized linear's `.weight` replaced by its GPTQ v1 tensors (`q
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -29,6 +31,20 @@ def packed_part(source: dict[str, torch.Tensor], prefix: str,
         else:
             part[name] = tensor
     return part
+
+
+def packed_linears(part: dict[str, torch.Tensor], prefix: str) -> set[str]:
+    """The linears (names relative to the block under `prefix`) a part holds packed."""
+    return {name[len(prefix):].removesuffix(".qweight") for name in part if name.endswith(".qweight")}
+
+
+def release_source_weights(source: dict[str, torch.Tensor], prefix: str, linears: Iterable[str]) -> None:
+    """Free each linear's source `.weight` once its quantized copy is installed in the block: a meta tensor of
+    the same shape keeps its name (and packed_part's order), so the block's weights are held once, not twice,
+    by its later stages (an MoE block's experts: 22.5 GB at DeepSeek-V3)."""
+    for lin in linears:
+        name = f"{prefix}{lin}.weight"
+        source[name] = torch.empty_like(source[name], device="meta")
 
 
 def dequantized_state(part: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 Reads (file ranges, or weights drawn on read) release the GIL, so they overlap the block's
 compute. On CUDA the copies to the device run on a side stream; the block that uses them waits for
-that stream first, so compute never sees half-copied weights.
+that stream first, so compute never sees half-copied weights. A share read into pinned host memory (a
+large MoE block beside the one computing: workers/prefetch_placement.py) is copied to the GPU when its
+block takes it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Prefetch:
         if stream is not None:
             current = torch.cuda.current_stream(stream.device)
             current.wait_stream(stream)
-            for t in tensors.values():
-                t.record_stream(current)  # freed by the allocator only after the block's kernels use it
+            for name, t in tensors.items():
+                if t.is_cuda:
+                    t.record_stream(current)  # freed by the allocator only after the block's kernels use it
+                else:  # read into pinned host memory (prefetch_placement): to the GPU now there is room
+                    tensors[name] = t.to(stream.device, non_blocking=True)
         return tensors

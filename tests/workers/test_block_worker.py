@@ -65,3 +65,33 @@ def test_a_layer_whose_kernel_output_disagrees_fails_validation_naming_it():
             worker.run_block(BlockTask("test", 0))
     finally:
         worker.stop()
+
+
+class SourceKeepingWorker(BlockWorker):
+    """Keeps each quantized block's source tensors (the dict its stages free weights from) for the test."""
+
+    def _quantize(self, block_idx, source):
+        self.kept_source = source
+        return super()._quantize(block_idx, source)
+
+
+def test_a_block_frees_each_source_weight_once_its_quantized_copy_is_installed():
+    """The block's weights are held once: every quantized linear's source `.weight` is freed by the end (the
+    block holds its dequantized codes), the other tensors stay; the eval streams moved through the source
+    before that, and the rtn one through the rounded source weights."""
+    setup = dataclasses.replace(_setup(), eval_on=True, eval_rtn=True)
+    worker = SourceKeepingWorker(setup)
+    try:
+        worker.start(_free_address(), SAMPLES, SAMPLES[:2])
+        result = worker.run_block(BlockTask("test", 0))
+        streams = {name: [inp.hidden for inp in stream] for name, stream in worker.eval.streams.items()}
+    finally:
+        worker.stop()
+    quantized = {n.removesuffix(".qweight") + ".weight" for n in result.tensors if n.endswith(".qweight")}
+    assert len(quantized) == 7
+    assert {n for n, t in worker.kept_source.items() if t.is_meta} == quantized
+    assert all(t.dtype == torch.bfloat16 for n, t in result.tensors.items() if n.endswith("norm.weight"))
+    # three streams, each moved by the block in its own way
+    assert not torch.equal(streams["fp"][0], streams["gptq"][0])
+    assert not torch.equal(streams["fp"][0], streams["rtn"][0])
+    assert not torch.equal(streams["gptq"][0], streams["rtn"][0])
