@@ -161,10 +161,7 @@ def connect(spec: ClusterSpec, verbose: bool) -> Cluster:
             log.info("embedded_ray_ignores_earlier_ray", **target.ignored)
         os.environ.pop("RAY_ADDRESS", None)  # Ray's own processes, started from this one, must not follow it
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray binds to loopback only
-        # the raylet's worker processes import the worker class as they start (Ray's preload_python_modules),
-        # before an actor is placed on one: the import no longer waits for the driver to create the actors
-        ray.init(address="local", num_cpus=spec.num_workers * spec.cpus_per_worker, include_dashboard=False,
-                 _system_config={"preload_python_modules": [WORKER_CLASS.partition(":")[0]]}, **quiet)
+        ray.init(address="local", num_cpus=spec.num_workers * spec.cpus_per_worker, include_dashboard=False, **quiet)
     else:
         if target.address is not None:
             probe(target.address)

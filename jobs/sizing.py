@@ -2,8 +2,10 @@
 
 Pure arithmetic on the block shapes `jobs/plan.py` reads from the model's skeleton and on the spec's cluster
 and calibration settings: no torch, no I/O. The memory terms follow what one rank holds at once in the block
-loop (DESIGN.md §5, §6); on the 70B and 405B blocks of README "## Benchmarks" they come out 18 % and 4 %
-above the measured peaks (tests/jobs/test_plan.py keeps them within 0-30 % above). Times scale the measured blocks of
+loop (DESIGN.md §5, §6); on the 70B and 405B blocks of README "## Benchmarks" they come out 13 % and 9 %
+above the measured peaks (tests/jobs/test_plan.py keeps them within 0-30 % above). MoE blocks come out
+under: the child memo, the stage-replay inputs and the batched expert solves are not modelled (DeepSeek-V3's
+MoE block: 48.6 GiB planned, 63.3 GiB measured on an H100, DESIGN.md §14). Times scale the measured blocks of
 `BENCHMARKS` by weight count and calibration tokens: rough, and labelled so.
 """
 
