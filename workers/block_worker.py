@@ -63,6 +63,7 @@ from rayquant.workers.moe import (
     reset_routed_tokens,
     sequential_stages,
     set_calibration,
+    stack_experts,
     shared_hessians,
     unfuse_experts,
 )
@@ -420,6 +421,7 @@ class BlockWorker:
         Blocks of one structure group their linears alike: one probe forward per structure, not per block."""
         prefix = self.layout.block_prefix(block_idx)
         block = materialize(self.blocks[block_idx], {n[len(prefix):]: t for n, t in source.items()}, self.dtype)
+        stack_experts(block, source, prefix)  # GPU: expert chunks are views, not copies, in every later pass
         set_calibration(block, True)  # MoE: every expert sees every token, so every expert is a group
         signature = _structure(block)
         if signature not in self._groups_by_structure:

@@ -77,9 +77,35 @@ def expert_linears(module: nn.ModuleList, e: int) -> tuple[nn.Linear, nn.Linear,
 
 
 def stacked_weights(module: nn.ModuleList, experts: list[int], roles: tuple[int, ...] = (0, 1, 2)) -> list[Tensor]:
-    """Each role's weights of `experts` stacked: gate and up [E_c, I, H], down [E_c, H, I]."""
-    linears = [expert_linears(module, e) for e in experts]
-    return [torch.stack([lin[r].weight for lin in linears]) for r in roles]
+    """Each role's weights of `experts` stacked: gate and up [E_c, I, H], down [E_c, H, I]. Where the module
+    keeps its experts' weights stacked already (`stack_expert_weights`), a run of consecutive experts is a
+    view of them and other runs one gather; else one copy per call."""
+    stacked = getattr(module, "stacked", None)
+    if stacked is None:
+        linears = [expert_linears(module, e) for e in experts]
+        return [torch.stack([lin[r].weight for lin in linears]) for r in roles]
+    if experts == list(range(experts[0], experts[0] + len(experts))):
+        return [stacked[r][experts[0]:experts[0] + len(experts)] for r in roles]
+    index = torch.tensor(experts, device=stacked[0].device)
+    return [stacked[r].index_select(0, index) for r in roles]
+
+
+def stack_expert_weights(module: nn.ModuleList) -> list[tuple[nn.Linear, Tensor]]:
+    """Move each role's weights of every expert into one [E, ...] tensor (`module.stacked`), each expert's
+    linear keeping a view of its row: `stacked_weights` then slices instead of copying every chunk's weights
+    for every micro-batch of every pass (at DeepSeek-V3 over a TB per block). Installing a quantized expert
+    writes into its row (packed_block.install writes in place). Returns each linear with the tensor it held,
+    for the caller to let go of."""
+    replaced = []
+    module.stacked = []
+    for r in range(3):
+        linears = [expert_linears(module, e)[r] for e in range(len(module))]
+        stacked = torch.stack([lin.weight for lin in linears])
+        for e, lin in enumerate(linears):
+            replaced.append((lin, lin.weight.detach()))
+            lin.weight = nn.Parameter(stacked[e], requires_grad=False)
+        module.stacked.append(stacked)
+    return replaced
 
 
 def padded_forward(module: nn.ModuleList, d: Dispatch, pair_weights: Tensor, out: Tensor) -> None:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from rayquant.workers.adapter import InputGroup, UnsupportedArchitecture
-from rayquant.workers.expert_padding import PADDED_DEVICES, Dispatch, padded_forward
+from rayquant.workers.expert_padding import (PADDED_DEVICES, Dispatch, expert_linears, padded_forward,
+                                             stack_expert_weights)
 
 StarvedPolicy = Literal["error", "calibrate_all", "rtn"]
 HessianTokens = Literal["all", "routed"]
@@ -233,6 +234,20 @@ def _rename_module(model: nn.Module, path: str, new: str) -> None:
 
 def routed_experts(block: nn.Module) -> list[RoutedExperts]:
     return [m for m in block.modules() if isinstance(m, RoutedExperts)]
+
+
+def stack_experts(block: nn.Module, source: dict[str, torch.Tensor], prefix: str) -> None:
+    """On PADDED_DEVICES, every RoutedExperts of the block keeps its experts' weights stacked, one tensor per role
+    (expert_padding.stack_expert_weights); the block's `source` entries (full names under `prefix`) that were
+    the replaced tensors become the rows, so the weights stay held once."""
+    names = {id(m): n for n, m in block.named_modules()}
+    for module in routed_experts(block):
+        if expert_linears(module, 0)[0].weight.device.type not in PADDED_DEVICES:
+            continue
+        for linear, old in stack_expert_weights(module):
+            name = f"{prefix}{names[id(linear)]}.weight"
+            if name in source and source[name].data_ptr() == old.data_ptr():
+                source[name] = linear.weight.detach()
 
 
 def set_calibration(block: nn.Module, on: bool) -> None:

@@ -94,6 +94,12 @@ def dequantize_packed_many(layers: list[PackedLinear]) -> list[torch.Tensor]:
 
 
 def install(linears: list[nn.Linear], packed: list[PackedLinear], dtype: torch.dtype) -> None:
-    """Replace each linear's weight by its dequantized codes, exactly as a checkpoint reader sees them."""
+    """Write each linear's dequantized codes over its weight, exactly as a checkpoint reader sees them: in place
+    (an expert's weight is a row of its experts' stacked weights, `expert_padding.stack_expert_weights`), or a
+    new tensor where the weight is of another dtype."""
     for linear, w in zip(linears, dequantize_packed_many(packed), strict=True):
-        linear.weight = nn.Parameter(w.to(device=linear.weight.device, dtype=dtype), requires_grad=False)
+        w = w.to(device=linear.weight.device, dtype=dtype)
+        if linear.weight.dtype == w.dtype and linear.weight.shape == w.shape:
+            linear.weight.data.copy_(w)
+        else:
+            linear.weight = nn.Parameter(w, requires_grad=False)

@@ -8,7 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rayquant.solver.gptq import GPTQConfig
+from rayquant.solver.pack import dequantize_packed, pack_linears
+from rayquant.solver.rtn import quantize_rtn
 from rayquant.workers import expert_collect, expert_padding, moe
+from rayquant.workers.packed_block import install
 from rayquant.workers.adapter import find_input_groups
 from rayquant.workers.moe import calibrate_experts, expert_of, sequential_stages, set_calibration
 from rayquant.workers import stage_collect
@@ -172,3 +176,46 @@ def test_padded_forward_on_cuda_in_bf16_is_the_per_expert_forward(monkeypatch):
     monkeypatch.setattr(moe, "PADDED_DEVICES", ("cuda",))
     got = experts(hidden, index, weights)
     assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+@torch.no_grad()
+def test_experts_kept_stacked_give_the_padded_forward_and_collect_bitwise_and_take_installs_in_place(monkeypatch):
+    """A GPU worker keeps each block's expert weights stacked (moe.stack_experts): a chunk of consecutive
+    experts is then a view, a chunk with a gap (an unfed expert) one gather, instead of a copy per chunk and
+    micro-batch. Forced onto the CPU here: the same bytes as the per-chunk copies, the block's source entries
+    become the rows (held once), and installing a quantized expert writes into its row."""
+    _, _, block, _ = _moe_block("deepseek-v3-tiny")
+    experts = moe.routed_experts(block)[0]
+    E = len(experts)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(40, experts[0].gate_proj.in_features, generator=g)
+    index = torch.randint(0, E, (40, 3), generator=g)
+    index[index == 4] = 5  # expert 4 is unfed: chunks around it have a gap
+    weights = torch.rand(40, 3, generator=g)
+    monkeypatch.setattr(moe, "PADDED_DEVICES", ("cpu",))
+    monkeypatch.setattr(expert_padding, "EXPERT_CHUNK_BYTES", 1 << 30)  # one chunk of every fed expert
+    copied = experts(hidden, index, weights)
+    names = {m: n for n, m in block.named_modules()}
+    gate = expert_padding.expert_linears(experts, 3)[0]
+    source = {f"model.layers.1.{names[gate]}.weight": gate.weight.detach()}
+    old_ptr = gate.weight.data_ptr()
+    moe.stack_experts(block, source, "model.layers.1.")
+    assert experts.stacked[0].shape == (E, *gate.weight.shape)
+    assert gate.weight.data_ptr() == experts.stacked[0][3].data_ptr() != old_ptr
+    assert source[f"model.layers.1.{names[gate]}.weight"].data_ptr() == gate.weight.data_ptr()  # held once
+    assert torch.equal(experts(hidden, index, weights), copied)
+    views = expert_padding.stacked_weights(experts, [1, 2, 3])
+    assert views[0].data_ptr() == experts.stacked[0][1].data_ptr()  # consecutive: a view, no copy
+    assert torch.equal(expert_padding.stacked_weights(experts, [3, 5])[2],
+                       torch.stack([expert_padding.expert_linears(experts, e)[2].weight for e in (3, 5)]))
+    # a quantized expert installed: written into its row, which the padded forward reads
+    K = gate.weight.shape[1]
+    packed = pack_linears([quantize_rtn(gate.weight * 0.5, torch.eye(K, dtype=torch.float64), 1,
+                                        GPTQConfig(bits=4, group_size=K))], 4)
+    install([gate], packed, torch.float32)
+    assert gate.weight.data_ptr() == experts.stacked[0][3].data_ptr()
+    assert torch.equal(experts.stacked[0][3], dequantize_packed(packed[0], 4))
+    monkeypatch.setattr(moe, "PADDED_DEVICES", ())
+    per_expert = experts(hidden, index, weights)
+    monkeypatch.setattr(moe, "PADDED_DEVICES", ("cpu",))
+    torch.testing.assert_close(experts(hidden, index, weights), per_expert, rtol=1e-5, atol=1e-6)
