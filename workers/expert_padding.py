@@ -12,6 +12,7 @@ run the padded path on the CPU against them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,22 +91,21 @@ def stacked_weights(module: nn.ModuleList, experts: list[int], roles: tuple[int,
     return [stacked[r].index_select(0, index) for r in roles]
 
 
-def stack_expert_weights(module: nn.ModuleList) -> list[tuple[nn.Linear, Tensor]]:
+def stack_expert_weights(module: nn.ModuleList, replaced: Callable[[nn.Linear, Tensor], None]) -> None:
     """Move each role's weights of every expert into one [E, ...] tensor (`module.stacked`), each expert's
     linear keeping a view of its row: `stacked_weights` then slices instead of copying every chunk's weights
     for every micro-batch of every pass (at DeepSeek-V3 over a TB per block). Installing a quantized expert
-    writes into its row (packed_block.install writes in place). Returns each linear with the tensor it held,
-    for the caller to let go of."""
-    replaced = []
+    writes into its row (packed_block.install writes in place). `replaced(linear, tensor it held)` is called
+    as each linear moves, so the caller can let go of the old tensor before the next role is stacked."""
     module.stacked = []
     for r in range(3):
         linears = [expert_linears(module, e)[r] for e in range(len(module))]
         stacked = torch.stack([lin.weight for lin in linears])
         for e, lin in enumerate(linears):
-            replaced.append((lin, lin.weight.detach()))
+            old = lin.weight.detach()
             lin.weight = nn.Parameter(stacked[e], requires_grad=False)
+            replaced(lin, old)
         module.stacked.append(stacked)
-    return replaced
 
 
 def padded_forward(module: nn.ModuleList, d: Dispatch, pair_weights: Tensor, out: Tensor) -> None:

@@ -241,13 +241,15 @@ def stack_experts(block: nn.Module, source: dict[str, torch.Tensor], prefix: str
     (expert_padding.stack_expert_weights); the block's `source` entries (full names under `prefix`) that were
     the replaced tensors become the rows, so the weights stay held once."""
     names = {id(m): n for n, m in block.named_modules()}
+
+    def repoint(linear: nn.Linear, old: torch.Tensor) -> None:
+        name = f"{prefix}{names[id(linear)]}.weight"
+        if name in source and source[name].data_ptr() == old.data_ptr():
+            source[name] = linear.weight.detach()
+
     for module in routed_experts(block):
-        if expert_linears(module, 0)[0].weight.device.type not in PADDED_DEVICES:
-            continue
-        for linear, old in stack_expert_weights(module):
-            name = f"{prefix}{names[id(linear)]}.weight"
-            if name in source and source[name].data_ptr() == old.data_ptr():
-                source[name] = linear.weight.detach()
+        if expert_linears(module, 0)[0].weight.device.type in PADDED_DEVICES:
+            stack_expert_weights(module, repoint)
 
 
 def set_calibration(block: nn.Module, on: bool) -> None:

@@ -5,6 +5,8 @@ whole; the padded MoE forward computes what the per-expert forward computes."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -198,8 +200,9 @@ def test_experts_kept_stacked_give_the_padded_forward_and_collect_bitwise_and_ta
     names = {m: n for n, m in block.named_modules()}
     gate = expert_padding.expert_linears(experts, 3)[0]
     source = {f"model.layers.1.{names[gate]}.weight": gate.weight.detach()}
-    old_ptr = gate.weight.data_ptr()
+    old_ptr, old_weight = gate.weight.data_ptr(), weakref.ref(gate.weight)
     moe.stack_experts(block, source, "model.layers.1.")
+    assert old_weight() is None  # nothing holds the expert's own tensor any more
     assert experts.stacked[0].shape == (E, *gate.weight.shape)
     assert gate.weight.data_ptr() == experts.stacked[0][3].data_ptr() != old_ptr
     assert source[f"model.layers.1.{names[gate]}.weight"].data_ptr() == gate.weight.data_ptr()  # held once
