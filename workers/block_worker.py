@@ -63,8 +63,8 @@ from rayquant.workers.moe import (
     reset_routed_tokens,
     sequential_stages,
     set_calibration,
-    stack_experts,
     shared_hessians,
+    stack_experts,
     unfuse_experts,
 )
 from rayquant.workers.output_plan import plan_output
