@@ -41,7 +41,9 @@ def packed_linears(part: dict[str, torch.Tensor], prefix: str) -> set[str]:
 def release_source_weights(source: dict[str, torch.Tensor], prefix: str, linears: Iterable[str]) -> None:
     """Free each linear's source `.weight` once its quantized copy is installed in the block: a meta tensor of
     the same shape keeps its name (and packed_part's order), so the block's weights are held once, not twice,
-    by its later stages (an MoE block's experts: 22.5 GB at DeepSeek-V3)."""
+    by its later stages (an MoE block's experts: 22.5 GB at DeepSeek-V3). Where the block's weight is the
+    source tensor itself (a GPU worker in the source's dtype) `install` wrote into it and this only drops the
+    name's reference; a CPU worker's float32 block frees the source's bfloat16 tensors here."""
     for lin in linears:
         name = f"{prefix}{lin}.weight"
         source[name] = torch.empty_like(source[name], device="meta")
