@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rayquant.workers.prefetch_placement import prefetch_placement
+from rayquant.workers.prefetch_placement import on_device
 
 GIB = 2**30
 GPU_BYTES = int(79.2 * GIB)  # one H100 80GB as torch reports it: the GPU a worker's memory is planned against
@@ -173,7 +173,7 @@ def device_memory(block: BlockShape, job: JobShape) -> MemoryEstimate:
     # share where the worker prefetches it onto the device (workers/prefetch_placement.py)
     copies = 1 + job.eval_rtn
     share = block.source_bytes // w
-    prefetched = share if prefetch_placement(share, GPU_BYTES if job.gpu else None, 2**63) == "device" else 0
+    prefetched = share if on_device(share, GPU_BYTES if job.gpu else None) else 0
     solver = 0
     for stage in block.stages:
         split = stage.row_split(w)

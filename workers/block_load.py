@@ -16,22 +16,19 @@ from rayquant.workers.rank_group import RankGroup, balance
 def read_share(group: RankGroup, source: ModelSource, prefix: str, pinned: bool = False) -> dict[str, torch.Tensor]:
     """This rank's 1/W of the tensors under `prefix` (one block's), on its device; `pinned` (a GPU worker's
     prefetch): each tensor, read and checked on the GPU one at a time, goes on to pinned host memory."""
-    _, readers = _readers(group, source, prefix)
     out = {}
-    for name, reader in readers.items():
-        if reader == group.rank:
-            tensor = read_source_tensor(source, name, group.device)
-            if pinned and tensor.is_cuda:
-                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                tensor = host.copy_(tensor, non_blocking=True)  # the host allocator keeps `host` until copied
-            out[name] = tensor
+    for name in _share(group, source, prefix):
+        tensor = read_source_tensor(source, name, group.device)
+        if pinned and tensor.is_cuda:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            tensor = host.copy_(tensor, non_blocking=True)  # the host allocator keeps `host` until copied
+        out[name] = tensor
     return out
 
 
 def share_bytes(group: RankGroup, source: ModelSource, prefix: str) -> int:
     """Bytes of this rank's share of the tensors under `prefix` (what read_share reads)."""
-    infos, readers = _readers(group, source, prefix)
-    return sum(infos[name].nbytes for name, reader in readers.items() if reader == group.rank)
+    return sum(info.nbytes for info in _share(group, source, prefix).values())
 
 
 def broadcast_block(group: RankGroup, source: ModelSource, prefix: str,
@@ -46,6 +43,12 @@ def broadcast_block(group: RankGroup, source: ModelSource, prefix: str,
             template = torch.empty(info.shape, dtype=DTYPES[info.dtype], device=group.device)
         out[name] = group.broadcast(template, src=readers[name], stage="load")
     return out
+
+
+def _share(group: RankGroup, source: ModelSource, prefix: str) -> dict[str, TensorInfo]:
+    """The tensors under `prefix` this rank reads."""
+    infos, readers = _readers(group, source, prefix)
+    return {name: infos[name] for name, reader in readers.items() if reader == group.rank}
 
 
 def _readers(group: RankGroup, source: ModelSource, prefix: str) -> tuple[dict[str, TensorInfo], dict[str, int]]:

@@ -13,9 +13,15 @@ ON_GPU_SHARE = 0.1  # of the GPU's memory: a share up to this is prefetched onto
 HOST_SHARE = 0.5  # of the host's available memory: past it the share is not prefetched (read when it loads)
 
 
+def on_device(share_bytes: int, gpu_bytes: int | None) -> bool:
+    """Whether the share is prefetched onto the worker's device: always on a CPU worker (`gpu_bytes` None),
+    on a GPU when it is small beside it."""
+    return gpu_bytes is None or share_bytes <= ON_GPU_SHARE * gpu_bytes
+
+
 def prefetch_placement(share_bytes: int, gpu_bytes: int | None, host_available: int) -> str | None:
-    """"device" (a CPU worker's memory, or the GPU when the share is small beside it), "host" (pinned memory of
-    a GPU worker) or None (no prefetch: the share would take too much of the host's available memory)."""
-    if gpu_bytes is None or share_bytes <= ON_GPU_SHARE * gpu_bytes:
+    """"device" (`on_device`), "host" (pinned memory of a GPU worker) or None (no prefetch: the share would take
+    too much of the host's available memory)."""
+    if on_device(share_bytes, gpu_bytes):
         return "device"
     return "host" if share_bytes <= HOST_SHARE * host_available else None

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rayquant.jobs.sizing import GIB, GPU_BYTES
 from rayquant.storage.model_source import open_model_source
 from rayquant.workers.block_load import read_share, share_bytes
 from rayquant.workers.prefetch import Prefetch
 from rayquant.workers.prefetch_placement import prefetch_placement
 from rayquant.workers.rank_group import RankGroup
 
-GIB = 2**30
-H100 = int(79.2 * GIB)
+H100 = GPU_BYTES
 
 
 @pytest.mark.parametrize("share_gib, gpu, host_gib, where", [
