@@ -29,8 +29,9 @@ class LayerValidation:
 
 
 # Elements of the largest temporary of one batched gemm call: y [ΣM, ΣN], the dequantized weights [ΣN, K],
-# the float64 activations [ΣM, K]. Layers cut into chunks under it (a single layer may exceed it alone).
-VALIDATION_CHUNK_ELEMENTS = 64 << 20
+# the float64 activations [ΣM, K]. Layers cut into chunks under it (a single layer may exceed it alone);
+# at 64 M DeepSeek-V3's 256 expert down projections took 64 calls.
+VALIDATION_CHUNK_ELEMENTS = 256 << 20
 # Devices where layers share gemm calls (y's off-diagonal blocks computed and dropped): on CUDA a call's
 # launches and syncs cost more than those products on the tensor cores. The CPU has no launches to save,
 # and wider operands fall out of its caches (even an expert's gate/up pair in one call validated 256 expert

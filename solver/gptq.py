@@ -47,6 +47,7 @@ from torch import Tensor
 
 from rayquant.solver.valid_settings import (bits_problem, damp_increment_problem, damp_problem, group_size_problem,
                                              solve_order_problem)
+from rayquant.solver.batched_cholesky import cholesky_ex
 from rayquant.solver.gptq_torch import quantize_columns
 from rayquant.solver.grid import (act_order, count_groups, dequantize, find_group_grids, group_aware_order,
                                   group_index, group_width)
@@ -374,7 +375,7 @@ def _cholesky_factors(H: Tensor, n_tokens: list[int], cfg: GPTQConfig,
             else:
                 damped[i] = copy
             damped[i].diagonal().add_(damp_percent * mean_diag[e])
-        factor, info = torch.linalg.cholesky_ex(damped)
+        factor, info = cholesky_ex(damped)  # by panels for a CUDA batch of wide matrices (MoE experts)
         del damped
         ok = ((info == 0) & torch.isfinite(torch.diagonal(factor, dim1=1, dim2=2)).all(dim=1)).tolist()
         if L is None and all(ok):

@@ -19,9 +19,10 @@ from rayquant.solver.hessian import InvalidSolverInput, check_layer_inputs, comp
 
 # Bytes of the [E, N, K] temporaries (W, its grids per column, codes, Q, W - Q, (W - Q)·H) and stacked
 # Hessians one batched step holds, by device type: bounds the memory of rounding 128 experts at once. On
-# CUDA big batches save launches and syncs; the CPU has none to save, and its batches run faster while
-# they stay near its caches (256 expert linears at 1 GiB: 1.6x slower than at 64 MiB on 2 cores).
-RTN_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
+# CUDA big batches save launches and syncs (at 1 GiB DeepSeek-V3's expert linears went 1 or 2 per batch, 2
+# syncs each: 0.5 s of a block's down projections); the CPU has none to save, and its batches run faster
+# while they stay near its caches (256 expert linears at 1 GiB: 1.6x slower than at 64 MiB on 2 cores).
+RTN_CHUNK_BYTES = {"cuda": 4 << 30, "cpu": 64 << 20}
 _TEMPORARIES = 6  # compute-dtype [N, K] tensors alive at once per layer
 
 

@@ -80,6 +80,7 @@ from rayquant.workers.stage_inputs import StageInputs, once_called_children
 from rayquant.workers.stage_solve import GroupWork, SolveSettings, solve_cost, solve_groups
 from rayquant.workers.stage_strategy import OwnerStage, Reduced, RowSplitStage, stage_strategy
 from rayquant.workers.stage_timing import StageClock
+from rayquant.workers.unread_experts import skipped, unread_experts
 from rayquant.workers.starved_experts import recollect_starved, routed_tokens, validation_samples
 
 log = structlog.get_logger()
@@ -144,6 +145,9 @@ class BlockWorker:
     # later forwards of a child (attention, the MLP) compute only its last linear, from the input its stage
     # kept (workers/child_memo.py); False: every forward computes the whole child
     child_memo = True
+    # a stage whose input does not read a routed-experts module's output (DeepSeek's and Qwen2-MoE's shared
+    # expert) collects with that module returning zeros (workers/unread_experts.py); False: it computes
+    skip_unread_experts = True
 
     def __init__(self, setup: WorkerSetup):
         self.setup = setup
@@ -163,6 +167,7 @@ class BlockWorker:
         self.rows_solved = 0  # output rows solved on this rank, for the current block
         self._groups_by_structure: dict[tuple, list[InputGroup]] = {}
         self._once_called_by_structure: dict[tuple, frozenset[str]] = {}  # children one block forward calls once
+        self._unread_by_structure: dict[tuple, list[frozenset[str]]] = {}  # per stage, experts it does not read
         # per block structure, a block's peak GPU memory with its child memo in host memory, and the memo's bytes
         self._peak_with_memo_on_host: dict[tuple, tuple[int, int]] = {}
         self._memo: ChildMemo | None = None  # the block being quantized
@@ -388,10 +393,11 @@ class BlockWorker:
             set_calibration(block, all_tokens and any(expert_of(block, g) is not None for g in stage))
             reset_routed_tokens(block)
             aliases = shared_hessians(block, stage)  # MoE `all`: one all-token Hessian for every expert's gate/up
-            collected = self._collect(block, [g for g in stage if g.name not in aliases], plan.stage_inputs, i)
+            collected = self._collect(block, [g for g in stage if g.name not in aliases], plan.stage_inputs, i,
+                                      plan.unread[i])
             routed = routed_tokens(self.group, block_idx, block, stage, self.setup.moe)
             recollect_starved(block, stage, routed, self.setup.moe, collected,
-                              lambda groups, i=i: self._collect(block, groups, plan.stage_inputs, i))
+                              lambda groups, i=i: self._collect(block, groups, plan.stage_inputs, i, frozenset()))
             strategy = stage_strategy(self.group, stage, aliases, plan.owners, self.setup.split_rows)
             with self.clock.timed("reduce"):
                 reduced = strategy.reduce(collected.sums, collected.tokens, aliases)
@@ -431,10 +437,18 @@ class BlockWorker:
         stages = (sequential_stages(block, groups, self.setup.moe.hessian_tokens, self.hessian_dtype.itemsize)
                   if self.setup.true_sequential else [groups])
         once_called = self._once_called_by_structure[signature]
+        if signature not in self._unread_by_structure:
+            unread = (unread_experts(block, stages, self.inputs[0]) if self.skip_unread_experts
+                      else [frozenset()] * len(stages))
+            self._unread_by_structure[signature] = unread
+            if any(unread):
+                log.debug("stages_skipping_experts", rank=self.rank,
+                          stages={s[0].name: sorted(u) for s, u in zip(stages, unread) if u})
         self._memo = ChildMemo(block, stages, once_called, self.device, enabled=self.child_memo, signature=signature)
         self._memo.place(self._memo_placement(block, signature, self._memo.planned_bytes(self.inputs)))
         return _BlockPlan(block=block, owners=balance({g.name: solve_cost(block, g) for g in groups}, self.world),
-                          stages=stages, stage_inputs=StageInputs(block, stages, once_called, self.stage_shortcut))
+                          stages=stages, stage_inputs=StageInputs(block, stages, once_called, self.stage_shortcut),
+                          unread=self._unread_by_structure[signature])
 
     def _memo_placement(self, block: nn.Module, signature: tuple, planned_bytes: int) -> str | None:
         """Where the block's child memo lives (workers/child_memo.memo_placement): "device", "host" or None."""
@@ -446,9 +460,10 @@ class BlockWorker:
         return memo_placement(planned_bytes, gpu, available_host_memory())
 
     def _collect(self, block: nn.Module, stage: list[InputGroup], stage_inputs: StageInputs,
-                 stage_idx: int) -> CollectedStage:
-        """This rank's Hessian sums of the stage's input groups (workers/stage_collect.py)."""
-        with self.clock.timed("collect"):
+                 stage_idx: int, unread: frozenset[str]) -> CollectedStage:
+        """This rank's Hessian sums of the stage's input groups (workers/stage_collect.py), the experts
+        modules at `unread` skipped."""
+        with self.clock.timed("collect"), skipped(block, unread):
             return collect_stage(block, stage, self.inputs, stage_inputs, stage_idx, self.hessian_dtype, self.device,
                                  self.setup.validate_tokens, self._memo)
 
@@ -553,6 +568,7 @@ class _BlockPlan:
     owners: dict[str, int]  # input group -> the rank that solves it whole (balanced by solve_cost)
     stages: list[list[InputGroup]]  # true_sequential stages (one without), in forward order
     stage_inputs: StageInputs  # recorded child calls for the stage-replay shortcut
+    unread: list[frozenset[str]]  # per stage, the RoutedExperts its collect skips (workers/unread_experts.py)
 
 
 def _structure(block: nn.Module) -> tuple:

@@ -71,9 +71,14 @@ class RoutedExperts(nn.ModuleList):
         # while a stage of these experts' groups collects, forward hands its dispatch to the stage's collector
         # (workers/expert_collect.py) and runs no expert itself: nothing reads the output of that forward
         self.collector = None
+        # not None: forward returns this value everywhere at once (workers/unread_experts.py: a stage whose
+        # input does not read the experts' output skips them; its probe replaces that output by ones)
+        self.fill: float | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.fill is not None:
+            return torch.full_like(hidden_states, self.fill)
         out = torch.zeros_like(hidden_states)
         E, k = len(self), top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)  # [T·k], (token, slot) pairs in row-major order

@@ -39,6 +39,24 @@ class BaselineTimedWorker(BlockWorker):
         self.check_unbatched = False
         self.baseline: dict[str, tuple[float, float]] = {}  # linear -> (seconds, loss)
         self.unbatched: list[tuple] = []  # (linear, batched loss, loss solved alone, damping of each, tokens, ...)
+        self.stage_times: list[tuple[int, str, int, dict[str, float]]] = []  # (block, first group, groups, seconds)
+
+    def _collect(self, block, stage, stage_inputs, stage_idx, unread):
+        before = dict(self.clock.seconds)
+        out = super()._collect(block, stage, stage_inputs, stage_idx, unread)
+        self._stage_delta(stage, before, "collect")
+        return out
+
+    def _solve_stage(self, block_idx, block, stage, strategy, reduced, samples, routed):
+        before = dict(self.clock.seconds)
+        out = super()._solve_stage(block_idx, block, stage, strategy, reduced, samples, routed)
+        self._stage_delta(stage, before, "solve")
+        return out
+
+    def _stage_delta(self, stage, before, step) -> None:
+        """Seconds each clock key gained over one sub-stage's collect or solve (--stage-times)."""
+        delta = {k: v - before.get(k, 0.0) for k, v in self.clock.seconds.items() if v - before.get(k, 0.0) > 0}
+        self.stage_times.append((self.clock.now[0], f"{step}:{stage[0].name}", len(stage), delta))
 
     def _solve_groups(self, block_idx, block, works):
         out = super()._solve_groups(block_idx, block, works)
@@ -83,6 +101,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the last block's top GPU kernels")
     parser.add_argument("--hessian-tokens", choices=("all", "routed"), default=MoEConfig().hessian_tokens,
                         help="MoE: quant.moe.hessian_tokens")
+    parser.add_argument("--stage-times", action="store_true",
+                        help="print the last block's seconds per true_sequential sub-stage (collect, solve)")
     parser.add_argument("--check-unbatched", action="store_true",
                         help="MoE: after the last block's batched solves, solve every input group alone on the same "
                              "Hessian and print the largest relative loss difference")
@@ -125,6 +145,11 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 
     last, wall = results[-1]
+    if args.stage_times:
+        print(f"\nblock {last.block_idx} per sub-stage (first group, groups, seconds by clock key)")
+        for b, name, n, delta in worker.stage_times:
+            if b == last.block_idx:
+                print(f"  {name:<48} {n:4d} " + " ".join(f"{k} {v:.3f}" for k, v in sorted(delta.items())))
     if worker.unbatched:
         ranked = sorted(worker.unbatched, key=lambda u: -abs(u[1] - u[2]) / max(u[2], 1e-30))
         worst = ranked[0]

@@ -35,8 +35,8 @@ class RecordingWorker(BlockWorker):
         self.collected: list[tuple[dict, dict, dict]] = []
         self.replayed: list[bool] = []
 
-    def _collect(self, block, stage, stage_inputs, stage_idx):
-        collected = super()._collect(block, stage, stage_inputs, stage_idx)
+    def _collect(self, block, stage, stage_inputs, stage_idx, unread):
+        collected = super()._collect(block, stage, stage_inputs, stage_idx, unread)
         self.collected.append(({k: v.clone() for k, v in collected.sums.items()}, dict(collected.tokens),
                                {k: v.clone() for k, v in collected.samples.items()}))
         self.replayed.append(stage_idx in stage_inputs.replayed)
