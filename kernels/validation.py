@@ -113,13 +113,15 @@ def _chunks(xs: list[Tensor], packed: list[PackedLinear], bits: int, expected: l
         buckets.setdefault(key, []).append(i)
     chunks = []
     for layers in buckets.values():
+        classes = {0: layers}
         if len(layers) > 1:  # act-order layers each have their own g_idx: classes of equal g_idx
-            same = torch.unique(torch.stack([packed[i].g_idx for i in layers]), dim=0, return_inverse=True)[1]
-            classes: dict[int, list[int]] = {}
-            for i, c in zip(layers, same.tolist()):
-                classes.setdefault(c, []).append(i)
-        else:
-            classes = {0: layers}
+            g_idx = torch.stack([packed[i].g_idx for i in layers])
+            # usually all equal (no act-order): one comparison; unique by rows sorts them (40 ms at 40 × 7168)
+            if not bool((g_idx == g_idx[0]).all()):
+                same = torch.unique(g_idx, dim=0, return_inverse=True)[1]
+                classes = {}
+                for i, c in zip(layers, same.tolist()):
+                    classes.setdefault(c, []).append(i)
         for members in classes.values():
             chunk, rows, cols, seen = [], 0, 0, set()
             for i in members:
