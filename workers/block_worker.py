@@ -308,6 +308,7 @@ class BlockWorker:
                                          packed_linears(part, self.layout.block_prefix(task.block_idx)))
         else:  # moves the reference eval streams first: its stages free the source weights
             part, layers, built = self._quantize(task.block_idx, source_tensors)
+            self._prefetch.copy_up()  # a pinned next share goes up while this block advances
         # rank 0 copies the block to host memory for the writer; the copy overlaps the advance
         with self.clock.timed("handoff"):
             to_host = HostCopy(part, self.device) if self.rank == 0 and not task.replay else None

@@ -3,8 +3,9 @@
 Reads (file ranges, or weights drawn on read) release the GIL, so they overlap the block's
 compute. On CUDA the copies to the device run on a side stream; the block that uses them waits for
 that stream first, so compute never sees half-copied weights. A share read into pinned host memory (a
-large MoE block beside the one computing: workers/prefetch_placement.py) is copied to the GPU when its
-block takes it.
+large MoE block beside the one computing: workers/prefetch_placement.py) is copied to the GPU on the
+side stream once the block computing has let go of its source weights (`copy_up`, during its advance),
+or when its block takes it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ class Prefetch:
                     return read(block_idx)
 
         self._pending = (block_idx, self._pool.submit(run), stream)
+
+    def copy_up(self) -> None:
+        """Start copying a share read into pinned host memory to the GPU on the prefetch stream, if its read is
+        done (never waits for it): the copy then runs beside the current block's advance (23 GB: ~0.45 s)."""
+        if self._pending is None or self._pending[2] is None or not self._pending[1].done():
+            return
+        _, future, stream = self._pending
+        if future.exception() is not None:
+            return  # take() re-raises it
+        tensors = future.result()
+        with torch.cuda.stream(stream):
+            for name, t in tensors.items():
+                if not t.is_cuda:
+                    tensors[name] = t.to(stream.device, non_blocking=True)
 
     def take(self, block_idx: int) -> Tensors | None:
         """The prefetched tensors of block_idx (re-raising the read's error), or None if not prefetched."""

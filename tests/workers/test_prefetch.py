@@ -40,3 +40,30 @@ def test_a_share_prefetched_into_pinned_memory_reaches_the_gpu_bitwise():
     assert taken.keys() == direct.keys() and sum(t.nbytes for t in direct.values()) == share_bytes(group, source, prefix)
     for name, tensor in taken.items():
         assert tensor.is_cuda and torch.equal(tensor, direct[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and a copy stream need CUDA")
+def test_a_pinned_share_copied_up_ahead_is_taken_bitwise():
+    source = open_model_source("synthetic://llama-tiny")
+    group = RankGroup(0, 1, torch.device("cuda", torch.cuda.current_device()))
+    prefix = "model.layers.1."
+    direct = read_share(group, source, prefix)
+    prefetch = Prefetch()
+    prefetch.start(1, lambda _: read_share(group, source, prefix, pinned=True), group.device)
+    pending = prefetch._pending[1]
+    assert not any(t.is_cuda for t in pending.result().values())  # read into pinned host memory
+    prefetch.copy_up()
+    assert all(t.is_cuda for t in pending.result().values())  # on its way up before the block takes it
+    taken = prefetch.take(1)
+    assert taken.keys() == direct.keys()
+    for name, tensor in taken.items():
+        assert tensor.is_cuda and torch.equal(tensor, direct[name]), name
+
+
+def test_copy_up_without_a_pinned_read_changes_nothing():
+    prefetch = Prefetch()
+    prefetch.copy_up()  # nothing pending
+    prefetch.start(3, lambda b: {"w": torch.full((2,), float(b))}, torch.device("cpu"))
+    prefetch._pending[1].result()
+    prefetch.copy_up()  # a CPU worker's read: no stream, nothing to copy
+    assert torch.equal(prefetch.take(3)["w"], torch.full((2,), 3.0))
