@@ -4,7 +4,8 @@
 On the GPU a prefetched share sits beside the whole block being quantized. Dense blocks are a small part of
 a GPU (405B's 6.5 GB of an 80 GB H100); an MoE block is not (DeepSeek-V3's 23 GB of experts), and beside the
 block holding its own experts, Hessians and padded batches it is what runs the GPU out of memory. Such a share
-is read into pinned host memory instead and copied to the GPU when its block loads (~1 s for 23 GB).
+is read into pinned host memory instead and copied to the GPU once the block computing has freed its source
+weights (during its advance, workers/prefetch.py; ~0.45 s for 23 GB), not beside its stages.
 """
 
 from __future__ import annotations
