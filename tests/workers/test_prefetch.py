@@ -28,14 +28,21 @@ def test_large_shares_go_to_pinned_host_memory_and_small_ones_to_the_gpu(share_g
     assert prefetch_placement(int(share_gib * GIB), gpu, int(host_gib * GIB)) == where
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and a copy stream need CUDA")
-def test_a_share_prefetched_into_pinned_memory_reaches_the_gpu_bitwise():
+def _pinned_prefetch():
+    """llama-tiny's block 1 on this GPU: (source, group, prefix, its share read directly, a Prefetch reading it
+    into pinned host memory)."""
     source = open_model_source("synthetic://llama-tiny")
     group = RankGroup(0, 1, torch.device("cuda", torch.cuda.current_device()))
     prefix = "model.layers.1."
     direct = read_share(group, source, prefix)
     prefetch = Prefetch()
     prefetch.start(1, lambda _: read_share(group, source, prefix, pinned=True), group.device)
+    return source, group, prefix, direct, prefetch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and a copy stream need CUDA")
+def test_a_share_prefetched_into_pinned_memory_reaches_the_gpu_bitwise():
+    source, group, prefix, direct, prefetch = _pinned_prefetch()
     taken = prefetch.take(1)
     assert taken.keys() == direct.keys() and sum(t.nbytes for t in direct.values()) == share_bytes(group, source, prefix)
     for name, tensor in taken.items():
@@ -44,12 +51,7 @@ def test_a_share_prefetched_into_pinned_memory_reaches_the_gpu_bitwise():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and a copy stream need CUDA")
 def test_a_pinned_share_copied_up_ahead_is_taken_bitwise():
-    source = open_model_source("synthetic://llama-tiny")
-    group = RankGroup(0, 1, torch.device("cuda", torch.cuda.current_device()))
-    prefix = "model.layers.1."
-    direct = read_share(group, source, prefix)
-    prefetch = Prefetch()
-    prefetch.start(1, lambda _: read_share(group, source, prefix, pinned=True), group.device)
+    _, _, _, direct, prefetch = _pinned_prefetch()
     pending = prefetch._pending[1]
     assert not any(t.is_cuda for t in pending.result().values())  # read into pinned host memory
     prefetch.copy_up()
