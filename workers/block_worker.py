@@ -4,10 +4,10 @@ A plain class: `jobs` makes it a Ray actor in one place; GPU benchmarks build it
 process per GPU. All W workers form one torch.distributed group (Gloo on CPU, NCCL on GPU) and call
 the same collectives in the same order, so each method must be entered by every rank.
 
-Per block (DESIGN.md §5): load (workers/block_load.py) → plan → per true_sequential stage: collect
-(workers/stage_collect.py) → reduce → solve (baseline, validate) → share → install, the stage's owner or
-row-split choice made once (workers/stage_strategy.py) → advance the shard through the *quantized* block →
-move the eval streams (workers/in_pass_eval.py). Collectives and error agreement: workers/rank_group.py;
+Per block (DESIGN.md §5): load (workers/block_load.py) → plan (workers/block_plan.py) → per true_sequential
+stage: collect (workers/stage_collect.py) → reduce → solve (baseline, validate) → share → install, the stage's
+owner or row-split choice made once (workers/stage_strategy.py) → advance the shard through the *quantized*
+block → move the eval streams (workers/in_pass_eval.py). Collectives and error agreement: workers/rank_group.py;
 per-stage seconds: workers/stage_timing.py.
 """
 
@@ -36,7 +36,6 @@ from rayquant.workers.adapter import (
     build_skeleton,
     capture_block_inputs,
     embedding_stage_names,
-    find_input_groups,
     find_layout,
     forward_block,
     materialize,
@@ -44,6 +43,7 @@ from rayquant.workers.adapter import (
     move_buffers,
 )
 from rayquant.workers.block_load import broadcast_block, read_share, share_bytes
+from rayquant.workers.block_plan import BlockPlan, BlockPlanner, PlanOptions
 from rayquant.workers import failpoints
 from rayquant.workers.block_writer import BlockWriter, OutputTarget, read_durable_block
 from rayquant.workers.child_memo import ChildMemo, GpuRoom, memo_micro_batch, memo_pass, memo_placement
@@ -61,10 +61,8 @@ from rayquant.workers.moe import (
     expert_of,
     routed_experts,
     reset_routed_tokens,
-    sequential_stages,
     set_calibration,
     shared_hessians,
-    stack_experts,
     unfuse_experts,
 )
 from rayquant.workers.output_plan import plan_output
@@ -74,14 +72,14 @@ from rayquant.workers.prefetch import Prefetch
 from rayquant.workers.prefetch_placement import prefetch_placement
 # PeerFailed is raised by agree_on_errors; the driver imports it from here
 from rayquant.workers.rank_group import PeerFailed as PeerFailed
-from rayquant.workers.rank_group import RankGroup, agree_on_errors, balance
+from rayquant.workers.rank_group import RankGroup, agree_on_errors
 from rayquant.workers.stage_collect import CollectedStage, collect_stage
-from rayquant.workers.stage_inputs import StageInputs, once_called_children
-from rayquant.workers.stage_solve import GroupWork, SolveSettings, solve_cost, solve_groups
+from rayquant.workers.stage_inputs import StageInputs
+from rayquant.workers.stage_solve import GroupWork, SolveSettings, solve_groups
 from rayquant.workers.stage_strategy import OwnerStage, Reduced, RowSplitStage, stage_strategy
 from rayquant.workers.stage_timing import StageClock
-from rayquant.workers.unread_experts import skipped, unread_experts
 from rayquant.workers.starved_experts import recollect_starved, routed_tokens, validation_samples
+from rayquant.workers.unread_experts import skipped
 
 log = structlog.get_logger()
 
@@ -165,9 +163,7 @@ class BlockWorker:
         self.eval: EvalStreams | None = None  # in-pass evaluation (setup.eval_on), set by embed()
         self.clock = StageClock(self.device, self.rank)  # this block's seconds per stage; the stage now running
         self.rows_solved = 0  # output rows solved on this rank, for the current block
-        self._groups_by_structure: dict[tuple, list[InputGroup]] = {}
-        self._once_called_by_structure: dict[tuple, frozenset[str]] = {}  # children one block forward calls once
-        self._unread_by_structure: dict[tuple, list[frozenset[str]]] = {}  # per stage, experts it does not read
+        self._planner = BlockPlanner(self.rank)  # remembers each block structure's groups (workers/block_plan.py)
         # per block structure, a block's peak GPU memory with its child memo in host memory, and the memo's bytes
         self._peak_with_memo_on_host: dict[tuple, tuple[int, int]] = {}
         self._memo: ChildMemo | None = None  # the block being quantized
@@ -422,34 +418,16 @@ class BlockWorker:
             with self.clock.timed("eval"):
                 self.eval.advance_reference(block_idx, source, quantized)
 
-    def _plan(self, block_idx: int, source: dict[str, torch.Tensor]) -> _BlockPlan:
-        """The block materialized from its source tensors, its input groups' owners and its stages.
-
-        Blocks of one structure group their linears alike: one probe forward per structure, not per block."""
-        prefix = self.layout.block_prefix(block_idx)
-        block = materialize(self.blocks[block_idx], {n[len(prefix):]: t for n, t in source.items()}, self.dtype)
-        stack_experts(block, source, prefix)  # GPU: expert chunks are views, not copies, in every later pass
-        set_calibration(block, True)  # MoE: every expert sees every token, so every expert is a group
-        signature = _structure(block)
-        if signature not in self._groups_by_structure:
-            self._groups_by_structure[signature] = find_input_groups(block, self.inputs[0])
-            self._once_called_by_structure[signature] = once_called_children(block, self.inputs[0])
-        groups = self._groups_by_structure[signature]
-        stages = (sequential_stages(block, groups, self.setup.moe.hessian_tokens, self.hessian_dtype.itemsize)
-                  if self.setup.true_sequential else [groups])
-        once_called = self._once_called_by_structure[signature]
-        if signature not in self._unread_by_structure:
-            unread = (unread_experts(block, stages, self.inputs[0]) if self.skip_unread_experts
-                      else [frozenset()] * len(stages))
-            self._unread_by_structure[signature] = unread
-            if any(unread):
-                log.debug("stages_skipping_experts", rank=self.rank,
-                          stages={s[0].name: sorted(u) for s, u in zip(stages, unread) if u})
-        self._memo = ChildMemo(block, stages, once_called, self.device, enabled=self.child_memo, signature=signature)
-        self._memo.place(self._memo_placement(block, signature, self._memo.planned_bytes(self.inputs)))
-        return _BlockPlan(block=block, owners=balance({g.name: solve_cost(block, g) for g in groups}, self.world),
-                          stages=stages, stage_inputs=StageInputs(block, stages, once_called, self.stage_shortcut),
-                          unread=self._unread_by_structure[signature])
+    def _plan(self, block_idx: int, source: dict[str, torch.Tensor]) -> BlockPlan:
+        """The block materialized from its source tensors, its owners, stages and child memo (workers/block_plan.py)."""
+        options = PlanOptions(dtype=self.dtype, hessian_dtype=self.hessian_dtype, device=self.device, world=self.world,
+                              true_sequential=self.setup.true_sequential, hessian_tokens=self.setup.moe.hessian_tokens,
+                              stage_shortcut=self.stage_shortcut, child_memo=self.child_memo,
+                              skip_unread_experts=self.skip_unread_experts)
+        plan = self._planner.plan(self.blocks[block_idx], source, self.layout.block_prefix(block_idx), self.inputs,
+                                  options, self._memo_placement)
+        self._memo = plan.memo
+        return plan
 
     def _memo_placement(self, block: nn.Module, signature: tuple, planned_bytes: int) -> str | None:
         """Where the block's child memo lives (workers/child_memo.memo_placement): "device", "host" or None."""
@@ -559,20 +537,3 @@ class BlockWorker:
 
     def _bind(self, block: int | None) -> None:
         structlog.contextvars.bind_contextvars(job_id=self.setup.job_id, block=block, rank=self.rank)
-
-
-@dataclass(frozen=True)
-class _BlockPlan:
-    """What the plan step decides for one block."""
-
-    block: nn.Module  # materialized in the worker dtype; each stage installs its quantized linears
-    owners: dict[str, int]  # input group -> the rank that solves it whole (balanced by solve_cost)
-    stages: list[list[InputGroup]]  # true_sequential stages (one without), in forward order
-    stage_inputs: StageInputs  # recorded child calls for the stage-replay shortcut
-    unread: list[frozenset[str]]  # per stage, the RoutedExperts its collect skips (workers/unread_experts.py)
-
-
-def _structure(block: nn.Module) -> tuple:
-    """What decides a block's input groups: its modules' names and classes and its parameters' shapes."""
-    return (tuple((name, type(mod).__name__) for name, mod in block.named_modules()),
-            tuple((name, tuple(p.shape)) for name, p in block.named_parameters()))
