@@ -13,6 +13,7 @@ per-stage seconds: workers/stage_timing.py.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from concurrent.futures import Future
@@ -73,6 +74,7 @@ from rayquant.workers.prefetch_placement import prefetch_placement
 # PeerFailed is raised by agree_on_errors; the driver imports it from here
 from rayquant.workers.rank_group import PeerFailed as PeerFailed
 from rayquant.workers.rank_group import RankGroup, agree_on_errors
+from rayquant.workers.routing_memo import routing_memo
 from rayquant.workers.stage_collect import CollectedStage, collect_stage
 from rayquant.workers.stage_inputs import StageInputs
 from rayquant.workers.stage_solve import GroupWork, SolveSettings, solve_groups
@@ -146,6 +148,9 @@ class BlockWorker:
     # a stage whose input does not read a routed-experts module's output (DeepSeek's and Qwen2-MoE's shared
     # expert) collects with that module returning zeros (workers/unread_experts.py); False: it computes
     skip_unread_experts = True
+    # the quantize passes compute each MoE router's output and dispatch once per micro-batch
+    # (workers/routing_memo.py); False: every pass routes again
+    memo_routing = True
 
     def __init__(self, setup: WorkerSetup):
         self.setup = setup
@@ -383,34 +388,44 @@ class BlockWorker:
         self._advance_reference_eval(block_idx, source, {lin for stage in plan.stages for g in stage
                                                           for linears, _ in self._configs_of(block_idx, g)
                                                           for lin in linears})
-        all_tokens = self.setup.moe.hessian_tokens == "all"
-        for i, stage in enumerate(plan.stages):
-            # hessian_tokens=all: all tokens through all experts only where an expert's Hessian is collected
-            # (the output is the same); routed: each expert sees its routed tokens only
-            set_calibration(block, all_tokens and any(expert_of(block, g) is not None for g in stage))
-            reset_routed_tokens(block)
-            aliases = shared_hessians(block, stage)  # MoE `all`: one all-token Hessian for every expert's gate/up
-            collected = self._collect(block, [g for g in stage if g.name not in aliases], plan.stage_inputs, i,
-                                      plan.unread[i])
-            routed = routed_tokens(self.group, block_idx, block, stage, self.setup.moe)
-            recollect_starved(block, stage, routed, self.setup.moe, collected,
-                              lambda groups, i=i: self._collect(block, groups, plan.stage_inputs, i, frozenset()))
-            strategy = stage_strategy(self.group, stage, aliases, plan.owners, self.setup.split_rows)
-            with self.clock.timed("reduce"):
-                reduced = strategy.reduce(collected.sums, collected.tokens, aliases)
-            samples = validation_samples(
-                block, stage, collected.samples | {name: collected.samples[first] for name, first in aliases.items()})
-            with agree_on_errors(self.group):
-                mine = self._solve_stage(block_idx, block, stage, strategy, reduced, samples, routed)
-            with self.clock.timed("share"):
-                installed = self._share_stage(block_idx, block, stage, strategy, mine)
+        # the stages' passes rerun the MoE child on the same inputs: its routing is computed once per micro-batch
+        with routing_memo(block) if self.memo_routing else contextlib.nullcontext():
+            for i, stage in enumerate(plan.stages):
+                installed, reports = self._stage(block_idx, plan, i, stage)
                 release_source_weights(source, prefix, installed)  # the block holds their quantized copies
                 packed |= installed
-                layers += strategy.layer_reports()
+                layers += reports
         log.debug("stages_on_recorded_inputs", rank=self.rank,
                   stages={plan.stages[i][0].name: plan.stage_inputs.holders[i] for i in plan.stage_inputs.replayed})
         set_calibration(block, False)  # the last stage may have left calibration mode on
         return packed_part(source, prefix, packed), layers, block
+
+    def _stage(self, block_idx: int, plan: BlockPlan, i: int, stage: list[InputGroup]) -> tuple[
+            dict[str, PackedLinear], list[LayerReport]]:
+        """Stage i: collect → reduce → solve (baseline, validate) → share → install; its packed linears and
+        layer reports."""
+        block = plan.block
+        # hessian_tokens=all: all tokens through all experts only where an expert's Hessian is collected
+        # (the output is the same); routed: each expert sees its routed tokens only
+        all_tokens = self.setup.moe.hessian_tokens == "all"
+        set_calibration(block, all_tokens and any(expert_of(block, g) is not None for g in stage))
+        reset_routed_tokens(block)
+        aliases = shared_hessians(block, stage)  # MoE `all`: one all-token Hessian for every expert's gate/up
+        collected = self._collect(block, [g for g in stage if g.name not in aliases], plan.stage_inputs, i,
+                                  plan.unread[i])
+        routed = routed_tokens(self.group, block_idx, block, stage, self.setup.moe)
+        recollect_starved(block, stage, routed, self.setup.moe, collected,
+                          lambda groups: self._collect(block, groups, plan.stage_inputs, i, frozenset()))
+        strategy = stage_strategy(self.group, stage, aliases, plan.owners, self.setup.split_rows)
+        with self.clock.timed("reduce"):
+            reduced = strategy.reduce(collected.sums, collected.tokens, aliases)
+        samples = validation_samples(
+            block, stage, collected.samples | {name: collected.samples[first] for name, first in aliases.items()})
+        with agree_on_errors(self.group):
+            mine = self._solve_stage(block_idx, block, stage, strategy, reduced, samples, routed)
+        with self.clock.timed("share"):
+            installed = self._share_stage(block_idx, block, stage, strategy, mine)
+        return installed, strategy.layer_reports()
 
     def _advance_reference_eval(self, block_idx: int, source: dict[str, torch.Tensor], quantized: set[str]) -> None:
         """The fp (and rtn) eval streams through the block's source weights, while it still has them all."""

@@ -18,6 +18,7 @@ model computes it; the routed token counts decide which experts are starved (`Mo
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
@@ -74,6 +75,9 @@ class RoutedExperts(nn.ModuleList):
         # not None: forward returns this value everywhere at once (workers/unread_experts.py: a stage whose
         # input does not read the experts' output skips them; its probe replaces that output by ones)
         self.fill: float | None = None
+        # while a routing memo is on (workers/routing_memo.py): id(top_k_index) -> (weak ref, its version, the
+        # dispatch order `_dispatch_order` computed for it); None: computed every call
+        self.dispatches: dict[int, tuple] | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -82,14 +86,9 @@ class RoutedExperts(nn.ModuleList):
         out = torch.zeros_like(hidden_states)
         E, k = len(self), top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)  # [T·k], (token, slot) pairs in row-major order
-        # index E marks a dropped slot in some routers; it counts for no expert
-        counts = torch.bincount(flat, minlength=E + 1)
-        self.routed_tokens = counts[:E] if self.routed_tokens is None else self.routed_tokens + counts[:E]
-        # one dispatch for all experts: a stable sort keeps each expert's pairs in ascending token order (as
-        # torch.where(top_k_index == e) gives them) and the counts cross to the host once, not once per expert
-        by_expert = torch.argsort(flat, stable=True)
+        tokens, by_expert, counts = self._dispatch_order(top_k_index, flat)
+        self.routed_tokens = tokens if self.routed_tokens is None else self.routed_tokens + tokens
         token_of, slot_of = by_expert // k, by_expert % k
-        counts = counts[:E].tolist()
         batched = (hidden_states.device.type in PADDED_DEVICES and not self.calibrate_all
                    and not self.calibrate_experts and not self._hooked())
         if self.collector is not None or batched:
@@ -116,6 +115,25 @@ class RoutedExperts(nn.ModuleList):
                 y = self._expert_forward(expert, hidden_states[token_idx])
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
         return out
+
+    def _dispatch_order(self, top_k_index: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      list[int]]:
+        """(tokens per expert [E], the (token, slot) pairs sorted by expert, the same counts on the host); kept
+        per index tensor while a routing memo is on (`dispatches`)."""
+        if self.dispatches is not None:
+            hit = self.dispatches.get(id(top_k_index))
+            if hit is not None and hit[0]() is top_k_index and hit[1] == top_k_index._version:
+                return hit[2]
+        E = len(self)
+        # index E marks a dropped slot in some routers; it counts for no expert
+        tokens = torch.bincount(flat, minlength=E + 1)[:E]
+        # one dispatch for all experts: a stable sort keeps each expert's pairs in ascending token order (as
+        # torch.where(top_k_index == e) gives them) and the counts cross to the host once, not once per expert
+        order = (tokens, torch.argsort(flat, stable=True), tokens.tolist())
+        if self.dispatches is not None:
+            key, kept = id(top_k_index), self.dispatches
+            kept[key] = (weakref.ref(top_k_index, lambda _r: kept.pop(key, None)), top_k_index._version, order)
+        return order
 
     def _hooked(self) -> bool:
         """Whether a hook watches an expert's linear (input-group probes): those see one call per expert."""
