@@ -145,8 +145,8 @@ class BlockWorker:
     # later forwards of a child (attention, the MLP) compute only its last linear, from the input its stage
     # kept (workers/child_memo.py); False: every forward computes the whole child
     child_memo = True
-    # a stage whose input does not read a routed-experts module's output (DeepSeek's and Qwen2-MoE's shared
-    # expert) collects with that module returning zeros (workers/unread_experts.py); False: it computes
+    # a stage whose input does not read a routed-experts module's output (DeepSeek's shared expert, after the
+    # routed experts) collects with that module returning zeros (workers/unread_experts.py); False: it computes
     skip_unread_experts = True
     # the quantize passes compute each MoE router's output and dispatch once per micro-batch
     # (workers/routing_memo.py); False: every pass routes again
