@@ -3,17 +3,14 @@ the worker's output bitwise what it was without it."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
-from rayquant.solver.gptq import GPTQConfig
-from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
 from rayquant.workers.moe import routed_experts
 from rayquant.workers.routing_memo import routing_memo
 
 from .test_moe import _moe_block
+from .worker_runs import run_blocks
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -42,12 +39,6 @@ def test_a_router_returns_its_kept_output_for_the_same_input_only():
     assert torch.equal(experts(x, index, weights), out)
 
 
-def _free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def _run_blocks(preset: str, memo: bool, device: str, monkeypatch) -> tuple[list, int]:
     """Two blocks of the preset; (their results, the router forwards computed)."""
     _, _, block, _ = _moe_block(preset)
@@ -60,17 +51,7 @@ def _run_blocks(preset: str, memo: bool, device: str, monkeypatch) -> tuple[list
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(router_class, "forward", counting)
-    samples = torch.randint(2, 1024, (10, 64), generator=torch.Generator().manual_seed(0))
-    setup = WorkerSetup(job_id="test", rank=0, world_size=1, model_path=f"synthetic://{preset}",
-                        gptq=GPTQConfig(bits=4, group_size=128), true_sequential=True, micro_batch=4, device=device)
-    worker = BlockWorker(setup)
-    worker.memo_routing = memo
-    try:
-        worker.start(_free_address(), samples)
-        results = [worker.run_block(BlockTask("test", b)) for b in range(2)]
-    finally:
-        worker.stop()
-    return results, len(computed)
+    return run_blocks(preset, device, n_samples=10, memo_routing=memo), len(computed)
 
 
 @pytest.mark.parametrize("device", DEVICES)

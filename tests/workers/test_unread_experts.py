@@ -3,17 +3,15 @@ them, and the worker's output stays bitwise what it was."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from torch import nn
 
-from rayquant.solver.gptq import GPTQConfig
 from rayquant.workers.adapter import BlockInput, InputGroup
-from rayquant.workers.block_worker import BlockTask, BlockWorker, WorkerSetup
 from rayquant.workers.moe import RoutedExperts, _Expert
 from rayquant.workers.unread_experts import skipped, unread_experts
+
+from .worker_runs import run_blocks
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 H, I, E = 8, 4, 4
@@ -65,12 +63,6 @@ def test_only_a_stage_that_passes_the_experts_without_reading_them_skips_them():
     assert block.experts.fill is None  # restored
 
 
-def _free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def _run_blocks(preset: str, skip: bool, device: str, monkeypatch) -> tuple[list, int]:
     """Two blocks of the preset; (their results, expert computations the worker ran)."""
     computed = []
@@ -81,17 +73,7 @@ def _run_blocks(preset: str, skip: bool, device: str, monkeypatch) -> tuple[list
         return forward(self, hidden, top_k_index, top_k_weights)
 
     monkeypatch.setattr(RoutedExperts, "forward", counting)
-    samples = torch.randint(2, 1024, (6, 64), generator=torch.Generator().manual_seed(0))
-    setup = WorkerSetup(job_id="test", rank=0, world_size=1, model_path=f"synthetic://{preset}",
-                        gptq=GPTQConfig(bits=4, group_size=128), true_sequential=True, micro_batch=4, device=device)
-    worker = BlockWorker(setup)
-    worker.skip_unread_experts = skip
-    try:
-        worker.start(_free_address(), samples)
-        results = [worker.run_block(BlockTask("test", b)) for b in range(2)]
-    finally:
-        worker.stop()
-    return results, sum(computed)
+    return run_blocks(preset, device, n_samples=6, skip_unread_experts=skip), sum(computed)
 
 
 # DeepSeek's shared expert runs after the routed experts (its block 1 is MoE): its two stages skip them
