@@ -5,7 +5,7 @@ and calibration settings: no torch, no I/O. The memory terms follow what one ran
 loop (DESIGN.md §5, §6); on the 70B and 405B blocks of README "## Benchmarks" they come out 13 % and 9 %
 above the measured peaks (tests/jobs/test_plan.py keeps them within 0-30 % above). MoE blocks come out
 under: the child memo, the stage-replay inputs and the batched expert solves are not modelled (DeepSeek-V3's
-MoE block: 48.6 GiB planned, 63.3 GiB measured on an H100, DESIGN.md §14). Times scale the measured blocks of
+MoE block: 48.6 GiB planned, 64.6 GiB measured on an H100, DESIGN.md §14). Times scale the measured blocks of
 `BENCHMARKS` by weight count and calibration tokens: rough, and labelled so.
 """
 
