@@ -145,10 +145,6 @@ class _Factors:
 # compute-dtype bytes of weights, Hessians and factors one batched solve holds at once: bounds the memory of
 # many experts' solves (each chunk factors its Hessians and runs its column loop); one input group is never cut
 SOLVE_CHUNK_BYTES = 4 << 30
-# the same for a batch of problems with Hessians of their own (experts under hessian_tokens=routed): a wider
-# batch factors and loops at a better rate (20 DeepSeek-V3 gate/up Hessians by panels: 102 ms at once, 4 × 40
-# ms in batches of 5 on an H100), while one Hessian's row chunks (405B's) keep SOLVE_CHUNK_BYTES
-SOLVE_BATCH_BYTES = 8 << 30
 
 
 def solve_gptq(weight: Tensor, hessian_sum: Tensor, n_tokens: int, cfg: GPTQConfig) -> GPTQResult:
@@ -204,7 +200,7 @@ def solve_input_groups(groups: list[GroupProblem], cfg: GPTQConfig) -> list[list
     results: list[list[GPTQResult] | None] = [None] * len(groups)
     for (K, rows, _, dtype), problems in batches.items():
         per_problem = dtype.itemsize * (rows * K + 3 * K * K)  # W + Z (+ codes, spans); H, damped copy, factor
-        step = max(1, SOLVE_BATCH_BYTES // per_problem)
+        step = max(1, SOLVE_CHUNK_BYTES // per_problem)
         for c in range(0, len(problems), step):
             batch = problems[c:c + step]
             _solve_problems([[groups[i] for i in members] for members in batch], dtype, cfg, batch, results)

@@ -58,8 +58,7 @@ def test_chunked_as_whole(monkeypatch):
     cfg = GPTQConfig(act_group_aware=True)
     groups = _moe_stage(1, torch.float32)
     whole = solve_input_groups(groups, cfg)
-    monkeypatch.setattr(gptq, "SOLVE_CHUNK_BYTES", 2 * 3 * 4 * 80 * 96)  # two gate/up groups
-    monkeypatch.setattr(gptq, "SOLVE_BATCH_BYTES", 2 * 3 * 4 * 80 * 96)  # down: 1 per batch
+    monkeypatch.setattr(gptq, "SOLVE_CHUNK_BYTES", 2 * 3 * 4 * 80 * 96)  # two gate/up groups; down: 1 per batch
     for a, b in zip(whole, solve_input_groups(groups, cfg), strict=True):
         _assert_same(a, b)
 
