@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rayquant.workers.adapter import ROUTER_NAMES
-from rayquant.workers.moe import RoutedExperts, routed_experts
+from rayquant.workers.moe import routed_experts
 
 
 @contextlib.contextmanager
@@ -33,8 +33,7 @@ def routing_memo(block: nn.Module) -> Iterator[None]:
     if not experts:
         yield
         return
-    routers = [m for name, m in block.named_modules()
-               if name.rpartition(".")[2] in ROUTER_NAMES and not isinstance(m, RoutedExperts)]
+    routers = [m for name, m in block.named_modules() if name.rpartition(".")[2] in ROUTER_NAMES]
     memos = [_MemoForward(m.forward) for m in routers]
     for m, memo in zip(routers, memos):
         m.forward = memo  # an instance attribute: nn.Module.__call__ finds it before the class's

@@ -1,9 +1,10 @@
 """Routed experts whose output a stage's input never reads: that stage's forwards skip them.
 
-DeepSeek-V2/V3 and Qwen2-MoE add a shared expert to the routed experts' sum. Its linears come after every
-routed expert's in forward order, so its two true_sequential stages each forward the whole routed-expert
-module (at DeepSeek-V3 every micro-batch's 2 M (token, slot) pairs through 256 experts) for an output
-the shared expert's input, the MoE block's input, does not depend on. During such a stage's collect the
+DeepSeek-V2/V3 add a shared expert to the routed experts' sum, called after them (Qwen2-MoE calls its
+own first). Its linears come after every routed expert's in forward order, so its two true_sequential
+stages each forward the whole routed-expert module (at DeepSeek-V3 every micro-batch's 2 M (token, slot)
+pairs through 256 experts) for an output the shared expert's input, the MoE block's input, does not
+depend on. During such a stage's collect the
 experts module returns zeros at once (`RoutedExperts.fill`): the stage's inputs are the same tensors.
 
 Which stages read which experts module comes from a probe, never from names: once per block structure,
@@ -23,17 +24,18 @@ import torch
 from torch import nn
 
 from rayquant.workers.adapter import BlockInput, InputGroup, forward_block
-from rayquant.workers.moe import RoutedExperts, expert_of, routed_experts
+from rayquant.workers.moe import RoutedExperts, expert_of
 
 
 def unread_experts(block: nn.Module, stages: list[list[InputGroup]], inp: BlockInput) -> list[frozenset[str]]:
     """Per stage, the paths (relative to the block) of the RoutedExperts modules its input does not read;
     empty for a stage of experts and in blocks without experts."""
-    paths = {id(m): name for name, m in block.named_modules() if isinstance(m, RoutedExperts)}
+    named = [(name, m) for name, m in block.named_modules() if isinstance(m, RoutedExperts)]
     probed = [i for i, s in enumerate(stages) if all(expert_of(block, g) is None for g in s)]
-    if not paths or not probed:
+    if not named or not probed:
         return [frozenset()] * len(stages)
-    modules = routed_experts(block)
+    paths = {id(m): name for name, m in named}
+    modules = [m for _, m in named]
     flags = [(m.calibrate_all, m.calibrate_experts) for m in modules]
     for m in modules:  # the probe forwards each expert's routed tokens only
         m.calibrate_all, m.calibrate_experts = False, frozenset()
